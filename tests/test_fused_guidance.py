@@ -1,0 +1,85 @@
+"""The fused norm kernels (Triton, under TRITON_INTERPRET=1 on the CPU) against float64 torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scanner import kernels
+from scanner.kernels import fused_guidance as gn
+
+pytestmark = pytest.mark.skipif(gn.triton is None, reason="triton is not installed")
+
+DTYPES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _random_case(rows: int, row_shape: tuple[int, ...], dtype: torch.dtype, broadcast: bool):
+    cond = torch.randn(rows, *row_shape, dtype=torch.float64).to(dtype)
+    uncond = torch.randn(1 if broadcast else rows, *row_shape, dtype=torch.float64).to(dtype)
+    return cond, uncond
+
+
+def _float64_norm(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+    return (cond.double() - uncond.double()).flatten(1).norm(dim=1)
+
+
+# Row lengths: not powers of two, shorter than a block, spanning several chunks.
+SHAPES = [(1, (3, 5, 7)), (3, (1000,)), (5, (4, 33, 31)), (2, (gn.CHUNK + 17,)), (70, (13,))]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("broadcast", [False, True])
+@pytest.mark.parametrize("rows,row_shape", SHAPES)
+def test_norm_matches_float64(dtype, broadcast, rows, row_shape):
+    cond, uncond = _random_case(rows, row_shape, dtype, broadcast)
+    got = gn.guidance_norm_triton(cond, uncond)
+    assert got.dtype == torch.float32 and got.shape == (rows,)
+    torch.testing.assert_close(got.double(), _float64_norm(cond, uncond), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("broadcast", [False, True])
+@pytest.mark.parametrize("rows,row_shape", SHAPES)
+def test_guided_prediction_matches_float64(dtype, broadcast, rows, row_shape):
+    cond, uncond = _random_case(rows, row_shape, dtype, broadcast)
+    scale = float(torch.empty(()).uniform_(1.0, 10.0))
+    norm, guided = gn.guided_prediction_triton(cond, uncond, scale)
+    expected = uncond.double() + scale * (cond.double() - uncond.double())
+    assert guided.dtype == dtype and guided.shape == cond.shape
+    # Every element written: the output starts as uninitialised memory, so a skipped
+    # element would not match the float64 value.
+    torch.testing.assert_close(guided.double(), expected.to(dtype).double(), rtol=DTYPES[dtype], atol=DTYPES[dtype] * 10)
+    torch.testing.assert_close(norm.double(), _float64_norm(cond, uncond), rtol=1e-5, atol=1e-5)
+
+
+def test_guided_output_overwrites_poison(monkeypatch):
+    """Outputs pre-filled with NaN must come back fully written."""
+    cond, uncond = _random_case(4, (gn.CHUNK * 2 + 3,), torch.float16, broadcast=True)
+    real_empty_like = torch.empty_like
+    monkeypatch.setattr(gn.torch, "empty_like", lambda t, **kw: real_empty_like(t, **kw).fill_(float("nan")))
+    real_empty = torch.empty
+    monkeypatch.setattr(gn.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    norm, guided = gn.guided_prediction_triton(cond, uncond, 7.5)
+    assert not torch.isnan(guided).any() and not torch.isnan(norm).any()
+
+
+def test_references_match_float64():
+    cond, uncond = _random_case(6, (4, 9, 9), torch.bfloat16, broadcast=True)
+    torch.testing.assert_close(kernels.guidance_norm_reference(cond, uncond).double(), _float64_norm(cond, uncond), rtol=1e-6, atol=1e-6)
+    norm, guided = kernels.guided_prediction_reference(cond, uncond, 3.0)
+    torch.testing.assert_close(norm, kernels.guidance_norm_reference(cond, uncond))
+    assert guided.dtype == torch.bfloat16
+
+
+def test_dispatch_uses_reference_on_cpu(monkeypatch):
+    monkeypatch.setattr(kernels, "guidance_norm_triton", lambda *a: pytest.fail("triton called on CPU"))
+    cond, uncond = _random_case(2, (10,), torch.float32, broadcast=False)
+    torch.testing.assert_close(kernels.guidance_norm(cond, uncond), kernels.guidance_norm_reference(cond, uncond))
+
+
+@pytest.mark.parametrize("bad", ["dtype", "shape"])
+def test_rejects_mismatched_inputs(bad):
+    cond = torch.randn(3, 8)
+    uncond = torch.randn(3, 8, dtype=torch.float16) if bad == "dtype" else torch.randn(2, 8)
+    with pytest.raises((TypeError, ValueError)):
+        gn.guidance_norm_triton(cond, uncond)
