@@ -1,0 +1,165 @@
+"""`memscan`: the command-line face. Only this module parses arguments, prints and exits.
+
+Exit codes: 0 success; 1 internal error (a bug: please report it); 2 a usage or input
+problem (bad option, missing file, bad model path, unwritable output), reported in one line;
+3 prompts were flagged and `--fail-on-flagged` was given; 130 interrupted (re-run the same
+command to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .errors import MemscanError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FLAGGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES_HELP = """exit codes:
+  0    success
+  1    internal error (a bug; please report it with the traceback)
+  2    usage or input error (bad option, missing file, bad model, unwritable output)
+  3    prompts flagged and --fail-on-flagged given
+  130  interrupted (re-run the same command to resume)"""
+
+
+def _quiet_libraries() -> None:
+    """Silence load-time chatter of diffusers/transformers; memscan reports what matters."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for logging in (diffusers_logging, transformers_logging):
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=True, help="diffusers pipeline folder, or a hub id in the local HF cache")
+    group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N (default: auto)")
+    group.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+
+
+def _add_detect_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("detection")
+    group.add_argument("--steps", type=int, default=1, help="score sampling steps [0, N) (default: 1, the first step)")
+    group.add_argument("--inference-steps", type=int, default=50, help="DDIM inference steps (default: 50)")
+    group.add_argument("--generations", type=int, default=1, help="initial latents per prompt (default: 1)")
+    group.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale for steps after the first (default: 7.5)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the initial latents (default: 0)")
+    group.add_argument(
+        "--noise",
+        choices=("shared", "reference"),
+        default="shared",
+        help="shared: the same latents for every prompt (default); reference: seed = row index + seed, as the paper's code",
+    )
+    group.add_argument("--batch-size", type=int, default=16, help="prompts per UNet batch (default: 16)")
+
+
+def _detect_settings(args: argparse.Namespace):
+    from .detect import DetectSettings
+
+    if args.batch_size < 1:
+        raise MemscanError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return DetectSettings(
+        num_inference_steps=args.inference_steps,
+        end_step=args.steps,
+        generations=args.generations,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        noise=args.noise,
+    )
+
+
+def _scanner(args: argparse.Namespace):
+    from .detect import Scanner
+    from .model import load_model
+
+    settings = _detect_settings(args)  # settings errors before the slow model load
+    _quiet_libraries()
+    return Scanner(load_model(args.model, device=args.device, dtype=args.dtype), settings)
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    """Score prompt files into a Parquet/JSONL output."""
+    from tqdm import tqdm
+
+    from .io import check_inputs
+    from .scan import run_scan
+
+    check_inputs(args.inputs, args.field)  # input errors before the slow model load
+    scanner = _scanner(args)
+    with tqdm(desc="scanning", unit=" prompts", disable=None, dynamic_ncols=True) as bar:
+        summary = run_scan(
+            scanner,
+            args.inputs,
+            args.out,
+            field=args.field,
+            batch_size=args.batch_size,
+            threshold=args.threshold,
+            overwrite=args.overwrite,
+            progress=bar.update,
+            commit_rows=args.checkpoint_rows,
+        )
+    flagged = "n/a (no --threshold)" if args.threshold is None else str(summary.flagged)
+    resumed = f" ({summary.resumed} rows resumed)" if summary.resumed else ""
+    print(
+        f"scored {summary.scored}{resumed}, flagged {flagged}, rejected {summary.rejected}, "
+        f"{summary.prompts_per_s:.1f} prompts/s -> {summary.out} (rejects: {summary.rejects})"
+    )
+    return EXIT_FLAGGED if args.fail_on_flagged and summary.flagged else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `memscan` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="memscan",
+        description="Find prompts a text-to-image diffusion model has memorized (Wen et al., ICLR 2024).",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"memscan {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    scan = commands.add_parser(
+        "scan",
+        help="score prompt files for memorization",
+        description="Score every prompt of the inputs; resumable: re-run the same command after a crash.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    scan.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt (a prompt a line), .jsonl, .csv or .parquet")
+    scan.add_argument("--out", required=True, help="output file, .parquet or .jsonl (rejects go to OUT.rejects.jsonl)")
+    scan.add_argument("--field", help="jsonl/csv/parquet field holding the prompt (default: prompt, caption or text)")
+    scan.add_argument("--threshold", type=float, help="flag prompts whose score is >= this")
+    scan.add_argument("--fail-on-flagged", action="store_true", help="exit with code 3 when any prompt is flagged")
+    scan.add_argument("--overwrite", action="store_true", help="replace an existing output or another run's partial output")
+    scan.add_argument(
+        "--checkpoint-rows", type=int, default=2048, help="commit results at least every N rows (and every 30 s)"
+    )
+    _add_model_options(scan)
+    _add_detect_options(scan)
+    scan.set_defaults(handler=cmd_scan)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `memscan` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except MemscanError as exc:
+        print(f"memscan: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("memscan: interrupted; re-run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
