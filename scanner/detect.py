@@ -179,7 +179,19 @@ class Scanner:
         norms = [guidance_norm(cond[g * b : (g + 1) * b], uncond[g : g + 1]) for g in range(n)]
         return torch.stack(norms, dim=1) * self.eps_scales[0]
 
-    def _trajectory(self, embeddings: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def scored_states(
+        self, embeddings: torch.Tensor, latents: torch.Tensor
+    ) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """`(step, t, x_s, unconditional prediction)` at each scored step, rows `[B * n]` prompt-major.
+
+        For the autograd paths (explain, mitigate): they differentiate at each `x_s` of the
+        same CFG trajectory the score walks, without a second copy of the loop.
+        """
+        states = []
+        self._trajectory(embeddings, latents, visit=lambda *state: states.append(state))
+        return states
+
+    def _trajectory(self, embeddings: torch.Tensor, latents: torch.Tensor, visit=None) -> torch.Tensor:
         """CFG DDIM trajectory batched over prompts; latents `[B, n, C, H, W]` -> norms `[B, n]`."""
         b, n = latents.shape[:2]
         s = self.settings
@@ -190,6 +202,8 @@ class Scanner:
         for step, t in enumerate(self.timesteps):
             out = self.engine.predict_noise(self.scheduler.scale_model_input(torch.cat([x, x]), t), t, text)
             uncond, cond = out.chunk(2)
+            if visit is not None and step >= s.start_step:
+                visit(step, t, x, uncond)
             if step + 1 < len(self.timesteps):
                 norm, guided = guided_prediction(cond, uncond, s.guidance_scale)
                 x = self.scheduler.step(guided, t, x, return_dict=False)[0]

@@ -1,0 +1,93 @@
+"""Explanations: a prompt's score and each word's significance, by either method."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..detect import Scanner
+from ..errors import MemscanError
+from .ablation import ablation_scores
+from .gradient import token_significance
+from .words import split_words
+
+METHODS = ("grad", "ablation")
+
+
+@dataclass
+class WordScore:
+    """One word: its text and span in the prompt, its significance and share of the total.
+
+    `score_without` is the prompt's score with the word removed (ablation only).
+    """
+
+    word: str
+    start: int
+    end: int
+    score: float
+    share: float
+    score_without: float | None = None
+
+
+@dataclass
+class Explanation:
+    """A prompt's memorization score and its words' significances."""
+
+    prompt: str
+    score: float
+    method: str
+    words: list[WordScore]
+    truncated: bool
+
+    def flagged(self, threshold: float | None) -> bool | None:
+        """Whether the score reaches `threshold`; None when there is no threshold."""
+        return None if threshold is None else bool(self.score >= threshold)
+
+    def to_dict(self, threshold: float | None = None) -> dict:
+        """The machine-readable form (`memscan explain --json`, `/v1/explain`)."""
+        return {
+            "prompt": self.prompt,
+            "score": self.score,
+            "threshold": threshold,
+            "flagged": self.flagged(threshold),
+            "method": self.method,
+            "truncated": self.truncated,
+            "words": [asdict(w) for w in self.words],
+        }
+
+
+def shares(scores: np.ndarray) -> np.ndarray:
+    """Each word's part of the total of the positive scores (negative ones get 0)."""
+    positive = np.clip(scores, 0.0, None)
+    total = positive.sum()
+    return positive / total if total > 0 else np.zeros_like(positive)
+
+
+def explain(scanner: Scanner, prompts: Sequence[str], method: str = "grad") -> list[Explanation]:
+    """Explain each prompt: `grad` (gradient significance) or `ablation` (leave one word out)."""
+    if method not in METHODS:
+        raise MemscanError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if scanner.settings.noise != "shared":
+        raise MemscanError("explanations use the shared initial latents; use --noise shared")
+    prompts = list(prompts)
+    words = [split_words(scanner.encoder.tokenizer, p) for p in prompts]
+    detected = scanner.score(prompts)
+    if method == "grad":
+        significance = token_significance(scanner, prompts)
+        word_scores = [np.array([significance[b, list(w.positions)].sum() for w in ws]) for b, ws in enumerate(words)]
+        without = [[None] * len(ws) for ws in words]
+    else:
+        ablated = ablation_scores(scanner, prompts, words)
+        word_scores = [a[0] - a[1:] for a in ablated]
+        without = [a[1:].tolist() for a in ablated]
+    out = []
+    for b, prompt in enumerate(prompts):
+        ws, scores = words[b], word_scores[b]
+        rows = [
+            WordScore(w.text, w.start, w.end, float(s), float(sh), wo)
+            for w, s, sh, wo in zip(ws, scores, shares(scores), without[b])
+        ]
+        out.append(Explanation(prompt, float(detected.score[b]), method, rows, detected.truncated[b]))
+    return out
