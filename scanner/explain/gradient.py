@@ -39,7 +39,8 @@ def token_significance(scanner: Scanner, prompts: Sequence[str]) -> np.ndarray:
         e = embeddings.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             cond = engine.predict_noise(scanner.scheduler.scale_model_input(x, t), t, e.repeat_interleave(n, dim=0))
-            loss = (cond.float() - uncond.float()).flatten(1).norm(dim=1).sum() * scanner.eps_scales[step]
+            diff = cond.to(torch.promote_types(cond.dtype, torch.float32)) - uncond  # fp32 or wider
+            loss = diff.flatten(1).norm(dim=1).sum() * scanner.eps_scales[step]
             (grad,) = torch.autograd.grad(loss, e)
         total += grad.float().norm(dim=-1)
     return (total / len(states)).cpu().numpy()
