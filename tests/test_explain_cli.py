@@ -1,0 +1,59 @@
+"""`memscan explain`: JSON lines, terminal colouring, --input files, usage errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scanner.cli import EXIT_OK, EXIT_USAGE, main
+from scanner.detect import DetectSettings, Scanner
+from scanner.explain import explain
+from scanner.model import load_model
+
+PROMPT = "A photo of an Astronaut, riding a horse!"
+
+
+@pytest.fixture(scope="module")
+def scanner(tiny_sd1):
+    return Scanner(load_model(tiny_sd1, device="cpu"), DetectSettings())
+
+
+def test_json_lines_for_arguments_and_input_file(tmp_path, tiny_sd1, scanner, capsys):
+    prompts_file = tmp_path / "p.txt"
+    prompts_file.write_bytes(b"a red cube\n\xff bad bytes\na blue ball\n")
+    expected = explain(scanner, [PROMPT, "a red cube", "a blue ball"], "ablation")
+    threshold = expected[1].score  # "a red cube" is flagged, exactly at the threshold
+    code = main(["explain", PROMPT, "--input", str(prompts_file), "--model", str(tiny_sd1), "--method", "ablation",
+                 "--json", "--threshold", repr(threshold)])
+    out, err = capsys.readouterr()
+    assert code == EXIT_OK
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in rows] == [PROMPT, "a red cube", "a blue ball"]
+    assert f"{prompts_file}:2: not UTF-8" in err
+    for row, want in zip(rows, expected):
+        assert set(row) >= {"prompt", "score", "flagged", "method", "words"} and row["method"] == "ablation"
+        assert row["score"] == pytest.approx(want.score, rel=1e-6)
+        assert row["flagged"] == (want.score >= threshold)
+        assert [(w["word"], w["share"]) for w in row["words"]] == [(w.word, pytest.approx(w.share, abs=1e-6)) for w in want.words]
+    assert rows[1]["flagged"] is True
+
+
+@pytest.mark.parametrize("color", ["always", "never"])
+def test_terminal_output_colours_only_when_asked(tiny_sd1, capsys, color):
+    code = main(["explain", PROMPT, "--model", str(tiny_sd1), "--color", color])
+    out = capsys.readouterr().out
+    assert code == EXIT_OK
+    assert out.startswith("score ") and "no --threshold" in out
+    assert ("\033[" in out) == (color == "always")
+    if color == "never":
+        assert "%]" in out  # shares shown in text instead
+
+
+def test_usage_errors(tiny_sd1, capsys):
+    assert main(["explain", "--model", str(tiny_sd1)]) == EXIT_USAGE
+    assert "no prompts" in capsys.readouterr().err
+    assert main(["explain", "x", "--model", str(tiny_sd1), "--noise", "reference"]) == EXIT_USAGE
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", "--help"])
+    assert exc.value.code == 0 and "exit codes" in capsys.readouterr().out
