@@ -1,0 +1,192 @@
+"""The HTTP face: `/v1/score`, `/v1/explain`, `/healthz`, and the prompt page at `/`.
+
+Every model call runs on one worker thread; concurrent score requests are merged by the
+micro-batcher. Bad input always gets a 4xx with a JSON reason (see LIMITS), never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Annotated, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from starlette.exceptions import HTTPException
+
+from .. import __version__
+from ..detect import Scanner
+from ..errors import MemscanError
+from ..explain import METHODS, explain
+from .batcher import MicroBatcher
+
+MAX_PROMPTS = 256  # prompts per /v1/score request
+MAX_CHARS = 10_000  # characters per prompt (longer token sequences are truncated, and said so)
+MAX_BODY_BYTES = 4 * MAX_PROMPTS * MAX_CHARS + 65_536  # UTF-8 worst case of a full request
+SUGGESTIONS = 3
+
+
+def _utf8(text: str) -> str:
+    # JSON can carry lone surrogates ("\ud800"), which are not text and break tokenizers.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("not valid UTF-8 (lone surrogate)") from exc
+    return text
+
+
+Prompt = Annotated[str, StringConstraints(strict=True, max_length=MAX_CHARS), AfterValidator(_utf8)]
+
+
+class ScoreRequest(BaseModel):
+    """Prompts to score: 1 to MAX_PROMPTS strings of at most MAX_CHARS characters."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompts: list[Prompt] = Field(min_length=1, max_length=MAX_PROMPTS)
+
+
+class ScoreResult(BaseModel):
+    """One prompt's score; `truncated`: the tokenizer kept only its first 75 tokens."""
+
+    prompt: str
+    score: float
+    scores: list[float]
+    flagged: bool | None
+    n_tokens: int
+    truncated: bool
+
+
+class ScoreResponse(BaseModel):
+    """Scores in request order, with the threshold (null: no verdict) and the model."""
+
+    model: str
+    threshold: float | None
+    results: list[ScoreResult]
+
+
+class ExplainRequest(BaseModel):
+    """One prompt and the attribution method."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: Prompt
+    method: Literal[METHODS] = "grad"  # type: ignore[valid-type]
+
+
+class WordResult(BaseModel):
+    """A word, its `[start, end)` span in the prompt, significance and share of the total."""
+
+    word: str
+    start: int
+    end: int
+    score: float
+    share: float
+    score_without: float | None
+
+
+class ExplainResponse(BaseModel):
+    """The prompt's score and verdict, its words, and the indices of the words to drop first."""
+
+    prompt: str
+    score: float
+    threshold: float | None
+    flagged: bool | None
+    method: str
+    truncated: bool
+    words: list[WordResult]
+    suggestions: list[int]
+
+
+def _error(status: int, reason: str, detail=None) -> JSONResponse:
+    return JSONResponse({"error": reason, "detail": detail}, status_code=status)
+
+
+def create_app(scanner: Scanner, threshold: float | None = None, batch_size: int = 16, window_s: float = 0.005) -> FastAPI:
+    """The service for one loaded Scanner; `threshold` (optional) turns scores into verdicts."""
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memscan-model")
+
+    def score_rows(prompts: list[str]) -> list[ScoreResult]:
+        rows = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            scored = scanner.score(chunk)
+            for i, prompt in enumerate(chunk):
+                score = float(scored.score[i])
+                rows.append(ScoreResult(
+                    prompt=prompt,
+                    score=score,
+                    scores=scored.per_generation[i].tolist(),
+                    flagged=None if threshold is None else score >= threshold,
+                    n_tokens=scored.n_tokens[i],
+                    truncated=scored.truncated[i],
+                ))
+        return rows
+
+    batcher = MicroBatcher(score_rows, worker, window_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        worker.shutdown(wait=True)
+
+    app = FastAPI(
+        title="memscan",
+        summary="Score prompts for memorization by a diffusion model and explain them by word.",
+        version=__version__,
+        lifespan=lifespan,
+    )
+    app.state.batcher = batcher
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return _error(413, f"request body over {MAX_BODY_BYTES} bytes")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Only location, message and type: echoing the input could be huge or not JSON-able.
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+        return _error(422, "invalid request", detail)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # FastAPI's own 4xx (a body that is not UTF-8, unknown paths): the same JSON shape.
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(MemscanError)
+    async def memscan_error(request: Request, exc: MemscanError) -> JSONResponse:
+        return _error(422, str(exc))
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        """Liveness: the model is loaded and the service answers."""
+        return {"status": "ok", "model": scanner.model.fingerprint, "threshold": threshold}
+
+    @app.post("/v1/score")
+    async def score(request: ScoreRequest) -> ScoreResponse:
+        """Score up to MAX_PROMPTS prompts; concurrent requests are batched together."""
+        results = await batcher.submit(request.prompts)
+        return ScoreResponse(model=scanner.model.fingerprint, threshold=threshold, results=results)
+
+    @app.post("/v1/explain")
+    async def explain_prompt(request: ExplainRequest) -> ExplainResponse:
+        """One prompt's score and word significances; `suggestions` rank the words to drop."""
+        loop = asyncio.get_running_loop()
+        (explanation,) = await loop.run_in_executor(worker, explain, scanner, [request.prompt], request.method)
+        ranked = sorted((i for i, w in enumerate(explanation.words) if w.score > 0), key=lambda i: -explanation.words[i].score)
+        return ExplainResponse(**explanation.to_dict(threshold), suggestions=ranked[:SUGGESTIONS])
+
+    static = resources.files("scanner.service").joinpath("static")
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(str(static.joinpath("index.html")))
+
+    return app

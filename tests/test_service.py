@@ -1,0 +1,174 @@
+"""`memscan serve`'s API: scores and explanations as the library computes them, micro-batching,
+4xx with a JSON reason for every kind of bad input, and the OpenAPI schema."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from scanner.detect import DetectSettings, Scanner
+from scanner.explain import explain
+from scanner.model import load_model
+from scanner.service import MAX_CHARS, MAX_PROMPTS, create_app
+from scanner.service.app import MAX_BODY_BYTES
+from scanner.service.batcher import MicroBatcher
+
+PROMPT = "a cat, sitting on a red sofa"
+LONG = " ".join(["unbelievablyxyzzy"] * 30)  # 150 tokens, far under MAX_CHARS
+
+
+@pytest.fixture(scope="module")
+def scanner(tiny_sd1):
+    return Scanner(load_model(tiny_sd1, device="cpu"), DetectSettings(seed=random.randrange(2**31)))
+
+
+@pytest.fixture(scope="module")
+def threshold(scanner):
+    return float(scanner.score([PROMPT]).score[0])  # PROMPT sits exactly on it: flagged
+
+
+@pytest.fixture(scope="module")
+def app(scanner, threshold):
+    return create_app(scanner, threshold=threshold)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with TestClient(app) as client:
+        yield client
+
+
+def test_score_matches_the_library(client, scanner, threshold):
+    prompts = ["x", PROMPT, LONG, "x"]
+    response = client.post("/v1/score", json={"prompts": prompts})
+    assert response.status_code == 200
+    body = response.json()
+    expected = Scanner(scanner.model, scanner.settings).score(prompts)
+    assert body["threshold"] == threshold and body["model"] == scanner.model.fingerprint
+    assert [r["prompt"] for r in body["results"]] == prompts
+    for row, score in zip(body["results"], expected.score):
+        assert row["score"] == pytest.approx(float(score), rel=1e-5)
+        assert row["flagged"] == (row["score"] >= threshold)
+    assert body["results"][1]["flagged"] is True
+    assert [r["truncated"] for r in body["results"]] == [False, False, True, False]
+    assert body["results"][2]["n_tokens"] == 150
+
+
+@pytest.mark.parametrize("method", ["grad", "ablation"])
+def test_explain_matches_the_library(client, scanner, method):
+    response = client.post("/v1/explain", json={"prompt": PROMPT, "method": method})
+    assert response.status_code == 200
+    body = response.json()
+    (expected,) = explain(Scanner(scanner.model, scanner.settings), [PROMPT], method)
+    assert body["flagged"] is True and body["method"] == method
+    assert [w["word"] for w in body["words"]] == [w.word for w in expected.words]
+    assert [w["score"] for w in body["words"]] == pytest.approx([w.score for w in expected.words], rel=1e-4, abs=1e-6)
+    ranked = sorted((i for i, w in enumerate(expected.words) if w.score > 0), key=lambda i: -expected.words[i].score)
+    assert body["suggestions"] == ranked[:3] and body["suggestions"]
+
+
+def test_healthz_and_page(client, scanner):
+    assert client.get("/healthz").json()["model"] == scanner.model.fingerprint
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="prompt"' in page.text
+    for asset in ("app.js", "style.css"):
+        assert client.get(f"/static/{asset}").status_code == 200
+
+
+def _json(body) -> dict:
+    return {"content": json.dumps(body).encode(), "headers": {"content-type": "application/json"}}
+
+
+BAD_REQUESTS = {
+    "prompts not a list": ("/v1/score", _json({"prompts": "a cat"}), 422),
+    "prompt not a string": ("/v1/score", _json({"prompts": ["a", 7]}), 422),
+    "null prompt": ("/v1/score", _json({"prompts": [None]}), 422),
+    "missing field": ("/v1/score", _json({}), 422),
+    "unknown field": ("/v1/score", _json({"prompts": ["a"], "n": 4}), 422),
+    "body a list": ("/v1/score", _json(["a"]), 422),
+    "empty list": ("/v1/score", _json({"prompts": []}), 422),
+    "too many prompts": ("/v1/score", _json({"prompts": ["a"] * (MAX_PROMPTS + 1)}), 422),
+    "prompt too long": ("/v1/score", _json({"prompts": ["a" * (MAX_CHARS + 1)]}), 422),
+    "lone surrogate": ("/v1/score", {"content": b'{"prompts": ["a \\ud800"]}', "headers": {"content-type": "application/json"}}, 422),
+    "invalid UTF-8": ("/v1/score", {"content": b'{"prompts": ["caf\xe9"]}', "headers": {"content-type": "application/json"}}, 400),
+    "malformed JSON": ("/v1/score", {"content": b'{"prompts": ["a"', "headers": {"content-type": "application/json"}}, 422),
+    "not JSON at all": ("/v1/score", {"content": b"a cat", "headers": {"content-type": "text/plain"}}, 422),
+    "body too large": ("/v1/score", {"content": b" " * (MAX_BODY_BYTES + 1), "headers": {"content-type": "application/json"}}, 413),
+    "explain prompt a number": ("/v1/explain", _json({"prompt": 5}), 422),
+    "explain unknown method": ("/v1/explain", _json({"prompt": "a", "method": "saliency"}), 422),
+    "explain prompt too long": ("/v1/explain", _json({"prompt": "a" * (MAX_CHARS + 1)}), 422),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_gets_4xx_with_a_json_reason(client, case):
+    path, request, status = BAD_REQUESTS[case]
+    response = client.post(path, **request)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"]
+
+
+def test_limits_are_exactly_the_documented_ones(client):
+    assert client.post("/v1/score", json={"prompts": ["a"] * MAX_PROMPTS}).status_code == 200
+    assert client.post("/v1/score", json={"prompts": ["a" * MAX_CHARS]}).status_code == 200
+
+
+def test_concurrent_requests_get_their_own_results(app, scanner):
+    prompts = [[f"a photo of thing {i}", f"item {i} {j}"] for i, j in enumerate(random.sample(range(1000), 8))]
+
+    async def run() -> list[dict]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            responses = await asyncio.gather(*(http.post("/v1/score", json={"prompts": p}) for p in prompts))
+        return [r.json() for r in responses]
+
+    bodies = asyncio.run(run())
+    expected = Scanner(scanner.model, scanner.settings)
+    for request, body in zip(prompts, bodies):
+        assert [r["prompt"] for r in body["results"]] == request
+        assert [r["score"] for r in body["results"]] == pytest.approx(expected.score(request).score.tolist(), rel=1e-5)
+
+
+def test_requests_queued_while_the_worker_is_busy_run_as_one_batch():
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def run(items: list[str]) -> list[str]:
+        calls.append(list(items))
+        started.set()
+        release.wait(timeout=60)
+        return [item.upper() for item in items]
+
+    async def scenario() -> list[list[str]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        batcher = MicroBatcher(run, ThreadPoolExecutor(max_workers=1), window_s=0)
+        first = asyncio.create_task(batcher.submit(["a"]))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait)  # worker busy with ["a"]
+        queued = [asyncio.create_task(batcher.submit([f"b{i}", f"c{i}"])) for i in range(5)]
+        await asyncio.sleep(0)  # let every queued request reach the batcher
+        release.set()
+        return [await first, *[await q for q in queued]]
+
+    results = asyncio.run(scenario())
+    assert calls == [["a"], [x for i in range(5) for x in (f"b{i}", f"c{i}")]]
+    assert results == [["A"], *[[f"B{i}", f"C{i}"] for i in range(5)]]
+
+
+def test_openapi_schema(client):
+    schema = client.get("/openapi.json").json()
+    assert {"/v1/score", "/v1/explain", "/healthz"} <= set(schema["paths"])
+    assert "/" not in schema["paths"]
+    request = schema["components"]["schemas"]["ScoreRequest"]["properties"]["prompts"]
+    assert request["maxItems"] == MAX_PROMPTS and request["minItems"] == 1
+    assert request["items"]["maxLength"] == MAX_CHARS
+    method = schema["components"]["schemas"]["ExplainRequest"]["properties"]["method"]
+    assert set(method["enum"]) == {"grad", "ablation"}
+    validator = pytest.importorskip("openapi_spec_validator")
+    validator.validate(schema)
