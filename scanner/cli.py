@@ -150,6 +150,24 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the score/explain API and the prompt page until interrupted."""
+    try:
+        import uvicorn
+
+        from .service import create_app
+    except ImportError as exc:
+        raise MemscanError(f"memscan serve needs the serve extra: pip install 'memscan[serve]' ({exc.name} missing)") from exc
+
+    if not 0 <= args.port <= 65535:
+        raise MemscanError(f"--port must be in 0..65535, got {args.port}")
+    scanner = _scanner(args)
+    app = create_app(scanner, threshold=args.threshold, batch_size=args.batch_size)
+    print(f"memscan: serving {scanner.model.source} on http://{args.host}:{args.port}/", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `memscan` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -207,6 +225,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(explain)
     _add_detect_options(explain)
     explain.set_defaults(handler=cmd_explain)
+
+    serve = commands.add_parser(
+        "serve",
+        help="HTTP API and interactive prompt page",
+        description=(
+            "Serve POST /v1/score, POST /v1/explain, GET /healthz and the prompt page at /, "
+            "with the model loaded once. API schema: /docs and /openapi.json."
+        ),
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--threshold", type=float, help="flag prompts whose score is >= this (the page shows the verdict)")
+    _add_model_options(serve)
+    _add_detect_options(serve)
+    serve.set_defaults(handler=cmd_serve)
     return parser
 
 

@@ -21,3 +21,19 @@ def tiny_sd1(tmp_path_factory) -> Path:
 def tiny_sd2(tmp_path_factory) -> Path:
     """A saved SD 2.x-style (v-prediction) pipeline with random weights."""
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd2", "sd2")
+
+
+@pytest.fixture(scope="session")
+def testbed() -> tuple[Path, list[dict]]:
+    """The planted-memorization testbed model and its labelled prompts; skips when not built."""
+    import json
+
+    try:
+        from scanner.testbed import default_labels_path, default_model_path
+    except ImportError:
+        pytest.skip("scanner.testbed is not on this branch (the testbed issue has not landed)")
+    model, labels = default_model_path(), default_labels_path()
+    if not (model / "unet").is_dir() or not labels.is_file():
+        pytest.skip(f"the testbed model is not built at {model}")
+    rows = [json.loads(line) for line in labels.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return model, rows

@@ -107,6 +107,8 @@ def _error(status: int, reason: str, detail=None) -> JSONResponse:
 
 def create_app(scanner: Scanner, threshold: float | None = None, batch_size: int = 16, window_s: float = 0.005) -> FastAPI:
     """The service for one loaded Scanner; `threshold` (optional) turns scores into verdicts."""
+    if scanner.settings.noise != "shared":
+        raise MemscanError("the service scores each prompt on its own; use --noise shared")
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memscan-model")
 
     def score_rows(prompts: list[str]) -> list[ScoreResult]:
