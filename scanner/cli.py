@@ -168,6 +168,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_command(commands, name: str, handler, help: str, description: str) -> argparse.ArgumentParser:
+    """A model-loading subcommand: its handler, the model and detection options, exit codes in --help."""
+    command = commands.add_parser(
+        name, help=help, description=description, epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    _add_model_options(command)
+    _add_detect_options(command)
+    command.set_defaults(handler=handler)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `memscan` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -181,12 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"memscan {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    scan = commands.add_parser(
+    scan = _add_command(
+        commands,
         "scan",
+        cmd_scan,
         help="score prompt files for memorization",
         description="Score every prompt of the inputs; resumable: re-run the same command after a crash.",
-        epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     scan.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt (a prompt a line), .jsonl, .csv or .parquet")
     scan.add_argument("--out", required=True, help="output file, .parquet or .jsonl (rejects go to OUT.rejects.jsonl)")
@@ -197,16 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--checkpoint-rows", type=int, default=2048, help="commit results at least every N rows (and every 30 s)"
     )
-    _add_model_options(scan)
-    _add_detect_options(scan)
-    scan.set_defaults(handler=cmd_scan)
 
-    explain = commands.add_parser(
+    explain = _add_command(
+        commands,
         "explain",
+        cmd_explain,
         help="show which words make prompts memorized",
         description="Score prompts and attribute the score to their words (method.md, Explanation).",
-        epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     explain.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts to explain")
     explain.add_argument("--input", metavar="FILE", help="also explain every prompt of FILE (.txt, .jsonl, .csv, .parquet)")
@@ -222,26 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--color", choices=("auto", "always", "never"), default="auto", help="colour words (auto: when stdout is a terminal)"
     )
     explain.add_argument("--threshold", type=float, help="flag prompts whose score is >= this")
-    _add_model_options(explain)
-    _add_detect_options(explain)
-    explain.set_defaults(handler=cmd_explain)
 
-    serve = commands.add_parser(
+    serve = _add_command(
+        commands,
         "serve",
+        cmd_serve,
         help="HTTP API and interactive prompt page",
         description=(
             "Serve POST /v1/score, POST /v1/explain, GET /healthz and the prompt page at /, "
             "with the model loaded once. API schema: /docs and /openapi.json."
         ),
-        epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--threshold", type=float, help="flag prompts whose score is >= this (the page shows the verdict)")
-    _add_model_options(serve)
-    _add_detect_options(serve)
-    serve.set_defaults(handler=cmd_serve)
     return parser
 
 

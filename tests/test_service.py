@@ -172,3 +172,41 @@ def test_openapi_schema(client):
     assert set(method["enum"]) == {"grad", "ablation"}
     validator = pytest.importorskip("openapi_spec_validator")
     validator.validate(schema)
+
+
+def test_memscan_serve_command(tiny_sd1):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "scanner.cli", "serve", "--model", str(tiny_sd1), "--port", str(port), "--threshold", "0.25"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120  # model load on a busy machine; not a latency check
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz")
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "memscan serve did not answer"
+                time.sleep(0.2)
+        assert health.json()["threshold"] == 0.25
+        scored = httpx.post(f"http://127.0.0.1:{port}/v1/score", json={"prompts": ["a cat"]}).json()
+        assert scored["results"][0]["flagged"] == (scored["results"][0]["score"] >= 0.25)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_serve_usage_errors(tiny_sd1, capsys):
+    from scanner.cli import EXIT_USAGE, main
+
+    assert main(["serve", "--model", str(tiny_sd1), "--port", "70000"]) == EXIT_USAGE
+    assert "--port" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tiny_sd1), "--noise", "reference"]) == EXIT_USAGE
+    assert "shared" in capsys.readouterr().err
