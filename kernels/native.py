@@ -52,7 +52,7 @@ def has_native_kernel(device: torch.device) -> bool:
     if not load_native_ops():
         return False
     dispatch_key = "CUDA" if device.type == "cuda" else device.type.upper()
-    return torch.ops.memscan.guidance_norm.default.has_kernel_for_dispatch_key(dispatch_key)
+    return _ops().guidance_norm.default.has_kernel_for_dispatch_key(dispatch_key)
 
 
 def supports(cond: torch.Tensor, uncond: torch.Tensor) -> bool:
@@ -62,13 +62,20 @@ def supports(cond: torch.Tensor, uncond: torch.Tensor) -> bool:
     return cond.dtype in NATIVE_DTYPES and not needs_grad and has_native_kernel(cond.device)
 
 
+def _ops():
+    """The ``torch.ops.memscan`` namespace, loading the library first."""
+    if not load_native_ops():
+        raise RuntimeError(f"native ops not available: {load_failure}")
+    return torch.ops.memscan
+
+
 def guidance_norm_native(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
     """Native op: per-row ``||cond - uncond||_2`` in fp32, shape ``[B]``."""
-    return torch.ops.memscan.guidance_norm(cond, uncond)
+    return _ops().guidance_norm(cond, uncond)
 
 
 def guided_prediction_native(
     cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Native op: the norm and the guided prediction ``uncond + w * (cond - uncond)``."""
-    return torch.ops.memscan.guided_prediction(cond, uncond, float(guidance_scale))
+    return _ops().guided_prediction(cond, uncond, float(guidance_scale))

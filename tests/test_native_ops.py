@@ -32,11 +32,27 @@ def poisoned_empty():
     torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
+def _has_native_cuda() -> bool:
+    return torch.cuda.is_available() and native.has_native_kernel(torch.device("cuda"))
+
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not _has_native_cuda(), reason="no native CUDA kernel")]),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Each device with a native kernel: the CPU, and CUDA where built and present."""
+    return request.param
+
+
 @pytest.fixture(params=[(d, b, r, s) for d in DTYPES for b in (False, True) for r, s in SHAPES], ids=str)
-def case(request):
-    """A random (cond, uncond) of each dtype x broadcast or not x shape."""
+def case(request, device):
+    """A random (cond, uncond) of each dtype x broadcast or not x shape, on each device."""
     dtype, broadcast, rows, row_shape = request.param
-    return random_case(rows, row_shape, dtype, broadcast)
+    return tuple(t.to(device) for t in random_case(rows, row_shape, dtype, broadcast))
 
 
 @needs_native
@@ -125,6 +141,8 @@ def test_failed_load_is_a_quiet_false(monkeypatch, tmp_path):
             warnings.simplefilter("error")
             assert native.load_native_ops() is False
         assert str(broken) in native.load_failure
+        with pytest.raises(RuntimeError, match="not available"):
+            native.guidance_norm_native(torch.ones(1, 2), torch.ones(1, 2))
     finally:
         monkeypatch.undo()
         native.load_native_ops.cache_clear()
