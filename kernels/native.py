@@ -16,6 +16,7 @@ import torch
 
 LIBRARY_NAME = "libmemscan_ops.so"
 NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}  # the devices a kernel may be built for
 
 # Why the library is not loaded (None once loaded); set by load_native_ops().
 load_failure: str | None = "not tried yet"
@@ -24,6 +25,7 @@ load_failure: str | None = "not tried yet"
 def library_candidates() -> list[Path]:
     """Where the op library may be, in the order they are tried."""
     package_dir = Path(__file__).resolve().parent
+    # In a checkout (editable install) package_dir is <repo>/kernels, so its parent is the repo.
     candidates = [package_dir / LIBRARY_NAME, package_dir.parent / "build" / LIBRARY_NAME]
     if os.environ.get("MEMSCAN_NATIVE_LIB"):
         candidates.insert(0, Path(os.environ["MEMSCAN_NATIVE_LIB"]))
@@ -49,9 +51,11 @@ def load_native_ops() -> bool:
 
 def has_native_kernel(device: torch.device) -> bool:
     """Whether the loaded library has a kernel for ``device`` (CPU always, CUDA if built with it)."""
-    if not load_native_ops():
-        return False
-    dispatch_key = "CUDA" if device.type == "cuda" else device.type.upper()
+    return device.type in DISPATCH_KEYS and load_native_ops() and _has_kernel(DISPATCH_KEYS[device.type])
+
+
+@functools.cache
+def _has_kernel(dispatch_key: str) -> bool:
     return _ops().guidance_norm.default.has_kernel_for_dispatch_key(dispatch_key)
 
 
