@@ -62,7 +62,8 @@ def main() -> None:
             cond, uncond = make_inputs(batch)
             native_s = median_seconds(native.guidance_norm_native, cond, uncond)
             torch_s = median_seconds(torch_norm, cond, uncond)
-            print(f"{thread_count:>7} {batch:>5} {native_s * 1e3:>10.3f} {torch_s * 1e3:>10.3f} {torch_s / native_s:>8.2f}x")
+            times = f"{native_s * 1e3:>10.3f} {torch_s * 1e3:>10.3f}"
+            print(f"{thread_count:>7} {batch:>5} {times} {torch_s / native_s:>8.2f}x")
     torch.set_num_threads(threads)
 
 

@@ -59,9 +59,8 @@ def main() -> None:
         for rows, cols in SHAPES:
             for guided in (False, True):
                 native_ms, triton_ms = compare(dtype, rows, cols, guided)
-                variant = "guided" if guided else "norm"
-                shape = f"{rows} x {cols}"
-                print(f"{str(dtype)[6:]:>9} {shape:>14} {variant:>7} {native_ms:>8.4f} {triton_ms:>8.4f} {triton_ms / native_ms:>13.2f}x")
+                case = f"{str(dtype)[6:]:>9} {f'{rows} x {cols}':>14} {'guided' if guided else 'norm':>7}"
+                print(f"{case} {native_ms:>8.4f} {triton_ms:>8.4f} {triton_ms / native_ms:>13.2f}x")
 
 
 if __name__ == "__main__":

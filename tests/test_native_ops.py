@@ -17,7 +17,14 @@ needs_native = pytest.mark.skipif(not native.load_native_ops(), reason=f"native 
 CPU_CHUNK = 16384  # kChunk of kernels/csrc/fused_guidance_types.h
 
 # Row lengths not powers of two; B = 1; B above the thread count; rows over several chunks.
-SHAPES = [(1, (3, 5, 7)), (3, (1000,)), (5, (4, 33, 31)), (2, (CPU_CHUNK + 17,)), (70, (13,)), (1, (3 * CPU_CHUNK + 5,))]
+SHAPES = [
+    (1, (3, 5, 7)),
+    (3, (1000,)),
+    (5, (4, 33, 31)),
+    (2, (CPU_CHUNK + 17,)),
+    (70, (13,)),
+    (1, (3 * CPU_CHUNK + 5,)),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +45,9 @@ def _has_native_cuda() -> bool:
 
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not _has_native_cuda(), reason="no native CUDA kernel")]),
+    pytest.param(
+        "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not _has_native_cuda(), reason="no native CUDA kernel")]
+    ),
 ]
 
 

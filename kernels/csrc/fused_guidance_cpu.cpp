@@ -20,7 +20,8 @@ namespace {
 constexpr int kLanes = 16;
 
 template <typename T, bool kWriteGuided>
-MEMSCAN_ISA_CLONES float chunk_sum_of_squares(const T* cond, const T* uncond, T* guided, float guidance_scale, int64_t n) {
+MEMSCAN_ISA_CLONES float chunk_sum_of_squares(const T* cond, const T* uncond, T* guided, float guidance_scale,
+                                              int64_t n) {
   float lane_acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -54,9 +55,10 @@ void fused_guidance_items(const T* cond, const T* uncond, T* guided, float guida
     const int64_t n = std::max<int64_t>(0, std::min(layout.chunk, layout.cols - col_begin));
     const int64_t offset = row * layout.cols + col_begin;
     const T* uncond_chunk = uncond + row * layout.uncond_row_stride + col_begin;
-    partials[item] = guided == nullptr
-                         ? chunk_sum_of_squares<T, false>(cond + offset, uncond_chunk, nullptr, 0.0f, n)
-                         : chunk_sum_of_squares<T, true>(cond + offset, uncond_chunk, guided + offset, guidance_scale, n);
+    partials[item] =
+        guided == nullptr
+            ? chunk_sum_of_squares<T, false>(cond + offset, uncond_chunk, nullptr, 0.0f, n)
+            : chunk_sum_of_squares<T, true>(cond + offset, uncond_chunk, guided + offset, guidance_scale, n);
   }
 }
 

@@ -49,7 +49,8 @@ inline float to_float(Half h) {
   // Subnormals: the mantissa as the low bits of 0.5f's significand, minus 0.5.
   const float subnormal = float_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
   const uint32_t subnormal_mask = select_mask(two_w < (1u << 27));
-  const uint32_t magnitude = (bits_from_float(subnormal) & subnormal_mask) | (bits_from_float(normal) & ~subnormal_mask);
+  const uint32_t magnitude =
+      (bits_from_float(subnormal) & subnormal_mask) | (bits_from_float(normal) & ~subnormal_mask);
   return float_from_bits(sign | magnitude);
 }
 

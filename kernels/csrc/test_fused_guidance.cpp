@@ -80,7 +80,9 @@ void test_case(const Case<T>& c) {
   std::vector<float> norm_only(num_items(layout), std::numeric_limits<float>::quiet_NaN());
   fused_guidance_items<T>(c.cond.data(), c.uncond.data(), nullptr, 0.0f, layout, 0, num_items(layout),
                           norm_only.data());
-  for (size_t i = 0; i < partials.size(); ++i) expect(norm_only[i] == partials[i], "norm-only partial", norm_only[i], partials[i]);
+  for (size_t i = 0; i < partials.size(); ++i) {
+    expect(norm_only[i] == partials[i], "norm-only partial", norm_only[i], partials[i]);
+  }
 
   check_outputs(c, norms.data(), guided.data(), kGuidanceScale);
 }
