@@ -29,15 +29,18 @@ def make_inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(batch, COLS), torch.randn(batch, COLS)
 
 
-def median_seconds(fn, cond: torch.Tensor, uncond: torch.Tensor, repeats: int = 50) -> float:
-    """Median wall time of ``fn(cond, uncond)`` after a warm-up call."""
-    fn(cond, uncond)
-    times = []
+def interleaved_medians(fns, cond: torch.Tensor, uncond: torch.Tensor, repeats: int = 100) -> list[float]:
+    """Median wall seconds of each ``fn(cond, uncond)``, timed in turn so that load from
+    other processes falls on all of them alike."""
+    times = [[] for _ in fns]
+    for fn in fns:
+        fn(cond, uncond)  # warm-up
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn(cond, uncond)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for fn, fn_times in zip(fns, times):
+            start = time.perf_counter()
+            fn(cond, uncond)
+            fn_times.append(time.perf_counter() - start)
+    return [sorted(fn_times)[repeats // 2] for fn_times in times]
 
 
 @pytest.mark.skipif(not native.load_native_ops(), reason=f"native ops not built: {native.load_failure}")
@@ -54,14 +57,13 @@ def main() -> None:
     if not native.load_native_ops():
         raise SystemExit(f"native ops not built: {native.load_failure}")
     threads = torch.get_num_threads()
-    print(f"B x {COLS} fp32, median of 50 calls")
+    print(f"B x {COLS} fp32, median of 100 calls each, interleaved")
     print(f"{'threads':>7} {'B':>5} {'native ms':>10} {'torch ms':>10} {'speed-up':>9}")
     for thread_count in sorted({1, threads}):
         torch.set_num_threads(thread_count)
         for batch in BATCHES:
             cond, uncond = make_inputs(batch)
-            native_s = median_seconds(native.guidance_norm_native, cond, uncond)
-            torch_s = median_seconds(torch_norm, cond, uncond)
+            native_s, torch_s = interleaved_medians([native.guidance_norm_native, torch_norm], cond, uncond)
             times = f"{native_s * 1e3:>10.3f} {torch_s * 1e3:>10.3f}"
             print(f"{thread_count:>7} {batch:>5} {times} {torch_s / native_s:>8.2f}x")
     torch.set_num_threads(threads)
