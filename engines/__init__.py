@@ -1,8 +1,36 @@
 """Engines run a UNet for a batch: they know nothing of prompts, files or users.
 
-Every engine has `name` and `predict_noise(latents, timestep, text_embeddings)`.
+Every engine is a `UNetEngine`: `predict_noise(latents, timestep, text_embeddings)` and
+`conditional_norm(latents, timestep, text_embeddings, uncond)`. `create_engine` builds one
+by name; a backend that cannot start (no GPU, package missing) raises `EngineUnavailable`
+with a one-line reason, and nothing falls back silently.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .base import UNetEngine
 from .torch_engine import TorchEngine
 
-__all__ = ["TorchEngine"]
+
+class EngineUnavailable(RuntimeError):
+    """This backend cannot run here; the message says why in one line."""
+
+
+# name -> factory(unet, cache_dir, cache_key) ; cache_key identifies the model weights.
+ENGINES: dict[str, Callable[..., UNetEngine]] = {
+    "torch": lambda unet, cache_dir=None, cache_key=None: TorchEngine(unet),
+}
+
+
+def create_engine(name: str, unet: torch.nn.Module, cache_dir=None, cache_key: str | None = None) -> UNetEngine:
+    """Build the engine called `name` for `unet`; `EngineUnavailable` if it cannot run here."""
+    if name not in ENGINES:
+        raise EngineUnavailable(f"unknown engine {name!r} (available: {', '.join(ENGINES)})")
+    return ENGINES[name](unet, cache_dir=cache_dir, cache_key=cache_key)
+
+
+__all__ = ["ENGINES", "EngineUnavailable", "TorchEngine", "UNetEngine", "create_engine"]

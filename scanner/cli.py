@@ -12,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .engines import ENGINES, EngineUnavailable, create_engine
 from .errors import MemscanError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FLAGGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -41,6 +42,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", required=True, help="diffusers pipeline folder, or a hub id in the local HF cache")
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N (default: auto)")
     group.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    group.add_argument("--engine", default="torch", help=f"UNet backend: {', '.join(ENGINES)} (default: torch)")
 
 
 def _add_detect_options(parser: argparse.ArgumentParser) -> None:
@@ -75,12 +77,17 @@ def _detect_settings(args: argparse.Namespace):
 
 
 def _scanner(args: argparse.Namespace):
+    from .cache import cache_dir
     from .detect import Scanner
     from .model import load_model
 
     settings = _detect_settings(args)  # settings errors before the slow model load
+    if args.engine not in ENGINES:
+        raise MemscanError(f"unknown engine {args.engine!r} (available: {', '.join(ENGINES)})")
     _quiet_libraries()
-    return Scanner(load_model(args.model, device=args.device, dtype=args.dtype), settings)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    engine = create_engine(args.engine, model.unet, cache_dir=cache_dir(), cache_key=model.fingerprint)
+    return Scanner(model, settings, engine=engine)
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -252,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except MemscanError as exc:
+    except (MemscanError, EngineUnavailable) as exc:
         print(f"memscan: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -171,12 +171,12 @@ class Scanner:
     def _first_step_shared(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Fast path: one conditional forward per (prompt, generation); cached unconditional."""
         latents, uncond = self._shared_state()
-        n, b = len(latents), len(embeddings)
         t0 = self.timesteps[0]
-        # Generation-major rows, so each generation's slice broadcasts one cached uncond row.
-        rows = self.scheduler.scale_model_input(latents.repeat_interleave(b, dim=0), t0)
-        cond = self.engine.predict_noise(rows, t0, embeddings.repeat(n, 1, 1))
-        norms = [guidance_norm(cond[g * b : (g + 1) * b], uncond[g : g + 1]) for g in range(n)]
+        b = len(embeddings)
+        norms = []
+        for g in range(len(latents)):  # each generation's rows share one cached uncond row
+            rows = self.scheduler.scale_model_input(latents[g : g + 1].expand(b, -1, -1, -1), t0)
+            norms.append(self.engine.conditional_norm(rows, t0, embeddings, uncond[g : g + 1]))
         return torch.stack(norms, dim=1) * self.eps_scales[0]
 
     def scored_states(
