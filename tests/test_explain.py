@@ -156,3 +156,23 @@ def test_empty_prompt_and_bad_method(scanner32):
     reference = Scanner(scanner32.model, dataclasses.replace(scanner32.settings, noise="reference"))
     with pytest.raises(MemscanError, match="shared"):
         explain(reference, [PROMPT], "grad")
+
+
+def test_gradient_runs_eagerly_when_the_engine_cannot_differentiate(scanner32):
+    from scanner.engines import TorchEngine
+
+    class NoGradEngine(TorchEngine):
+        """Stands for a compiled engine (ONNX, TensorRT): outputs carry no autograd graph."""
+
+        name = "nograd"
+
+        def predict_noise(self, latents, timestep, text_embeddings):
+            with torch.no_grad():
+                return super().predict_noise(latents, timestep, text_embeddings)
+
+    compiled = Scanner(scanner32.model, scanner32.settings, engine=NoGradEngine(scanner32.model.unet))
+    np.testing.assert_allclose(
+        token_significance(compiled, [PROMPT]), token_significance(scanner32, [PROMPT]), rtol=1e-4, atol=1e-9
+    )
+    (by_ablation,) = explain(compiled, [PROMPT], "ablation")
+    assert len(by_ablation.words) == len(split_words(compiled.encoder.tokenizer, PROMPT))
