@@ -210,3 +210,29 @@ def test_serve_usage_errors(tiny_sd1, capsys):
     assert "--port" in capsys.readouterr().err
     assert main(["serve", "--model", str(tiny_sd1), "--noise", "reference"]) == EXIT_USAGE
     assert "shared" in capsys.readouterr().err
+
+
+def test_without_a_threshold_there_is_no_verdict(scanner):
+    with TestClient(create_app(scanner)) as client:
+        scored = client.post("/v1/score", json={"prompts": [PROMPT]}).json()
+        explained = client.post("/v1/explain", json={"prompt": PROMPT}).json()
+    assert scored["threshold"] is None and scored["results"][0]["flagged"] is None
+    assert explained["threshold"] is None and explained["flagged"] is None
+
+
+def test_a_failed_batch_fails_its_requests_and_the_next_batch_runs():
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(items: list[str]) -> list[str]:
+        if "boom" in items:
+            raise RuntimeError("model failed")
+        return items
+
+    async def scenario():
+        batcher = MicroBatcher(run, ThreadPoolExecutor(max_workers=1), window_s=0)
+        failed = await asyncio.gather(batcher.submit(["a"]), batcher.submit(["boom"]), return_exceptions=True)
+        return failed, await batcher.submit(["c"])
+
+    failed, after = asyncio.run(scenario())
+    assert all(isinstance(f, RuntimeError) for f in failed)  # both were in the failed batch
+    assert after == ["c"]
