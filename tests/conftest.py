@@ -24,7 +24,7 @@ def tiny_sd2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def testbed() -> tuple[Path, list[dict]]:
+def planted_testbed() -> tuple[Path, list[dict]]:
     """The planted-memorization testbed model and its labelled prompts; skips when not built."""
     import json
 

@@ -36,8 +36,8 @@ def test_figures_are_the_drops_they_claim(tiny_sd1):
     assert got.top_word_agreement == pytest.approx(np.mean(agree))
 
 
-def test_top_word_matters_more_than_a_random_word_on_the_testbed(testbed):
-    model_dir, rows = testbed
+def test_top_word_matters_more_than_a_random_word_on_the_testbed(planted_testbed):
+    model_dir, rows = planted_testbed
     planted = [row["prompt"] for row in rows if row["label"] == 1]
     scanner = Scanner(load_model(model_dir, device="cpu"), DetectSettings())
     got = faithfulness(scanner, planted)

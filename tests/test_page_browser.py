@@ -107,8 +107,8 @@ def test_page_on_the_tiny_model(browser, tiny_sd1):
         _type_flag_drop(browser, url, prompt, case)
 
 
-def test_page_on_the_testbed(browser, testbed):
-    model_dir, rows = testbed
+def test_page_on_the_testbed(browser, planted_testbed):
+    model_dir, rows = planted_testbed
     scanner = Scanner(load_model(model_dir, device="cpu"), DetectSettings())
     prompt = next(row["prompt"] for row in rows if row["label"] == 1)  # a planted prompt
     case = _page_case(scanner, prompt)
