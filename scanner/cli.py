@@ -120,6 +120,61 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return EXIT_FLAGGED if args.fail_on_flagged and summary.flagged else EXIT_OK
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed")
+    return seeds
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate images for a prompt, with a JSON sidecar that records its score."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from .detect import DetectSettings, Scanner
+    from .generate import build_pipeline, generate_images, save_png, seed_latents
+    from .model import load_model
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise MemscanError(f"{out} exists and is not a folder")
+    if args.steps < 1:
+        raise MemscanError(f"--steps must be >= 1, got {args.steps}")
+    _quiet_libraries()
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    pipeline = build_pipeline(model)
+    scanner = Scanner(model, DetectSettings())
+    with torch.no_grad():
+        embedding = scanner.encoder.encode([args.prompt]).embeddings
+    images = generate_images(
+        pipeline, embedding, scanner.encoder.empty_embedding(), seed_latents(model, args.seeds), args.steps, args.guidance
+    )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [save_png(image, out / f"seed-{seed}.png") for seed, image in zip(args.seeds, images)]
+    except OSError as exc:
+        raise MemscanError(f"{out}: cannot write images ({exc.strerror})") from exc
+    score = float(scanner.score([args.prompt]).score[0])
+    sidecar = {
+        "prompt": args.prompt,
+        "seeds": args.seeds,
+        "settings": {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "scheduler": "DDIM", "eta": 0.0},
+        "model": model.fingerprint,
+        "score": score,
+        "score_settings": scanner.settings.to_dict(),
+        "images": [p.name for p in paths],
+    }
+    (out / "generation.json").write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"{len(paths)} images -> {out} (score {score:.4f})")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `memscan` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -152,6 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(scan)
     _add_detect_options(scan)
     scan.set_defaults(handler=cmd_scan)
+
+    generate = commands.add_parser(
+        "generate",
+        help="generate images for a prompt (CFG DDIM), with a JSON sidecar",
+        description="Generate one image per seed, batched, as StableDiffusionPipeline does; writes PNGs and generation.json.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    generate.add_argument("prompt", help="the prompt")
+    generate.add_argument("--out", required=True, help="output folder for seed-N.png and generation.json")
+    generate.add_argument("--seeds", type=_seed_list, default=[0, 1, 2, 3], help="comma-separated seeds (default: 0,1,2,3)")
+    generate.add_argument("--steps", type=int, default=50, help="DDIM inference steps (default: 50)")
+    generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    _add_model_options(generate)
+    generate.set_defaults(handler=cmd_generate)
     return parser
 
 
