@@ -47,7 +47,6 @@ def test_generate_matches_diffusers_pipeline(tmp_path, tiny_sd1):
 
 
 def test_generate_rejects_bad_seeds(tmp_path, tiny_sd1, capsys):
-
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "a cat", "--model", str(tiny_sd1), "--out", str(tmp_path), "--seeds", "1,x"])
     assert exit_info.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
