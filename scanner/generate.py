@@ -71,3 +71,14 @@ def save_png(image: np.ndarray, path: Path) -> Path:
     Image.fromarray(image).save(path)
     return path
 
+
+def image_grid(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Tile rows of images `[S, H, W, 3]` into one `[rows*H, S*W, 3]` picture with 2-pixel gutters."""
+    count, height, width = rows[0].shape[:3]
+    grid = np.full((len(rows) * (height + 2) - 2, count * (width + 2) - 2, 3), 255, dtype=np.uint8)
+    for r, images in enumerate(rows):
+        for c, image in enumerate(images):
+            top, left = r * (height + 2), c * (width + 2)
+            grid[top : top + height, left : left + width] = image
+    return grid
+
