@@ -104,6 +104,11 @@ class Scanner:
         self._cache: OrderedDict[str, tuple[np.ndarray, int, bool]] = OrderedDict()
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def autograd_engine(self):
+        """The engine for autograd paths (explain, mitigate): compiled engines cannot
+        differentiate, so those run the same UNet eagerly."""
+        return self.engine if self.engine.name == "torch" else TorchEngine(self.model.unet)
+
     # -- initial latents ----------------------------------------------------------------
     def shared_latents(self) -> torch.Tensor:
         """`[n, C, H, W]` from `seed` alone, drawn on the CPU in fp32 so every device agrees."""

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 
 from .detect import Scanner
-from .engines import TorchEngine
 
 METHODS = ("embed", "rand-token", "rand-number", "embed-noise")
 # Baseline strengths (documented in the README): how much randomness each one adds.
@@ -53,16 +52,11 @@ class Mitigated:
     seconds: float
 
 
-def _autograd_engine(scanner: Scanner):
-    """Compiled engines cannot differentiate: autograd runs the same UNet eagerly."""
-    return scanner.engine if scanner.engine.name == "torch" else TorchEngine(scanner.model.unet)
-
-
 def first_step_magnitude(scanner: Scanner, embedding: torch.Tensor, latents: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
     """`L(e)`: mean over latents `[S, C, H, W]` of the first-step magnitude; differentiable in `e` `[1, L, D]`."""
     t0 = scanner.timesteps[0]
     x = scanner.scheduler.scale_model_input(latents * scanner.scheduler.init_noise_sigma, t0)
-    cond = _autograd_engine(scanner).predict_noise(x, t0, embedding.expand(len(latents), -1, -1))
+    cond = scanner.autograd_engine().predict_noise(x, t0, embedding.expand(len(latents), -1, -1))
     norms = (cond.float() - uncond.float()).flatten(1).norm(dim=1)
     return norms.mean() * scanner.eps_scales[0]
 

@@ -14,19 +14,11 @@ import numpy as np
 import torch
 
 from ..detect import Scanner
-from ..engines import TorchEngine
-
-
-def _autograd_engine(scanner: Scanner):
-    """The scanner's engine when it is eager PyTorch; otherwise an eager one on the same UNet."""
-    if scanner.engine.name == "torch":
-        return scanner.engine
-    return TorchEngine(scanner.model.unet)
 
 
 def token_significance(scanner: Scanner, prompts: Sequence[str]) -> np.ndarray:
     """`[B, L]`: each token position's mean `|| dL/de_i ||_2` over the scored steps, all positions."""
-    engine = _autograd_engine(scanner)
+    engine = scanner.autograd_engine()
     n = scanner.settings.generations
     with torch.no_grad():
         embeddings = scanner.encoder.encode(prompts).embeddings
