@@ -37,11 +37,18 @@ def _onnx(unet: torch.nn.Module, cache_dir=None, cache_key=None) -> UNetEngine:
     return OnnxEngine(unet, cache_dir, cache_key)
 
 
+def _tensorrt(unet: torch.nn.Module, cache_dir=None, cache_key=None) -> UNetEngine:
+    from .tensorrt_engine import TensorRTEngine
+
+    return TensorRTEngine(unet, cache_dir, cache_key)
+
+
 # name -> factory(unet, cache_dir, cache_key) ; cache_key identifies the model weights.
 ENGINES: dict[str, Callable[..., UNetEngine]] = {
     "torch": _torch,
     "compile": _compile,
     "onnx": _onnx,
+    "tensorrt": _tensorrt,
 }
 
 

@@ -104,5 +104,11 @@ def test_tensorrt_scores_match_torch_fp16(tiny_sd1, tmp_path):
     np.testing.assert_allclose(got, expected, rtol=2e-2)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_tensorrt_without_tensorrt_says_why(tiny_sd1):
+    with pytest.raises(EngineUnavailable, match="needs TensorRT"):
+        create_engine("tensorrt", load_model(tiny_sd1, device="cpu").unet)
+
+
 def test_every_engine_is_registered():
-    assert set(ENGINES) == {"torch", "compile", "onnx"}
+    assert set(ENGINES) == {"torch", "compile", "onnx", "tensorrt"}
