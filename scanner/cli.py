@@ -187,6 +187,126 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed")
+    return seeds
+
+
+def _output_folder(args: argparse.Namespace):
+    """Check `--out` (a folder, created later) and `--steps` of the generating commands."""
+    from pathlib import Path
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise MemscanError(f"{out} exists and is not a folder")
+    if args.steps < 1:
+        raise MemscanError(f"--steps must be >= 1, got {args.steps}")
+    return out
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate images for a prompt, with a JSON sidecar that records its score."""
+    import json
+
+    import torch
+
+    from .detect import DetectSettings, Scanner
+    from .generate import build_pipeline, generate_images, save_png, seed_latents
+    from .model import load_model
+
+    out = _output_folder(args)
+    _quiet_libraries()
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    pipeline = build_pipeline(model)
+    scanner = Scanner(model, DetectSettings())
+    with torch.no_grad():
+        embedding = scanner.encoder.encode([args.prompt]).embeddings
+    images = generate_images(
+        pipeline, embedding, scanner.encoder.empty_embedding(), seed_latents(model, args.seeds), args.steps, args.guidance
+    )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [save_png(image, out / f"seed-{seed}.png") for seed, image in zip(args.seeds, images)]
+    except OSError as exc:
+        raise MemscanError(f"{out}: cannot write images ({exc.strerror})") from exc
+    score = float(scanner.score([args.prompt]).score[0])
+    sidecar = {
+        "prompt": args.prompt,
+        "seeds": args.seeds,
+        "settings": {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "scheduler": "DDIM", "eta": 0.0},
+        "model": model.fingerprint,
+        "score": score,
+        "score_settings": scanner.settings.to_dict(),
+        "images": [p.name for p in paths],
+    }
+    (out / "generation.json").write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"{len(paths)} images -> {out} (score {score:.4f})")
+    return EXIT_OK
+
+
+def cmd_mitigate(args: argparse.Namespace) -> int:
+    """Mitigate a prompt and write before/after generations side by side."""
+    import json
+
+    import torch
+
+    from .detect import DetectSettings, Scanner
+    from .generate import build_pipeline, generate_images, image_grid, save_png, seed_latents
+    from .mitigate import MitigationSettings, mitigate
+    from .model import load_model
+
+    out = _output_folder(args)
+    if args.method == "embed" and args.target is None:
+        raise MemscanError(
+            "--target is required for --method embed: take it from the model's scores of normal prompts "
+            "(e.g. their 99th percentile from `memscan scan`)"
+        )
+    _quiet_libraries()
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    scanner = Scanner(model, DetectSettings(num_inference_steps=args.steps))
+    latents = seed_latents(model, args.seeds)
+    target = args.target if args.target is not None else float("inf")
+    result = mitigate(scanner, args.prompt, args.method, latents, MitigationSettings(target=target), seed=args.seeds[0])
+    pipeline = build_pipeline(model)
+    empty = scanner.encoder.empty_embedding()
+    with torch.no_grad():
+        original = scanner.encoder.encode([args.prompt]).embeddings
+    before = generate_images(pipeline, original, empty, latents, args.steps, args.guidance)
+    after = generate_images(pipeline, result.embedding, empty, latents, args.steps, args.guidance)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        grid = save_png(image_grid([before, after]), out / f"mitigate-{args.method}.png")
+    except OSError as exc:
+        raise MemscanError(f"{out}: cannot write images ({exc.strerror})") from exc
+    report = {
+        "prompt": args.prompt,
+        "method": args.method,
+        "mitigated_prompt": result.prompt,
+        "score_before": result.score_before,
+        "score_after": result.score_after,
+        "target": args.target,
+        "iterations": result.iterations,
+        "seconds": result.seconds,
+        "seeds": args.seeds,
+        "model": model.fingerprint,
+        "images": [grid.name],
+    }
+    (out / f"mitigate-{args.method}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        print(
+            f"{args.method}: score {result.score_before:.4f} -> {result.score_after:.4f} "
+            f"({result.iterations} iterations, {result.seconds:.2f} s); before (top) / after (bottom): {grid}"
+        )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `memscan` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -237,6 +357,42 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--orchestrator", action="store_true", help="time a scan with no-op UNet and text encoder")
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.set_defaults(handler=cmd_bench)
+
+    generate = commands.add_parser(
+        "generate",
+        help="generate images for a prompt (CFG DDIM), with a JSON sidecar",
+        description="Generate one image per seed, batched, as StableDiffusionPipeline does; writes PNGs and generation.json.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    generate.add_argument("prompt", help="the prompt")
+    generate.add_argument("--out", required=True, help="output folder for seed-N.png and generation.json")
+    generate.add_argument("--seeds", type=_seed_list, default=[0, 1, 2, 3], help="comma-separated seeds (default: 0,1,2,3)")
+    generate.add_argument("--steps", type=int, default=50, help="DDIM inference steps (default: 50)")
+    generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    _add_model_options(generate)
+    generate.set_defaults(handler=cmd_generate)
+
+    from .mitigate import METHODS
+
+    mitigate = commands.add_parser(
+        "mitigate",
+        help="mitigate a memorized prompt; before/after images side by side",
+        description="Optimize the prompt embedding (the paper's method) or apply a random baseline, then generate "
+        "from the same seeds before and after. Scores are first-step magnitudes on those seeds' latents.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mitigate.add_argument("prompt", help="the prompt")
+    mitigate.add_argument("--out", required=True, help="output folder for the before/after grid and the JSON report")
+    mitigate.add_argument("--method", choices=METHODS, default="embed", help="embed (the paper's; default) or a baseline")
+    mitigate.add_argument("--target", type=float, help="stop once the magnitude is <= this (required for embed)")
+    mitigate.add_argument("--seeds", type=_seed_list, default=[0, 1, 2, 3], help="comma-separated seeds (default: 0,1,2,3)")
+    mitigate.add_argument("--steps", type=int, default=50, help="DDIM inference steps (default: 50)")
+    mitigate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    mitigate.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_model_options(mitigate)
+    mitigate.set_defaults(handler=cmd_mitigate)
     return parser
 
 
