@@ -60,6 +60,9 @@ class OnnxEngine(UNetEngine):
             path = cached_export(self.unet, *shapes, self.cache_dir, self.cache_key)
             options = self.ort.SessionOptions()
             options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # Idle ORT threads spin by default, holding cores that the torch text encoder
+            # needs between UNet calls.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._sessions[shapes] = self.ort.InferenceSession(str(path), options, providers=self.providers)
         return self._sessions[shapes]
 
