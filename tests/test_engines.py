@@ -112,3 +112,20 @@ def test_tensorrt_without_tensorrt_says_why(tiny_sd1):
 
 def test_every_engine_is_registered():
     assert set(ENGINES) == {"torch", "compile", "onnx", "tensorrt"}
+
+
+def test_scan_command_with_the_onnx_engine_matches_torch(tiny_sd1, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from scanner.cli import main
+
+    monkeypatch.setenv("MEMSCAN_CACHE", str(tmp_path / "cache"))
+    inputs = tmp_path / "p.txt"
+    inputs.write_text("\n".join(_prompts(np.random.default_rng(), 5)) + "\n")
+    scores = {}
+    for engine in ("torch", "onnx"):
+        out = tmp_path / f"{engine}.parquet"
+        assert main(["scan", str(inputs), "--model", str(tiny_sd1), "--out", str(out), "--engine", engine, "--batch-size", "2"]) == 0
+        scores[engine] = pq.read_table(out).column("score").to_numpy()
+    np.testing.assert_allclose(scores["onnx"], scores["torch"], rtol=1e-4)
+    assert list((tmp_path / "cache" / "onnx").glob("*/unet.onnx"))  # exported into the user's cache
