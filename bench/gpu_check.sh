@@ -15,7 +15,22 @@ dry=()
 if [[ "${1:-}" == "--dry-run" ]]; then dry=(--dry-run); shift; fi
 out="${1:-${OUT:-bench/gpu_results}}"
 mkdir -p "$out"
-python -c "import scanner.engines" 2>/dev/null || pip install -q --no-deps --no-build-isolation -e . || exit 2
+here="$PWD"
+importable() {  # does `import scanner` (from elsewhere than this folder) find this tree, engines included?
+    (cd / && python -c "import os, sys, scanner.benchmark, scanner.engines; sys.exit(not os.path.realpath(scanner.__file__).startswith('$here/'))")
+}
+if ! importable 2>/dev/null; then
+    # This tree is not what `import scanner` finds (not installed, or another checkout is;
+    # a lent machine has no network to pip install): a shadow package that maps
+    # scanner.engines and scanner.kernels onto their folders, as pyproject.toml does.
+    shadow="$(mktemp -d)"
+    mkdir "$shadow/scanner"
+    for entry in scanner/*; do ln -s "$PWD/$entry" "$shadow/scanner/"; done
+    ln -s "$PWD/engines" "$shadow/scanner/engines"
+    ln -s "$PWD/kernels" "$shadow/scanner/kernels"
+    export PYTHONPATH="$shadow${PYTHONPATH:+:$PYTHONPATH}"
+    importable || { echo "cannot import this tree's scanner (see above)"; exit 2; }
+fi
 status=0
 run() {  # run NAME SECONDS CMD...: time-boxed, logged, a failure recorded but not fatal
     local name=$1 limit=$2; shift 2
