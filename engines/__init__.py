@@ -3,7 +3,8 @@
 Every engine is a `UNetEngine`: `predict_noise(latents, timestep, text_embeddings)` and
 `conditional_norm(latents, timestep, text_embeddings, uncond)`. `create_engine` builds one
 by name; a backend that cannot start (no GPU, package missing) raises `EngineUnavailable`
-with a one-line reason, and nothing falls back silently.
+with a one-line reason, and nothing falls back silently. Backends with optional packages
+are imported only when asked for.
 """
 
 from __future__ import annotations
@@ -12,17 +13,42 @@ from collections.abc import Callable
 
 import torch
 
-from .base import UNetEngine
+from .base import EngineUnavailable, UNetEngine
 from .torch_engine import TorchEngine
 
 
-class EngineUnavailable(RuntimeError):
-    """This backend cannot run here; the message says why in one line."""
+def _torch(unet: torch.nn.Module, cache_dir=None, cache_key=None) -> UNetEngine:
+    return TorchEngine(unet)
+
+
+def _compile(unet: torch.nn.Module, cache_dir=None, cache_key=None) -> UNetEngine:
+    from .compile_engine import CompileEngine
+
+    return CompileEngine(unet)
+
+
+def _onnx(unet: torch.nn.Module, cache_dir=None, cache_key=None) -> UNetEngine:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise EngineUnavailable("onnx engine needs onnxruntime: pip install onnxruntime") from None
+    from .onnx_engine import OnnxEngine
+
+    return OnnxEngine(unet, cache_dir, cache_key)
+
+
+def _tensorrt(unet: torch.nn.Module, cache_dir=None, cache_key=None) -> UNetEngine:
+    from .tensorrt_engine import TensorRTEngine
+
+    return TensorRTEngine(unet, cache_dir, cache_key)
 
 
 # name -> factory(unet, cache_dir, cache_key) ; cache_key identifies the model weights.
 ENGINES: dict[str, Callable[..., UNetEngine]] = {
-    "torch": lambda unet, cache_dir=None, cache_key=None: TorchEngine(unet),
+    "torch": _torch,
+    "compile": _compile,
+    "onnx": _onnx,
+    "tensorrt": _tensorrt,
 }
 
 

@@ -7,6 +7,10 @@ import torch
 from ..kernels import guidance_norm
 
 
+class EngineUnavailable(RuntimeError):
+    """This backend cannot run here; the message says why in one line."""
+
+
 class UNetEngine:
     """Base of every backend: `predict_noise` runs the UNet; `conditional_norm` scores.
 

@@ -186,6 +186,73 @@ def _add_command(commands, name: str, handler, help: str, description: str) -> a
     return command
 
 
+def _bench_model(args: argparse.Namespace):
+    from .model import load_model, resolve_device, resolve_dtype
+
+    _quiet_libraries()
+    if args.sd15:
+        from .benchmark import sd15_model
+
+        device = resolve_device(args.device)
+        return sd15_model(str(device), resolve_dtype(args.dtype, device))
+    if args.model is None:
+        try:
+            from .testbed import default_model_path
+        except ImportError:
+            raise MemscanError("no --model given and no bundled testbed model; pass --model or --sd15") from None
+        args.model = default_model_path()
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time first-step detection side by side (modes a-d), or the orchestrator with no-op models."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from . import benchmark
+
+    if args.orchestrator:
+        count = args.prompts or (100_000 if args.quick else 1_000_000)
+        with tempfile.TemporaryDirectory() as folder:
+            result = benchmark.orchestrator_throughput(count, args.batch_size, Path(folder))
+        print(
+            f"orchestrator, no-op model: {result.prompts} prompts, batch {args.batch_size}: {result.prompts_per_s:,.0f} prompts/s; "
+            f"RSS {result.rss_tenth_mb:.0f} MB at 10%, {result.rss_end_mb:.0f} MB at the end, peak {result.peak_rss_mb:.0f} MB"
+        )
+        if args.json:
+            Path(args.json).write_text(json.dumps([{"name": "orchestrator (no-op model)", **vars(result)}], indent=2) + "\n")
+        return EXIT_OK
+    model = _bench_model(args)
+    count = args.prompts or (2 if args.sd15 else 16) * (1 if args.quick else 4)
+    if args.engines is None:
+        engines = benchmark.default_engines(model.device, args.quick)
+    else:  # --engines "" times modes (a) to (c) only
+        engines = [name for name in args.engines.split(",") if name]
+    from .cache import cache_dir
+
+    results = benchmark.compare_modes(
+        model,
+        benchmark.sample_prompts(count),
+        args.batch_size,
+        engines,
+        cache_dir=cache_dir(),
+        on_skip=lambda name, reason: print(f"engine {name} skipped: {reason}", file=sys.stderr),
+    )
+    print(f"{model.source}: {count} prompts, batch {args.batch_size}, {model.device}, {model.dtype}, {torch_threads()} threads")
+    print(benchmark.format_table(results))
+    if args.json:
+        benchmark.write_json(results, args.json)
+    return EXIT_OK
+
+
+def torch_threads() -> int:
+    """Threads torch computes with (what a CPU figure depends on)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _seed_list(text: str) -> list[int]:
     try:
         seeds = [int(part) for part in text.split(",") if part.strip()]
@@ -335,6 +402,24 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--checkpoint-rows", type=int, default=2048, help="commit results at least every N rows (and every 30 s)"
     )
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure first-step throughput: reference-style loop vs scanner vs engines",
+        description="Prompts/s of first-step detection, side by side on the same prompts and model, as ratios "
+        "to a reference-style loop; or, with --orchestrator, of reading/tokenizing/writing alone.",
+    )
+    bench.add_argument("--model", help="diffusers pipeline folder (default: the bundled testbed model)")
+    bench.add_argument("--sd15", action="store_true", help="an SD 1.5-shaped model with random weights instead")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    bench.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    bench.add_argument("--engines", help=f"comma-separated engines for mode (d) (default: all of {', '.join(ENGINES)} but torch)")
+    bench.add_argument("--prompts", type=int, help="prompts to time (default: 64; 8 with --sd15; 1,000,000 with --orchestrator)")
+    bench.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default: 16)")
+    bench.add_argument("--quick", action="store_true", help="a quarter of the prompts; on the CPU, skip compile")
+    bench.add_argument("--orchestrator", action="store_true", help="time a scan with no-op UNet and text encoder")
+    bench.add_argument("--json", help="also write the results to this JSON file")
+    bench.set_defaults(handler=cmd_bench)
 
     generate = commands.add_parser(
         "generate",

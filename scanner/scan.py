@@ -10,6 +10,7 @@ from itertools import islice
 from pathlib import Path
 
 from .detect import Scanner
+from .encode import TokenizedPrompts
 from .io import InputRow, ScanJournal, check_inputs, read_prompts, rejects_path
 from .prefetch import prefetch
 
@@ -45,6 +46,15 @@ def batch_rows(rows: Iterable[InputRow], batch_size: int) -> Iterator[list[Input
             group, prompts = [], 0
     if group:
         yield group
+
+
+def tokenized_batches(
+    scanner: Scanner, groups: Iterable[list[InputRow]]
+) -> Iterator[tuple[list[InputRow], TokenizedPrompts | None]]:
+    """Each group with its prompts tokenized: run in the prefetch thread, off the model's path."""
+    for group in groups:
+        prompts = [r.prompt for r in group if r.error is None]
+        yield group, scanner.encoder.tokenize(prompts) if prompts else None
 
 
 def settings_record(scanner: Scanner) -> str:
@@ -84,12 +94,16 @@ def run_scan(
     results, rejects = [], []
     last_commit = time.monotonic()
     rows = islice(read_prompts(paths, field), resumed, None)
-    for group in prefetch(batch_rows(rows, batch_size)):
+    # The empty prompt's embedding first: from here on only the prefetch thread tokenizes
+    # (a fast tokenizer must not be entered from two threads at once).
+    scanner.encoder.empty_embedding()
+    for group, tokens in prefetch(tokenized_batches(scanner, batch_rows(rows, batch_size))):
         prompts = [r for r in group if r.error is None]
         if prompts:
-            batch = scanner.score([r.prompt for r in prompts], [r.index for r in prompts])
+            batch = scanner.score([r.prompt for r in prompts], [r.index for r in prompts], tokens)
+            scores = batch.score  # a property computing the mean: once per batch, not per row
             for i, row in enumerate(prompts):
-                score = float(batch.score[i])
+                score = float(scores[i])
                 results.append(
                     {
                         "id": row.id,

@@ -89,11 +89,11 @@ def test_resume_after_crash_loses_and_duplicates_nothing(tmp_path, scanner, monk
     calls = {"n": 0}
     real_score = Scanner.score
 
-    def crash_on_fourth_batch(self, prompts, indices=None):
+    def crash_on_fourth_batch(self, prompts, indices=None, tokens=None):
         calls["n"] += 1
         if calls["n"] == 4:
             raise RuntimeError("simulated crash")
-        return real_score(self, prompts, indices)
+        return real_score(self, prompts, indices, tokens)
 
     monkeypatch.setattr(Scanner, "score", crash_on_fourth_batch)
     with pytest.raises(RuntimeError):
