@@ -176,3 +176,17 @@ def test_gradient_runs_eagerly_when_the_engine_cannot_differentiate(scanner32):
     )
     (by_ablation,) = explain(compiled, [PROMPT], "ablation")
     assert len(by_ablation.words) == len(split_words(compiled.encoder.tokenizer, PROMPT))
+
+
+def test_both_methods_on_the_onnx_engine(scanner32, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    from scanner.engines import create_engine
+
+    model = scanner32.model
+    engine = create_engine("onnx", model.unet, cache_dir=tmp_path, cache_key=model.fingerprint)
+    on_onnx = Scanner(model, scanner32.settings, engine=engine)
+    for method in ("ablation", "grad"):
+        (got,) = explain(on_onnx, [PROMPT], method)
+        (want,) = explain(scanner32, [PROMPT], method)
+        assert [w.word for w in got.words] == [w.word for w in want.words]
+        np.testing.assert_allclose([w.score for w in got.words], [w.score for w in want.words], rtol=1e-3, atol=1e-5)
