@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# What the service and page tests need beyond the test extra's Python packages:
-# Debian's Chromium (Playwright's own browser download needs internet) and the Python side.
+# What the page tests need beyond the test extra's Python packages (playwright included):
+# Debian's Chromium (Playwright's own browser download needs internet).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 if ! command -v chromium >/dev/null; then
@@ -8,4 +8,4 @@ if ! command -v chromium >/dev/null; then
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq chromium
 fi
-python3 -m pip install -q playwright fastapi uvicorn httpx openapi-spec-validator
+
