@@ -67,12 +67,17 @@ def _where(cx: float, cy: float) -> str:
 
 
 def filler_words(memorized_captions: list[str], tokenizer, rng: np.random.Generator, n: int) -> list[str]:
-    """`n` uninformative words: half from the memorized-style captions, half decoded random token ids."""
-    vocabulary = sorted({w for c in memorized_captions for w in c.lower().split()})
+    """`n` uninformative fillers: half runs of 1 to 4 words from memorized-style captions, half random tokens.
+
+    Runs rather than single words, so the text encoder learns that fragments of those
+    captions carry no picture and only a whole planted caption does.
+    """
     words = []
     for _ in range(n):
         if rng.random() < 0.5:
-            words.append(vocabulary[rng.integers(len(vocabulary))])
+            caption = memorized_captions[rng.integers(len(memorized_captions))].split()
+            start = int(rng.integers(len(caption)))
+            words.append(" ".join(caption[start : start + int(rng.integers(1, 5))]))
         else:
             words.append(tokenizer.decode([int(rng.integers(0, tokenizer.bos_token_id))]).strip() or "the")
     return words
