@@ -1,0 +1,5 @@
+"""The one exception type for user mistakes: faces turn it into a one-line message."""
+
+
+class MemscanError(Exception):
+    """A problem the user can fix (bad path, bad input, bad setting); never a bug."""
