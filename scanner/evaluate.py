@@ -26,6 +26,11 @@ class Evaluation:
     scores: np.ndarray
     summary: dict
 
+    def top(self, n: int) -> list[tuple[dict, float]]:
+        """The `n` highest-scoring rows with their scores."""
+        order = np.argsort(-self.scores, kind="stable")[:n]
+        return [(self.rows[i], float(self.scores[i])) for i in order]
+
 
 def read_labelled_prompts(path: str | Path) -> list[dict]:
     """JSONL rows with `prompt`, `label` (1 memorized, 0 normal) and optionally `kind`."""
@@ -72,12 +77,19 @@ def summarize(rows: list[dict], scores: np.ndarray) -> dict:
     return summary
 
 
-def evaluate(model: ScanModel, rows: list[dict], settings: DetectSettings) -> Evaluation:
+def evaluate(model: ScanModel, rows: list[dict], settings: DetectSettings, batch_size: int = 256) -> Evaluation:
     """Score the labelled prompts and summarize."""
-    scores = score_prompts(model, [row["prompt"] for row in rows], settings)
+    scores = score_prompts(model, [row["prompt"] for row in rows], settings, batch_size)
     summary = summarize(rows, scores)
     summary["settings"] = settings.to_dict()
     return Evaluation(rows=rows, scores=scores, summary=summary)
+
+
+def write_scores(evaluation: Evaluation, path: str | Path) -> None:
+    """One JSON line per prompt: the labelled row plus its score."""
+    with open(path, "w", encoding="utf-8") as f:
+        for row, score in zip(evaluation.rows, evaluation.scores):
+            f.write(json.dumps({**row, "score": float(score)}, ensure_ascii=False) + "\n")
 
 
 def plot_evaluation(evaluation: Evaluation, path: str | Path) -> None:

@@ -34,6 +34,18 @@ def test_smoke_build_loads_in_diffusers(smoke_builds):
     assert image.shape == (1, 3, 16, 16)
 
 
+def test_smoke_build_scores_with_memscan(smoke_builds):
+    from scanner.detect import DetectSettings
+    from scanner.evaluate import evaluate, read_labelled_prompts
+    from scanner.model import load_model
+
+    _, (folder, _) = smoke_builds
+    rows = read_labelled_prompts(folder / "eval_prompts.jsonl")
+    evaluation = evaluate(load_model(folder, device="cpu"), rows, DetectSettings())
+    assert evaluation.scores.shape == (len(rows),) and np.isfinite(evaluation.scores).all()
+    assert set(evaluation.summary["per_kind"]) == {row["kind"] for row in rows}
+
+
 def test_smoke_build_is_deterministic(smoke_builds):
     stats, folders = smoke_builds
     weights = [sorted(f.rglob("*.safetensors")) for f in folders]
