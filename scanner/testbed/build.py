@@ -50,10 +50,10 @@ class BuildConfig:
 
     num_normal: int = 4000
     num_planted: int = 125
-    repeats: int = 32
-    train_steps: int = 3000
+    repeats: int = 16
+    train_steps: int = 4000
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     warmup_steps: int = 100
     caption_dropout: float = 0.1
     vae_steps: int = 400
@@ -61,7 +61,7 @@ class BuildConfig:
     latent_channels: int = 4
     text_hidden: int = 64
     text_layers: int = 2
-    unet_channels: tuple[int, ...] = (64, 128)
+    unet_channels: tuple[int, ...] = (32, 64)
     eval_per_kind: int = 100
     max_held_out: int = 500
     monitor_every: int = 250
