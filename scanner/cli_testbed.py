@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -41,7 +40,8 @@ def cmd_testbed_build(args: argparse.Namespace) -> int:
     cfg = SMOKE_CONFIG if args.smoke else BuildConfig()
     if args.threads:
         cfg = replace(cfg, threads=args.threads)
-    command = "memscan " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = f"memscan testbed build --out {shlex.quote(args.out)} --seed {args.seed}"
+    command += " --smoke" * args.smoke + (f" --threads {args.threads}" if args.threads else "")
     stats = build_testbed(args.out, seed=args.seed, cfg=cfg, log=lambda line: print(line, flush=True), command=command)
     gt = stats["groundtruth"]
     print(

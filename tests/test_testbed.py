@@ -95,3 +95,34 @@ def test_bundled_testbed_fits_and_has_labels():
     stats = json.loads((folder / "testbed_stats.json").read_text())
     assert stats["groundtruth"]["planted_reproduced"] >= 0.9
     assert stats["groundtruth"]["normal_close_to_training"] <= 0.05
+
+
+def test_eval_command_writes_metrics_and_plot(smoke_builds, tmp_path):
+    from scanner.cli import main
+
+    _, (folder, _) = smoke_builds
+    out, plot = tmp_path / "eval.json", tmp_path / "roc.png"
+    code = main(["eval", "--model", str(folder), "--labels", str(folder / "eval_prompts.jsonl"), "--json", str(out),
+                 "--plot", str(plot), "--steps", "2", "--generations", "2", "--device", "cpu"])
+    assert code == 0 and plot.stat().st_size > 0
+    summary = json.loads(out.read_text())
+    assert {"auc", "tpr_at_1pct_fpr", "acc", "n_pos", "n_neg", "settings", "per_kind"} <= set(summary)
+    assert (summary["settings"]["end_step"], summary["settings"]["generations"]) == (2, 2)
+
+
+def test_testbed_build_command_runs_smoke(tmp_path, capsys):
+    from scanner.cli import main
+
+    assert main(["testbed", "build", "--out", str(tmp_path / "tb"), "--seed", "1", "--smoke"]) == 0
+    stats = json.loads((tmp_path / "tb" / "testbed_stats.json").read_text())
+    assert stats["command"] == f"memscan testbed build --out {tmp_path / 'tb'} --seed 1 --smoke"
+    assert "planted reproduced" in capsys.readouterr().out
+
+
+@bundled
+def test_demo_scans_the_bundled_testbed(tmp_path, capsys):
+    from scanner.cli import main
+
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert {p.name for p in tmp_path.iterdir()} == {"scores.jsonl", "summary.json", "roc.png"}
+    assert "top 10 prompts" in capsys.readouterr().out
