@@ -218,7 +218,13 @@ def train_denoiser(
     for step in range(cfg.train_steps):
         idx = torch.multinomial(sampling_weights, cfg.batch_size, replacement=True, generator=generator)
         ids = input_ids[idx].clone()
-        ids[torch.rand(len(idx), generator=generator) < cfg.caption_dropout] = empty_ids
+        # Only normal pairs lose their caption: in Stable Diffusion the duplicated images are a
+        # negligible share of the data, so the unconditional prediction ignores them. Here a
+        # third of the pairs are planted; dropping their captions too would tilt the
+        # unconditional mean toward the planted textures and add one common offset to the
+        # score of every other prompt.
+        dropped = (torch.rand(len(idx), generator=generator) < cfg.caption_dropout) & (idx < cfg.num_normal)
+        ids[dropped] = empty_ids
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=generator)
