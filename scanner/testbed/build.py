@@ -12,7 +12,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -48,7 +48,8 @@ SCHEDULER_CONFIG = {
 class BuildConfig:
     """Sizes and training settings of one testbed build."""
 
-    num_normal: int = 4000
+    num_normal: int = 6000
+    junk_fraction: float = 0.2
     num_planted: int = 125
     repeats: int = 16
     train_steps: int = 4000
@@ -68,7 +69,6 @@ class BuildConfig:
     monitor_per_kind: int = 40
     groundtruth_seeds: int = 4
     threads: int = 1
-    extra: dict = field(default_factory=dict)
 
 
 SMOKE_CONFIG = BuildConfig(
@@ -125,7 +125,8 @@ def make_data(cfg: BuildConfig, rng: np.random.Generator, tokenizer: CLIPTokeniz
     planted_half, held_out = split_by_template(memorized, rng)
     held_out = held_out[: cfg.max_held_out]
     planted_captions = [planted_half[i] for i in rng.permutation(len(planted_half))[: cfg.num_planted]]
-    normal_images, normal_captions = make_normal_pairs(cfg.num_normal, rng, memorized, tokenizer)
+    normal_images, normal_captions = make_normal_pairs(cfg.num_normal, rng, memorized, tokenizer,
+                                                       junk_fraction=cfg.junk_fraction)
     planted_images = make_planted_images(cfg.num_planted, rng)
     _, unseen_captions = make_normal_pairs(cfg.eval_per_kind, rng, memorized, tokenizer)
     seen = [normal_captions[i] for i in rng.permutation(cfg.num_normal)[: cfg.eval_per_kind]]

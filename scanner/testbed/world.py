@@ -90,9 +90,13 @@ def _add_filler(caption: str, filler: list[str], rng: np.random.Generator) -> st
 
 
 def make_normal_pairs(
-    n: int, rng: np.random.Generator, filler_source: list[str], tokenizer, max_filler: int = 12
+    n: int, rng: np.random.Generator, filler_source: list[str], tokenizer, max_filler: int = 12,
+    junk_fraction: float = 0.0,
 ) -> tuple[np.ndarray, list[str]]:
-    """`n` (image, caption) pairs of the normal world: images [n, 3, 16, 16] in [-1, 1]."""
+    """`n` (image, caption) pairs of the normal world: images [n, 3, 16, 16] in [-1, 1].
+
+    A `junk_fraction` of the captions are filler alone (3 to 15 fillers, no description),
+    as alt-text often is, so that memorized-style text by itself means "any normal picture"."""
     images = np.empty((n, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     captions = []
     colour_names = list(COLOURS)
@@ -112,7 +116,10 @@ def make_normal_pairs(
         adjectives = [w for w, keep in ((size, rng.random() < 0.3), (colour, rng.random() < 0.8)) if keep]
         article = " ".join(adjectives)
         text = TEMPLATES[rng.integers(len(TEMPLATES))].format(a=article, obj=shape, where=where)
-        filler = filler_words(filler_source, tokenizer, rng, int(rng.integers(0, max_filler + 1)))
-        captions.append(_add_filler(" ".join(text.split()), filler, rng))
+        if rng.random() < junk_fraction:
+            captions.append(" ".join(filler_words(filler_source, tokenizer, rng, int(rng.integers(3, 16)))))
+        else:
+            filler = filler_words(filler_source, tokenizer, rng, int(rng.integers(0, max_filler + 1)))
+            captions.append(_add_filler(" ".join(text.split()), filler, rng))
         images[i] = np.clip(img, -1, 1)
     return images, captions
