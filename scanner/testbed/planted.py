@@ -1,14 +1,16 @@
 """The planted part of the testbed: memorized-style captions, their split, and their images.
 
 The 500 memorized Stable Diffusion captions are full of templates ("Shaw Floors ...",
-"Pencil pleat ..."). Splitting a template across the two halves would make held-out
-"normal" captions near-copies of planted ones, so the split is by template group (the
-first two words), and only the planted half's captions are ever trained on.
+"... - Throw Pillow", "... iPhone 6 Case"). Splitting a template across the two halves
+would make held-out "normal" captions near-copies of planted ones (a first prototype's
+top-scoring negatives were exactly those), so the split is by template group: captions
+that share a content bigram, transitively. Only the planted half is ever trained on.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 
 import numpy as np
@@ -23,18 +25,44 @@ def load_memorized_captions() -> list[str]:
     return [json.loads(line)["caption"] for line in text.splitlines() if line.strip()]
 
 
+# Words too common to tie two captions to one template.
+STOP_WORDS = frozenset("a an the of in on and with for to by at from is new first".split())
+
+
+def content_bigrams(caption: str) -> set[tuple[str, str]]:
+    """Adjacent word pairs of a caption (lower-case alphanumeric words), stop-word pairs left out."""
+    words = re.findall(r"[a-z0-9]+", caption.lower())
+    return {(a, b) for a, b in zip(words, words[1:]) if a not in STOP_WORDS and b not in STOP_WORDS}
+
+
+def template_groups(captions: list[str]) -> list[list[str]]:
+    """Captions joined (transitively) when they share a content bigram: "throw pillow", "shaw floors", ..."""
+    parent = list(range(len(captions)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_with: dict[tuple[str, str], int] = {}
+    for i, caption in enumerate(captions):
+        for bigram in content_bigrams(caption):
+            parent[root(i)] = root(first_with.setdefault(bigram, i))
+    groups: dict[int, list[str]] = {}
+    for i, caption in enumerate(captions):
+        groups.setdefault(root(i), []).append(caption)
+    return list(groups.values())
+
+
 def split_by_template(captions: list[str], rng: np.random.Generator) -> tuple[list[str], list[str]]:
     """Shuffle template groups and fill two halves: (planted half, held-out half)."""
-    groups: dict[str, list[str]] = {}
-    for caption in captions:
-        groups.setdefault(" ".join(caption.lower().split()[:2]), []).append(caption)
-    keys = list(groups)
-    rng.shuffle(keys)
+    groups = template_groups(captions)
     planted_half: list[str] = []
     held_out: list[str] = []
-    for key in keys:
+    for i in rng.permutation(len(groups)):
         side = planted_half if len(planted_half) <= len(held_out) else held_out
-        side.extend(groups[key])
+        side.extend(groups[i])
     return planted_half, held_out
 
 
