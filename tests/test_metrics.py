@@ -5,19 +5,23 @@ import pytest
 from sklearn.metrics import auc, roc_curve
 
 from scanner.metrics import detection_metrics
+from scanner.metrics import roc_curve as own_roc_curve
 
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_detection_metrics_match_sklearn(ties):
     rng = np.random.default_rng()
-    for _ in range(20):
+    for _ in range(200):
         n = int(rng.integers(20, 600))
         labels = rng.integers(0, 2, size=n)
         labels[:2] = [0, 1]
         scores = rng.normal(size=n) + rng.uniform(0, 3) * labels
         if ties:
             scores = np.round(scores, 1)
-        fpr, tpr, _ = roc_curve(labels, scores)
+        fpr, tpr, thresholds = roc_curve(labels, scores)
+        ours = own_roc_curve(labels, scores)
+        for a, b in zip(ours, (fpr, tpr, thresholds)):
+            np.testing.assert_allclose(a, b)
         expected = {
             "auc": auc(fpr, tpr),
             "tpr_at_1pct_fpr": tpr[np.where(fpr < 0.01)[0][-1]],
