@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from .base import UNetEngine
 
-class TorchEngine:
-    """Runs a diffusers `UNet2DConditionModel` eagerly for a batch."""
+
+class TorchEngine(UNetEngine):
+    """Runs a diffusers `UNet2DConditionModel` eagerly."""
 
     name = "torch"
 

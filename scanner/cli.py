@@ -1,7 +1,9 @@
 """`memscan`: the command-line face. Only this module parses arguments, prints and exits.
 
-Stand-in on the testbed branch until main's full CLI (scan, engines) is merged: it carries
-the shared option groups and registers the testbed subcommands.
+Exit codes: 0 success; 1 internal error (a bug: please report it); 2 a usage or input
+problem (bad option, missing file, bad model path, unwritable output), reported in one line;
+3 prompts were flagged and `--fail-on-flagged` was given; 130 interrupted (re-run the same
+command to resume).
 """
 
 from __future__ import annotations
@@ -10,9 +12,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .engines import ENGINES, EngineUnavailable, create_engine
 from .errors import MemscanError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FLAGGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES_HELP = """exit codes:
+  0    success
+  1    internal error (a bug; please report it with the traceback)
+  2    usage or input error (bad option, missing file, bad model, unwritable output)
+  3    prompts flagged and --fail-on-flagged given
+  130  interrupted (re-run the same command to resume)"""
 
 
 def _quiet_libraries() -> None:
@@ -28,13 +37,19 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def _default_model() -> str:
     from .testbed import default_model_path
 
+    return str(default_model_path())
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=str(default_model_path()), help="diffusers pipeline folder (default: the bundled testbed)")
+    group.add_argument("--model", default=_default_model(),
+                       help="diffusers pipeline folder, or a hub id in the local HF cache (default: the bundled testbed)")
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N (default: auto)")
     group.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    group.add_argument("--engine", default="torch", help=f"UNet backend: {', '.join(ENGINES)} (default: torch)")
 
 
 def _add_detect_options(parser: argparse.ArgumentParser) -> None:
@@ -44,9 +59,13 @@ def _add_detect_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--generations", type=int, default=1, help="initial latents per prompt (default: 1)")
     group.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale for steps after the first (default: 7.5)")
     group.add_argument("--seed", type=int, default=0, help="seed of the initial latents (default: 0)")
-    group.add_argument("--noise", choices=("shared", "reference"), default="shared",
-                       help="shared: the same latents for every prompt (default); reference: seed = row index + seed")
-    group.add_argument("--batch-size", type=int, default=256, help="prompts per UNet batch (default: 256)")
+    group.add_argument(
+        "--noise",
+        choices=("shared", "reference"),
+        default="shared",
+        help="shared: the same latents for every prompt (default); reference: seed = row index + seed, as the paper's code",
+    )
+    group.add_argument("--batch-size", type=int, default=16, help="prompts per UNet batch (default: 16)")
 
 
 def _detect_settings(args: argparse.Namespace):
@@ -54,16 +73,336 @@ def _detect_settings(args: argparse.Namespace):
 
     if args.batch_size < 1:
         raise MemscanError(f"--batch-size must be >= 1, got {args.batch_size}")
-    return DetectSettings(num_inference_steps=args.inference_steps, end_step=args.steps, generations=args.generations,
-                          guidance_scale=args.guidance_scale, seed=args.seed, noise=args.noise)
+    return DetectSettings(
+        num_inference_steps=args.inference_steps,
+        end_step=args.steps,
+        generations=args.generations,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        noise=args.noise,
+    )
+
+
+def _scanner(args: argparse.Namespace):
+    from .cache import cache_dir
+    from .detect import Scanner
+    from .model import load_model
+
+    settings = _detect_settings(args)  # settings errors before the slow model load
+    if args.engine not in ENGINES:
+        raise MemscanError(f"unknown engine {args.engine!r} (available: {', '.join(ENGINES)})")
+    _quiet_libraries()
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    engine = create_engine(args.engine, model.unet, cache_dir=cache_dir(), cache_key=model.fingerprint)
+    return Scanner(model, settings, engine=engine)
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    """Score prompt files into a Parquet/JSONL output."""
+    from tqdm import tqdm
+
+    from .io import check_inputs
+    from .scan import run_scan
+
+    check_inputs(args.inputs, args.field)  # input errors before the slow model load
+    scanner = _scanner(args)
+    with tqdm(desc="scanning", unit=" prompts", disable=None, dynamic_ncols=True) as bar:
+        summary = run_scan(
+            scanner,
+            args.inputs,
+            args.out,
+            field=args.field,
+            batch_size=args.batch_size,
+            threshold=args.threshold,
+            overwrite=args.overwrite,
+            progress=bar.update,
+            commit_rows=args.checkpoint_rows,
+        )
+    flagged = "n/a (no --threshold)" if args.threshold is None else str(summary.flagged)
+    resumed = f" ({summary.resumed} rows resumed)" if summary.resumed else ""
+    print(
+        f"scored {summary.scored}{resumed}, flagged {flagged}, rejected {summary.rejected}, "
+        f"{summary.prompts_per_s:.1f} prompts/s -> {summary.out} (rejects: {summary.rejects})"
+    )
+    return EXIT_FLAGGED if args.fail_on_flagged and summary.flagged else EXIT_OK
+
+
+def _bench_model(args: argparse.Namespace):
+    from .model import load_model, resolve_device, resolve_dtype
+
+    _quiet_libraries()
+    if args.sd15:
+        from .benchmark import sd15_model
+
+        device = resolve_device(args.device)
+        return sd15_model(str(device), resolve_dtype(args.dtype, device))
+    if args.model is None:
+        try:
+            from .testbed import default_model_path
+        except ImportError:
+            raise MemscanError("no --model given and no bundled testbed model; pass --model or --sd15") from None
+        args.model = default_model_path()
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time first-step detection side by side (modes a-d), or the orchestrator with no-op models."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from . import benchmark
+
+    if args.orchestrator:
+        count = args.prompts or (100_000 if args.quick else 1_000_000)
+        with tempfile.TemporaryDirectory() as folder:
+            result = benchmark.orchestrator_throughput(count, args.batch_size, Path(folder))
+        print(
+            f"orchestrator, no-op model: {result.prompts} prompts, batch {args.batch_size}: {result.prompts_per_s:,.0f} prompts/s; "
+            f"RSS {result.rss_tenth_mb:.0f} MB at 10%, {result.rss_end_mb:.0f} MB at the end, peak {result.peak_rss_mb:.0f} MB"
+        )
+        if args.json:
+            Path(args.json).write_text(json.dumps([{"name": "orchestrator (no-op model)", **vars(result)}], indent=2) + "\n")
+        return EXIT_OK
+    model = _bench_model(args)
+    count = args.prompts or (2 if args.sd15 else 16) * (1 if args.quick else 4)
+    if args.engines is None:
+        engines = benchmark.default_engines(model.device, args.quick)
+    else:  # --engines "" times modes (a) to (c) only
+        engines = [name for name in args.engines.split(",") if name]
+    from .cache import cache_dir
+
+    results = benchmark.compare_modes(
+        model,
+        benchmark.sample_prompts(count),
+        args.batch_size,
+        engines,
+        cache_dir=cache_dir(),
+        on_skip=lambda name, reason: print(f"engine {name} skipped: {reason}", file=sys.stderr),
+    )
+    print(f"{model.source}: {count} prompts, batch {args.batch_size}, {model.device}, {model.dtype}, {torch_threads()} threads")
+    print(benchmark.format_table(results))
+    if args.json:
+        benchmark.write_json(results, args.json)
+    return EXIT_OK
+
+
+def torch_threads() -> int:
+    """Threads torch computes with (what a CPU figure depends on)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed")
+    return seeds
+
+
+def _output_folder(args: argparse.Namespace):
+    """Check `--out` (a folder, created later) and `--steps` of the generating commands."""
+    from pathlib import Path
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise MemscanError(f"{out} exists and is not a folder")
+    if args.steps < 1:
+        raise MemscanError(f"--steps must be >= 1, got {args.steps}")
+    return out
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate images for a prompt, with a JSON sidecar that records its score."""
+    import json
+
+    import torch
+
+    from .detect import DetectSettings, Scanner
+    from .generate import build_pipeline, generate_images, save_png, seed_latents
+    from .model import load_model
+
+    out = _output_folder(args)
+    _quiet_libraries()
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    pipeline = build_pipeline(model)
+    scanner = Scanner(model, DetectSettings())
+    with torch.no_grad():
+        embedding = scanner.encoder.encode([args.prompt]).embeddings
+    images = generate_images(
+        pipeline, embedding, scanner.encoder.empty_embedding(), seed_latents(model, args.seeds), args.steps, args.guidance
+    )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [save_png(image, out / f"seed-{seed}.png") for seed, image in zip(args.seeds, images)]
+    except OSError as exc:
+        raise MemscanError(f"{out}: cannot write images ({exc.strerror})") from exc
+    score = float(scanner.score([args.prompt]).score[0])
+    sidecar = {
+        "prompt": args.prompt,
+        "seeds": args.seeds,
+        "settings": {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "scheduler": "DDIM", "eta": 0.0},
+        "model": model.fingerprint,
+        "score": score,
+        "score_settings": scanner.settings.to_dict(),
+        "images": [p.name for p in paths],
+    }
+    (out / "generation.json").write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"{len(paths)} images -> {out} (score {score:.4f})")
+    return EXIT_OK
+
+
+def cmd_mitigate(args: argparse.Namespace) -> int:
+    """Mitigate a prompt and write before/after generations side by side."""
+    import json
+
+    import torch
+
+    from .detect import DetectSettings, Scanner
+    from .generate import build_pipeline, generate_images, image_grid, save_png, seed_latents
+    from .mitigate import MitigationSettings, mitigate
+    from .model import load_model
+
+    out = _output_folder(args)
+    if args.method == "embed" and args.target is None:
+        raise MemscanError(
+            "--target is required for --method embed: take it from the model's scores of normal prompts "
+            "(e.g. their 99th percentile from `memscan scan`)"
+        )
+    _quiet_libraries()
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    scanner = Scanner(model, DetectSettings(num_inference_steps=args.steps))
+    latents = seed_latents(model, args.seeds)
+    target = args.target if args.target is not None else float("inf")
+    result = mitigate(scanner, args.prompt, args.method, latents, MitigationSettings(target=target), seed=args.seeds[0])
+    pipeline = build_pipeline(model)
+    empty = scanner.encoder.empty_embedding()
+    with torch.no_grad():
+        original = scanner.encoder.encode([args.prompt]).embeddings
+    before = generate_images(pipeline, original, empty, latents, args.steps, args.guidance)
+    after = generate_images(pipeline, result.embedding, empty, latents, args.steps, args.guidance)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        grid = save_png(image_grid([before, after]), out / f"mitigate-{args.method}.png")
+    except OSError as exc:
+        raise MemscanError(f"{out}: cannot write images ({exc.strerror})") from exc
+    report = {
+        "prompt": args.prompt,
+        "method": args.method,
+        "mitigated_prompt": result.prompt,
+        "score_before": result.score_before,
+        "score_after": result.score_after,
+        "target": args.target,
+        "iterations": result.iterations,
+        "seconds": result.seconds,
+        "seeds": args.seeds,
+        "model": model.fingerprint,
+        "images": [grid.name],
+    }
+    (out / f"mitigate-{args.method}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        print(
+            f"{args.method}: score {result.score_before:.4f} -> {result.score_after:.4f} "
+            f"({result.iterations} iterations, {result.seconds:.2f} s); before (top) / after (bottom): {grid}"
+        )
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `memscan` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="memscan",
+        description="Find prompts a text-to-image diffusion model has memorized (Wen et al., ICLR 2024).",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"memscan {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    scan = commands.add_parser(
+        "scan",
+        help="score prompt files for memorization",
+        description="Score every prompt of the inputs; resumable: re-run the same command after a crash.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    scan.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt (a prompt a line), .jsonl, .csv or .parquet")
+    scan.add_argument("--out", required=True, help="output file, .parquet or .jsonl (rejects go to OUT.rejects.jsonl)")
+    scan.add_argument("--field", help="jsonl/csv/parquet field holding the prompt (default: prompt, caption or text)")
+    scan.add_argument("--threshold", type=float, help="flag prompts whose score is >= this")
+    scan.add_argument("--fail-on-flagged", action="store_true", help="exit with code 3 when any prompt is flagged")
+    scan.add_argument("--overwrite", action="store_true", help="replace an existing output or another run's partial output")
+    scan.add_argument(
+        "--checkpoint-rows", type=int, default=2048, help="commit results at least every N rows (and every 30 s)"
+    )
+    _add_model_options(scan)
+    _add_detect_options(scan)
+    scan.set_defaults(handler=cmd_scan)
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure first-step throughput: reference-style loop vs scanner vs engines",
+        description="Prompts/s of first-step detection, side by side on the same prompts and model, as ratios "
+        "to a reference-style loop; or, with --orchestrator, of reading/tokenizing/writing alone.",
+    )
+    bench.add_argument("--model", help="diffusers pipeline folder (default: the bundled testbed model)")
+    bench.add_argument("--sd15", action="store_true", help="an SD 1.5-shaped model with random weights instead")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    bench.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    bench.add_argument("--engines", help=f"comma-separated engines for mode (d) (default: all of {', '.join(ENGINES)} but torch)")
+    bench.add_argument("--prompts", type=int, help="prompts to time (default: 64; 8 with --sd15; 1,000,000 with --orchestrator)")
+    bench.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default: 16)")
+    bench.add_argument("--quick", action="store_true", help="a quarter of the prompts; on the CPU, skip compile")
+    bench.add_argument("--orchestrator", action="store_true", help="time a scan with no-op UNet and text encoder")
+    bench.add_argument("--json", help="also write the results to this JSON file")
+    bench.set_defaults(handler=cmd_bench)
+
+    generate = commands.add_parser(
+        "generate",
+        help="generate images for a prompt (CFG DDIM), with a JSON sidecar",
+        description="Generate one image per seed, batched, as StableDiffusionPipeline does; writes PNGs and generation.json.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    generate.add_argument("prompt", help="the prompt")
+    generate.add_argument("--out", required=True, help="output folder for seed-N.png and generation.json")
+    generate.add_argument("--seeds", type=_seed_list, default=[0, 1, 2, 3], help="comma-separated seeds (default: 0,1,2,3)")
+    generate.add_argument("--steps", type=int, default=50, help="DDIM inference steps (default: 50)")
+    generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    _add_model_options(generate)
+    generate.set_defaults(handler=cmd_generate)
+
+    from .mitigate import METHODS
+
+    mitigate = commands.add_parser(
+        "mitigate",
+        help="mitigate a memorized prompt; before/after images side by side",
+        description="Optimize the prompt embedding (the paper's method) or apply a random baseline, then generate "
+        "from the same seeds before and after. Scores are first-step magnitudes on those seeds' latents.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mitigate.add_argument("prompt", help="the prompt")
+    mitigate.add_argument("--out", required=True, help="output folder for the before/after grid and the JSON report")
+    mitigate.add_argument("--method", choices=METHODS, default="embed", help="embed (the paper's; default) or a baseline")
+    mitigate.add_argument("--target", type=float, help="stop once the magnitude is <= this (required for embed)")
+    mitigate.add_argument("--seeds", type=_seed_list, default=[0, 1, 2, 3], help="comma-separated seeds (default: 0,1,2,3)")
+    mitigate.add_argument("--steps", type=int, default=50, help="DDIM inference steps (default: 50)")
+    mitigate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    mitigate.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_model_options(mitigate)
+    mitigate.set_defaults(handler=cmd_mitigate)
+
     from .cli_testbed import add_testbed_commands
 
-    parser = argparse.ArgumentParser(prog="memscan", description="Find prompts a text-to-image diffusion model has memorized.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_testbed_commands(commands, _add_model_options, _add_detect_options)
     return parser
 
@@ -73,11 +412,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except MemscanError as exc:
+    except (MemscanError, EngineUnavailable) as exc:
         print(f"memscan: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("memscan: interrupted", file=sys.stderr)
+        print("memscan: interrupted; re-run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

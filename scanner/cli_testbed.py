@@ -17,12 +17,6 @@ from .errors import MemscanError
 DEMO_TOP = 10
 
 
-def _default_model() -> str:
-    from .testbed import default_model_path
-
-    return str(default_model_path())
-
-
 def _write_json(path: Path, payload: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,10 +86,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Scan the bundled testbed's evaluation prompts with the bundled model."""
     from .evaluate import plot_evaluation, write_scores
-    from .testbed import default_labels_path
+    from .testbed import default_labels_path, default_model_path
 
     out = Path(args.out)
-    args.model = _default_model()
+    args.model = str(default_model_path())
     started = time.time()
     evaluation = _evaluate(args, str(default_labels_path()))
     print(f"scanned {len(evaluation.rows)} prompts with the bundled testbed in {time.time() - started:.1f} s")

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .encode import PromptEncoder
+from .encode import PromptEncoder, TokenizedPrompts
 from .engines import TorchEngine
 from .errors import MemscanError
 from .kernels import guidance_norm, guided_prediction
@@ -88,7 +88,10 @@ def epsilon_scale(prediction_type: str, alpha_bar: float) -> float:
 class Scanner:
     """Scores batches of prompts for one model and one `DetectSettings`; holds the caches."""
 
-    def __init__(self, model: ScanModel, settings: DetectSettings, engine=None, cache_size: int = 65536):
+    def __init__(
+        self, model: ScanModel, settings: DetectSettings, engine=None, cache_size: int = 65536, reuse_uncond: bool = True
+    ):
+        """`reuse_uncond=False` recomputes the unconditional prediction with every batch (benchmarks)."""
         from diffusers import DDIMScheduler
 
         self.model = model
@@ -101,6 +104,7 @@ class Scanner:
         alphas = self.scheduler.alphas_cumprod
         self.eps_scales = [epsilon_scale(model.prediction_type, float(alphas[int(t)])) for t in self.timesteps]
         self.cache_size = cache_size
+        self.reuse_uncond = reuse_uncond
         self._cache: OrderedDict[str, tuple[np.ndarray, int, bool]] = OrderedDict()
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -131,18 +135,28 @@ class Scanner:
 
     # -- scoring --------------------------------------------------------------------------
     @torch.inference_mode()
-    def score(self, prompts: Sequence[str], indices: Sequence[int] | None = None) -> PromptScores:
-        """Score prompts; `indices` (0-based positions in the input) are needed in reference mode."""
+    def score(
+        self, prompts: Sequence[str], indices: Sequence[int] | None = None, tokens: TokenizedPrompts | None = None
+    ) -> PromptScores:
+        """Score prompts; `indices` (0-based positions in the input) are needed in reference mode.
+
+        `tokens`, when given, is `self.encoder.tokenize(prompts)` done ahead (off the model's thread).
+        """
+        if tokens is None:
+            tokens = self.encoder.tokenize(prompts)
         if self.settings.noise == "reference":
             if indices is None or len(indices) != len(prompts):
                 raise ValueError("reference noise mode needs one input index per prompt")
             latents = torch.stack([self.reference_latents(i) for i in indices])
-            return self._compute(list(prompts), latents)
+            return self._compute(tokens, latents)
         # Shared noise: a prompt's score depends on the prompt alone, so score each once.
-        todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        todo: dict[str, int] = {}  # prompt -> its first row
+        for row, prompt in enumerate(prompts):
+            if prompt not in self._cache:
+                todo.setdefault(prompt, row)
         fresh = {}
         if todo:
-            result = self._compute(todo)
+            result = self._compute(tokens.select(todo.values()))
             for i, prompt in enumerate(todo):
                 fresh[prompt] = (result.per_generation[i], result.n_tokens[i], result.truncated[i])
         rows = [fresh.get(p) or self._cache[p] for p in prompts]
@@ -158,25 +172,26 @@ class Scanner:
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
 
-    def _compute(self, prompts: list[str], latents: torch.Tensor | None = None) -> PromptScores:
-        encoded = self.encoder.encode(prompts)
-        if latents is None and self.settings.first_step_only:
+    def _compute(self, tokens: TokenizedPrompts, latents: torch.Tensor | None = None) -> PromptScores:
+        encoded = self.encoder.encode_tokens(tokens)
+        count = len(encoded.n_tokens)
+        if latents is None and self.settings.first_step_only and self.reuse_uncond:
             norms = self._first_step_shared(encoded.embeddings)
         else:
             if latents is None:
-                latents = self.shared_latents().expand(len(prompts), -1, -1, -1, -1)
+                latents = self.shared_latents().expand(count, -1, -1, -1, -1)
             norms = self._trajectory(encoded.embeddings, latents)
         return PromptScores(norms.cpu().numpy(), encoded.n_tokens, encoded.truncated)
 
     def _first_step_shared(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Fast path: one conditional forward per (prompt, generation); cached unconditional."""
         latents, uncond = self._shared_state()
-        n, b = len(latents), len(embeddings)
         t0 = self.timesteps[0]
-        # Generation-major rows, so each generation's slice broadcasts one cached uncond row.
-        rows = self.scheduler.scale_model_input(latents.repeat_interleave(b, dim=0), t0)
-        cond = self.engine.predict_noise(rows, t0, embeddings.repeat(n, 1, 1))
-        norms = [guidance_norm(cond[g * b : (g + 1) * b], uncond[g : g + 1]) for g in range(n)]
+        b = len(embeddings)
+        norms = []
+        for g in range(len(latents)):  # each generation's rows share one cached uncond row
+            rows = self.scheduler.scale_model_input(latents[g : g + 1].expand(b, -1, -1, -1), t0)
+            norms.append(self.engine.conditional_norm(rows, t0, embeddings, uncond[g : g + 1]))
         return torch.stack(norms, dim=1) * self.eps_scales[0]
 
     def _trajectory(self, embeddings: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:

@@ -172,9 +172,10 @@ def load_model(name_or_path: str | Path, device: str = "auto", dtype: str = "aut
             f"{path}: text encoder width {text_encoder.config.hidden_size} does not match the UNet's "
             f"cross_attention_dim {unet.config.cross_attention_dim}"
         )
-    modules = [m for m in (text_encoder, unet, vae) if m is not None]
-    for module in modules:
-        module.to(device=dev, dtype=torch_dtype).eval().requires_grad_(False)
+    text_encoder.to(dtype=torch_dtype)  # diffusers models were loaded in torch_dtype already
+    for module in (text_encoder, unet, vae):
+        if module is not None:
+            module.to(device=dev).eval().requires_grad_(False)
     return ScanModel(
         tokenizer=tokenizer,
         text_encoder=text_encoder,

@@ -8,20 +8,9 @@ import torch
 from scanner import kernels
 from scanner.kernels import fused_guidance as gn
 
+from guidance_cases import DTYPES, assert_guided_prediction_matches, assert_norm_matches, float64_norm, random_case
+
 pytestmark = pytest.mark.skipif(gn.triton is None, reason="triton is not installed")
-
-DTYPES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-def _random_case(rows: int, row_shape: tuple[int, ...], dtype: torch.dtype, broadcast: bool):
-    cond = torch.randn(rows, *row_shape, dtype=torch.float64).to(dtype)
-    uncond = torch.randn(1 if broadcast else rows, *row_shape, dtype=torch.float64).to(dtype)
-    return cond, uncond
-
-
-def _float64_norm(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
-    return (cond.double() - uncond.double()).flatten(1).norm(dim=1)
-
 
 # Row lengths: not powers of two, shorter than a block, spanning several chunks.
 SHAPES = [(1, (3, 5, 7)), (3, (1000,)), (5, (4, 33, 31)), (2, (gn.CHUNK + 17,)), (70, (13,))]
@@ -31,30 +20,22 @@ SHAPES = [(1, (3, 5, 7)), (3, (1000,)), (5, (4, 33, 31)), (2, (gn.CHUNK + 17,)),
 @pytest.mark.parametrize("broadcast", [False, True])
 @pytest.mark.parametrize("rows,row_shape", SHAPES)
 def test_norm_matches_float64(dtype, broadcast, rows, row_shape):
-    cond, uncond = _random_case(rows, row_shape, dtype, broadcast)
-    got = gn.guidance_norm_triton(cond, uncond)
-    assert got.dtype == torch.float32 and got.shape == (rows,)
-    torch.testing.assert_close(got.double(), _float64_norm(cond, uncond), rtol=1e-5, atol=1e-5)
+    cond, uncond = random_case(rows, row_shape, dtype, broadcast)
+    assert_norm_matches(gn.guidance_norm_triton(cond, uncond), cond, uncond)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("broadcast", [False, True])
 @pytest.mark.parametrize("rows,row_shape", SHAPES)
 def test_guided_prediction_matches_float64(dtype, broadcast, rows, row_shape):
-    cond, uncond = _random_case(rows, row_shape, dtype, broadcast)
-    scale = float(torch.empty(()).uniform_(1.0, 10.0))
-    norm, guided = gn.guided_prediction_triton(cond, uncond, scale)
-    expected = uncond.double() + scale * (cond.double() - uncond.double())
-    assert guided.dtype == dtype and guided.shape == cond.shape
     # Every element written: the output starts as uninitialised memory, so a skipped
     # element would not match the float64 value.
-    torch.testing.assert_close(guided.double(), expected.to(dtype).double(), rtol=DTYPES[dtype], atol=DTYPES[dtype] * 10)
-    torch.testing.assert_close(norm.double(), _float64_norm(cond, uncond), rtol=1e-5, atol=1e-5)
+    assert_guided_prediction_matches(gn.guided_prediction_triton, *random_case(rows, row_shape, dtype, broadcast))
 
 
 def test_guided_output_overwrites_poison(monkeypatch):
     """Outputs pre-filled with NaN must come back fully written."""
-    cond, uncond = _random_case(4, (gn.CHUNK * 2 + 3,), torch.float16, broadcast=True)
+    cond, uncond = random_case(4, (gn.CHUNK * 2 + 3,), torch.float16, broadcast=True)
     real_empty_like = torch.empty_like
     monkeypatch.setattr(gn.torch, "empty_like", lambda t, **kw: real_empty_like(t, **kw).fill_(float("nan")))
     real_empty = torch.empty
@@ -64,16 +45,16 @@ def test_guided_output_overwrites_poison(monkeypatch):
 
 
 def test_references_match_float64():
-    cond, uncond = _random_case(6, (4, 9, 9), torch.bfloat16, broadcast=True)
-    torch.testing.assert_close(kernels.guidance_norm_reference(cond, uncond).double(), _float64_norm(cond, uncond), rtol=1e-6, atol=1e-6)
+    cond, uncond = random_case(6, (4, 9, 9), torch.bfloat16, broadcast=True)
+    torch.testing.assert_close(kernels.guidance_norm_reference(cond, uncond).double(), float64_norm(cond, uncond), rtol=1e-6, atol=1e-6)
     norm, guided = kernels.guided_prediction_reference(cond, uncond, 3.0)
     torch.testing.assert_close(norm, kernels.guidance_norm_reference(cond, uncond))
     assert guided.dtype == torch.bfloat16
 
 
-def test_dispatch_uses_reference_on_cpu(monkeypatch):
+def test_dispatch_never_runs_triton_on_cpu(monkeypatch):
     monkeypatch.setattr(kernels, "guidance_norm_triton", lambda *a: pytest.fail("triton called on CPU"))
-    cond, uncond = _random_case(2, (10,), torch.float32, broadcast=False)
+    cond, uncond = random_case(2, (10,), torch.float32, broadcast=False)
     torch.testing.assert_close(kernels.guidance_norm(cond, uncond), kernels.guidance_norm_reference(cond, uncond))
 
 

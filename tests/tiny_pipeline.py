@@ -73,3 +73,11 @@ def build_tiny_pipeline(out_dir: Path, variant: str = "sd1", seed: int = 0) -> P
     )
     pipe.save_pretrained(out_dir)
     return out_dir
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python tests/tiny_pipeline.py OUT_DIR")
+    print(build_tiny_pipeline(Path(sys.argv[1])))

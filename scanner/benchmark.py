@@ -1,0 +1,330 @@
+"""First-step detection throughput, side by side on the same prompts and model (`memscan bench`).
+
+Modes, timed in turns batch by batch over the same prompts after an untimed warm-up:
+  (a) a reference-style loop: one prompt at a time, conditional and unconditional in one
+      batch of 2, as `StableDiffusionPipeline` runs them (written here, independently of
+      `Scanner`);
+  (b) the scanner, batched, eager, recomputing the unconditional prediction every batch;
+  (c) the scanner as it runs by default: the cached unconditional prediction;
+  (d) (c) with each other engine that can start here.
+Every mode's scores are checked against (a). The orchestrator mode times reading,
+tokenizing, batching and writing with the UNet and text encoder replaced by no-ops.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from .detect import DetectSettings, Scanner, epsilon_scale
+from .engines import ENGINES, EngineUnavailable, UNetEngine, create_engine
+from .model import ScanModel
+
+# Stable Diffusion 1.5's component configs, as plain data: random weights of its shape.
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-5,
+}
+SD15_TEXT_ENCODER = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+}
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+}
+
+
+@dataclass
+class ModeResult:
+    """One row of the table: a mode's throughput and how far its scores are from (a)'s."""
+
+    name: str
+    prompts_per_s: float
+    scores: np.ndarray = field(repr=False)
+    ratio_vs_reference: float = 1.0
+    max_rel_diff: float = 0.0
+
+    def to_dict(self) -> dict:
+        """The JSON form: name, prompts/s and the ratio to the reference-style loop."""
+        return {
+            "name": self.name,
+            "prompts_per_s": self.prompts_per_s,
+            "ratio_vs_reference": self.ratio_vs_reference,
+            "max_rel_diff_vs_reference": self.max_rel_diff,
+        }
+
+
+def sample_prompts(count: int, offset: int = 0) -> list[str]:
+    """`count` distinct prompts: the bundled memorized captions, numbered so none repeats."""
+    text = resources.files("scanner.data").joinpath("sdv1_500_memorized.jsonl").read_text(encoding="utf-8")
+    captions = [json.loads(line)["caption"] for line in text.splitlines() if line.strip()]
+    return [f"{captions[i % len(captions)]} #{i}" for i in range(offset, offset + count)]
+
+
+def clip_tokenizer():
+    """CLIP's tokenizer, built from the bundled vocabulary (no download)."""
+    from transformers import AutoTokenizer
+
+    from .clip_vocab import write_clip_tokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        return AutoTokenizer.from_pretrained(write_clip_tokenizer(Path(folder) / "tokenizer"))
+
+
+def random_unet(
+    config: dict = SD15_UNET, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> torch.nn.Module:
+    """A UNet with random weights built from `config` (default SD 1.5's: 860M parameters), in eval mode."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**config).to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def sd15_model(device: str = "cpu", dtype: torch.dtype = torch.float32) -> ScanModel:
+    """An SD 1.5-shaped `ScanModel` with random weights: tokenizer, text encoder, UNet."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER)).to(device=device, dtype=dtype).eval()
+    return ScanModel(
+        tokenizer=clip_tokenizer(),
+        text_encoder=text_encoder.requires_grad_(False),
+        unet=random_unet(SD15_UNET, dtype, device),
+        scheduler_config=dict(SD15_SCHEDULER),
+        vae=None,
+        fingerprint="random-sd15",
+        source="SD 1.5-shaped, random weights",
+        device=torch.device(device),
+        dtype=dtype,
+    )
+
+
+class ReferenceLoop:
+    """(a): per prompt, encode `["", prompt]`, run the UNet on `[x, x]`, take `||c - u||`."""
+
+    def __init__(self, model: ScanModel, latent: torch.Tensor, timestep: torch.Tensor):
+        self.model = model
+        self.latent = latent  # [1, C, H, W], already scaled for the UNet's input
+        self.timestep = timestep
+        alpha_bar = float(_ddim(model).alphas_cumprod[int(timestep)])
+        self.eps_scale = epsilon_scale(model.prediction_type, alpha_bar)
+
+    @torch.inference_mode()
+    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
+        """Scores of `prompts`, one pipeline-style forward each."""
+        tok, scores = self.model.tokenizer, []
+        for prompt in prompts:
+            ids = tok(["", prompt], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+            text = self.model.text_encoder(ids.input_ids.to(self.model.device))[0]
+            out = self.model.unet(torch.cat([self.latent, self.latent]), self.timestep, encoder_hidden_states=text).sample
+            uncond, cond = out.float().chunk(2)
+            scores.append(float((cond - uncond).flatten(1).norm(dim=1)[0]) * self.eps_scale)
+        return np.asarray(scores)
+
+
+def _ddim(model: ScanModel):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(model.scheduler_config)
+    scheduler.set_timesteps(DetectSettings().num_inference_steps)
+    return scheduler
+
+
+def interleaved_throughput(
+    modes: dict[str, Callable[[list[str]], np.ndarray]], prompts: list[str], warmup: list[str], batch_size: int
+) -> list[ModeResult]:
+    """Each mode's prompts/s over the same batches, after one untimed warm-up batch each.
+
+    The modes take turns batch by batch, so that load from other processes (a shared
+    machine) falls on all of them alike instead of on whichever ran during a busy spell.
+    """
+    for score in modes.values():
+        score(warmup)
+    seconds = dict.fromkeys(modes, 0.0)
+    scores: dict[str, list[np.ndarray]] = {name: [] for name in modes}
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i : i + batch_size]
+        for name, score in modes.items():
+            start = time.perf_counter()
+            scores[name].append(score(batch))
+            seconds[name] += time.perf_counter() - start
+    return [ModeResult(name, len(prompts) / seconds[name], np.concatenate(scores[name])) for name in modes]
+
+
+def _scanner_scores(scanner: Scanner) -> Callable[[list[str]], np.ndarray]:
+    return lambda batch: scanner.score(batch).score
+
+
+def compare_modes(
+    model: ScanModel,
+    prompts: list[str],
+    batch_size: int,
+    engines: Sequence[str],
+    cache_dir: Path | None = None,
+    on_skip: Callable[[str, str], None] = lambda name, reason: None,
+) -> list[ModeResult]:
+    """Time modes (a) to (d) on the same prompts; ratios and score differences against (a)."""
+    settings = DetectSettings()
+    warmup = sample_prompts(batch_size, offset=len(prompts))  # distinct: Scanner caches scores by prompt
+    scanner = Scanner(model, settings)
+    t0 = scanner.timesteps[0]
+    latent = scanner.scheduler.scale_model_input(scanner.shared_latents() * scanner.scheduler.init_noise_sigma, t0)
+    modes = {
+        "(a) reference loop, batch of 2": ReferenceLoop(model, latent, t0),
+        "(b) scanner, batched, eager": _scanner_scores(Scanner(model, settings, reuse_uncond=False)),
+        "(c) + cached uncond (torch)": _scanner_scores(scanner),
+    }
+    for name in engines:
+        try:
+            engine = create_engine(name, model.unet, cache_dir=cache_dir, cache_key=model.fingerprint)
+        except EngineUnavailable as exc:
+            on_skip(name, str(exc))
+            continue
+        modes[f"(d) + cached uncond ({name})"] = _scanner_scores(Scanner(model, settings, engine=engine))
+    results = interleaved_throughput(modes, prompts, warmup, batch_size)
+    base = results[0]
+    for result in results:
+        result.ratio_vs_reference = result.prompts_per_s / base.prompts_per_s
+        result.max_rel_diff = float(np.max(np.abs(result.scores - base.scores) / np.abs(base.scores)))
+    return results
+
+
+def format_table(results: Sequence[ModeResult]) -> str:
+    """The side-by-side table: prompts/s, ratio to (a), largest relative score difference to (a)."""
+    lines = [f"{'mode':<36} {'prompts/s':>10} {'vs (a)':>8} {'max rel diff vs (a)':>20}"]
+    for r in results:
+        lines.append(f"{r.name:<36} {r.prompts_per_s:>10.2f} {r.ratio_vs_reference:>7.1f}x {r.max_rel_diff:>20.1e}")
+    return "\n".join(lines)
+
+
+def write_json(results: Sequence[ModeResult], path: str | Path) -> None:
+    """`[{"name", "prompts_per_s", "ratio_vs_reference", ...}]` to `path`."""
+    Path(path).write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+
+
+# -- the orchestrator alone --------------------------------------------------------------------
+class NoOpEngine(UNetEngine):
+    """Returns zeros at once: what is left to time is everything around the UNet."""
+
+    name = "noop"
+
+    def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """Zeros shaped like the latents."""
+        return torch.zeros_like(latents)
+
+    def conditional_norm(
+        self, latents: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor, uncond: torch.Tensor
+    ) -> torch.Tensor:
+        """Zeros, one per row."""
+        return torch.zeros(len(latents), dtype=torch.float32, device=latents.device)
+
+
+class StubTextEncoder(torch.nn.Module):
+    """A text encoder that returns zeros of the right shape without computing anything."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+        self.config = SimpleNamespace(use_attention_mask=False)
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+
+    def forward(self, input_ids: torch.Tensor, attention_mask=None) -> tuple[torch.Tensor]:
+        return (torch.zeros(()).expand(*input_ids.shape, self.width),)  # no memory touched
+
+
+def stub_model() -> ScanModel:
+    """An SD 1.5-shaped `ScanModel` whose text encoder and UNet do nothing (real tokenizer)."""
+    unet = SimpleNamespace(config=SimpleNamespace(in_channels=4, sample_size=SD15_UNET["sample_size"]))
+    return ScanModel(
+        tokenizer=clip_tokenizer(),
+        text_encoder=StubTextEncoder(SD15_UNET["cross_attention_dim"]),
+        unet=unet,
+        scheduler_config=dict(SD15_SCHEDULER),
+        vae=None,
+        fingerprint="stub",
+        source="no-op model",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+
+
+@dataclass
+class OrchestratorResult:
+    """Prompts/s of a no-op scan and its memory: RSS after a tenth of the input, at the end, peak."""
+
+    prompts: int
+    prompts_per_s: float
+    rss_tenth_mb: float
+    rss_end_mb: float
+    peak_rss_mb: float
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def orchestrator_throughput(count: int, batch_size: int, folder: Path) -> OrchestratorResult:
+    """Scan a generated `count`-prompt file with no-op models: the pipeline's own ceiling."""
+    from .scan import run_scan
+
+    inputs = folder / "prompts.txt"
+    with inputs.open("w", encoding="utf-8") as f:
+        for start in range(0, count, 10000):
+            f.write("".join(p + "\n" for p in sample_prompts(min(10000, count - start), offset=start)))
+    scanner = Scanner(stub_model(), DetectSettings(), engine=NoOpEngine())
+    done, rss_tenth = 0, []
+
+    def progress(rows: int) -> None:
+        nonlocal done
+        done += rows
+        if not rss_tenth and done >= count // 10:
+            rss_tenth.append(_rss_mb())
+
+    summary = run_scan(scanner, [inputs], folder / "scan.parquet", batch_size=batch_size, overwrite=True, progress=progress)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return OrchestratorResult(summary.scored, summary.prompts_per_s, rss_tenth[0] if rss_tenth else 0.0, _rss_mb(), peak_mb)
+
+
+def default_engines(device: torch.device, quick: bool) -> list[str]:
+    """Engines for mode (d): every one but torch; `--quick` on the CPU skips compile (minutes to compile)."""
+    return [name for name in ENGINES if name != "torch" and not (quick and device.type == "cpu" and name == "compile")]

@@ -1,0 +1,161 @@
+"""Stream prompts from .txt, .jsonl, .csv and .parquet files, one row at a time.
+
+Every data row becomes an `InputRow`: either a prompt or the reason it was rejected (not
+UTF-8, not a string, missing field, empty). Problems with a whole file (missing,
+unreadable, unknown format, no prompt column) raise `MemscanError` before any work.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import MemscanError
+
+SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
+DEFAULT_FIELDS = ("prompt", "caption", "text")
+
+
+@dataclass(frozen=True)
+class InputRow:
+    """One data row: `id` is `file:line` (txt, jsonl) or `file:row` (csv, parquet; 1-based)."""
+
+    id: str
+    index: int  # 0-based position over all inputs, in order (the reference's prompt number)
+    prompt: str | None
+    error: str | None = None
+
+
+def check_inputs(paths: Sequence[str | Path], field: str | None = None) -> list[Path]:
+    """Validate every input up front: exists, readable, supported, has a prompt column."""
+    if not paths:
+        raise MemscanError("no input files given")
+    checked = []
+    for raw in paths:
+        path = Path(raw)
+        if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+            raise MemscanError(f"{path}: unsupported input type (use {', '.join(SUPPORTED_SUFFIXES)})")
+        if not path.is_file():
+            raise MemscanError(f"{path}: no such file")
+        try:
+            with path.open("rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise MemscanError(f"{path}: cannot be read ({exc.strerror})") from exc
+        if path.suffix.lower() in (".csv", ".parquet"):
+            _column(path, _columns(path), field)
+        checked.append(path)
+    return checked
+
+
+def _columns(path: Path) -> list[str]:
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).schema_arrow.names
+        except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for corrupt files
+            raise MemscanError(f"{path}: not a readable Parquet file ({exc})") from exc
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        return next(csv.reader(f), [])
+
+
+def _column(path: Path, columns: list[str], field: str | None) -> str:
+    if field is not None:
+        if field not in columns:
+            raise MemscanError(f"{path}: no column {field!r} (columns: {', '.join(columns) or 'none'})")
+        return field
+    for name in DEFAULT_FIELDS:
+        if name in columns:
+            return name
+    raise MemscanError(f"{path}: no prompt, caption or text column; choose one with --field")
+
+
+def read_prompts(paths: Sequence[Path], field: str | None = None) -> Iterator[InputRow]:
+    """All rows of all inputs in order, streamed; memory does not grow with the input."""
+    index = 0
+    for path in paths:
+        reader = _READERS[path.suffix.lower()]
+        for number, prompt, error in reader(path, field):
+            if error is None and not prompt.strip():
+                prompt, error = None, "empty prompt"
+            yield InputRow(f"{path}:{number}", index, prompt if error is None else None, error)
+            index += 1
+
+
+def _read_txt(path: Path, field: str | None) -> Iterator[tuple[int, str | None, str | None]]:
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                yield number, raw.rstrip(b"\r\n").decode("utf-8"), None
+            except UnicodeDecodeError:
+                yield number, None, "not UTF-8"
+
+
+def _read_jsonl(path: Path, field: str | None) -> Iterator[tuple[int, str | None, str | None]]:
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield number, None, "not UTF-8"
+                continue
+            except json.JSONDecodeError as exc:
+                yield number, None, f"invalid JSON ({exc.msg})"
+                continue
+            if not isinstance(record, dict):
+                yield number, None, "not a JSON object"
+                continue
+            name = field or next((k for k in DEFAULT_FIELDS if k in record), None)
+            if name is None or name not in record:
+                yield number, None, f"missing field {field!r}" if field else "no prompt, caption or text field"
+            elif not isinstance(record[name], str):
+                yield number, None, f"field {name!r} is not a string"
+            else:
+                yield number, record[name], None
+
+
+def _read_csv(path: Path, field: str | None) -> Iterator[tuple[int, str | None, str | None]]:
+    # surrogateescape keeps bad bytes visible per row instead of failing the whole file.
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        position = header.index(_column(path, header, field))
+        for number, row in enumerate(reader, 1):
+            if position >= len(row):
+                yield number, None, "missing field"
+                continue
+            value = row[position]
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                yield number, None, "not UTF-8"
+                continue
+            yield number, value, None
+
+
+def _read_parquet(path: Path, field: str | None) -> Iterator[tuple[int, str | None, str | None]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    column = _column(path, parquet.schema_arrow.names, field)
+    is_text = pa.types.is_string(parquet.schema_arrow.field(column).type) or pa.types.is_large_string(
+        parquet.schema_arrow.field(column).type
+    )
+    number = 0
+    for batch in parquet.iter_batches(columns=[column], batch_size=8192):
+        for value in batch.column(0).to_pylist():
+            number += 1
+            if value is None:
+                yield number, None, "missing value"
+            elif not is_text:
+                yield number, None, f"column {column!r} is not a string"
+            else:
+                yield number, value, None
+
+
+_READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}

@@ -1,0 +1,65 @@
+"""`memscan bench`: modes agree on scores, the JSON has the promised fields, the no-op scan runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from scanner import benchmark
+from scanner.cli import main
+from scanner.detect import DetectSettings, Scanner
+from scanner.model import load_model
+
+
+@pytest.fixture(scope="module")
+def model(tiny_sd1):
+    return load_model(tiny_sd1, device="cpu")
+
+
+def test_modes_score_alike_and_ratios_are_against_the_reference(model):
+    prompts = benchmark.sample_prompts(5, offset=int(np.random.default_rng().integers(0, 10_000)))
+    results = benchmark.compare_modes(model, prompts, batch_size=2, engines=["onnx", "tensorrt"])
+    names = [r.name for r in results]
+    assert names[:4] == [
+        "(a) reference loop, batch of 2",
+        "(b) scanner, batched, eager",
+        "(c) + cached uncond (torch)",
+        "(d) + cached uncond (onnx)",
+    ]
+    assert not any("tensorrt" in n for n in names) or results[-1].prompts_per_s > 0  # skipped where unavailable
+    assert results[0].ratio_vs_reference == 1.0
+    expected = Scanner(model, DetectSettings()).score(prompts).score
+    for result in results:
+        np.testing.assert_allclose(result.scores, expected, rtol=1e-4, err_msg=result.name)
+        assert result.max_rel_diff < 1e-4
+        assert result.ratio_vs_reference == pytest.approx(result.prompts_per_s / results[0].prompts_per_s)
+
+
+def test_reference_loop_is_the_pipeline_batch_of_two(model):
+    scanner = Scanner(model, DetectSettings(seed=4))
+    t0 = scanner.timesteps[0]
+    loop = benchmark.ReferenceLoop(model, scanner.shared_latents(), t0)
+    prompts = ["a castle at night", "x"]
+    np.testing.assert_allclose(loop(prompts), scanner.score(prompts).score, rtol=1e-4)
+
+
+def test_cli_bench_writes_the_json_list(tiny_sd1, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--model", str(tiny_sd1), "--prompts", "3", "--batch-size", "2", "--engines", "", "--json", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())
+    assert [set(r) >= {"name", "prompts_per_s", "ratio_vs_reference"} for r in rows] == [True] * 3
+    assert "(c) + cached uncond (torch)" in capsys.readouterr().out
+
+
+def test_orchestrator_scans_every_prompt_with_noop_models(tmp_path):
+    result = benchmark.orchestrator_throughput(700, batch_size=64, folder=tmp_path)
+    assert result.prompts == 700 and result.prompts_per_s > 0
+    assert 0 < result.rss_tenth_mb <= result.peak_rss_mb
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "scan.parquet")
+    assert table.num_rows == 700 and set(table.column("score").to_pylist()) == {0.0}
+    assert table.column("prompt").to_pylist()[:2] == benchmark.sample_prompts(2)

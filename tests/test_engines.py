@@ -1,0 +1,131 @@
+"""Engines against torch eager: the same scores in fp32 on the CPU; the ONNX export cache."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from scanner.detect import DetectSettings, Scanner
+from scanner.engines import ENGINES, EngineUnavailable, create_engine
+from scanner.engines.compile_engine import bucket_for, pad_rows
+from scanner.engines.onnx_export import MODEL_FILE
+from scanner.model import load_model
+
+SETTINGS = {"first step": DetectSettings(seed=5), "3-step window, 2 generations": DetectSettings(end_step=3, generations=2, seed=5)}
+
+
+def _prompts(rng: np.random.Generator, count: int) -> list[str]:
+    words = ["a", "photo", "of", "red", "cat", "castle", "at", "night", "oil", "painting", "portrait"]
+    return [" ".join(rng.choice(words, size=rng.integers(1, 12))) + f" {i}" for i in range(count)]
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def model(request, tiny_sd1, tiny_sd2):
+    return load_model({"sd1": tiny_sd1, "sd2": tiny_sd2}[request.param], device="cpu")
+
+
+def _assert_same_scores(model, engine, settings: DetectSettings) -> None:
+    prompts = _prompts(np.random.default_rng(), 6)
+    expected = Scanner(model, settings).score(prompts).per_generation
+    got = Scanner(model, settings, engine=engine).score(prompts).per_generation
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())
+def test_onnx_scores_match_torch(model, settings, tmp_path):
+    engine = create_engine("onnx", model.unet, cache_dir=tmp_path, cache_key=model.fingerprint)
+    _assert_same_scores(model, engine, settings)
+
+
+def test_onnx_norm_head_broadcasts_or_pairs_uncond(tiny_sd1, tmp_path):
+    unet = load_model(tiny_sd1, device="cpu").unet
+    engine = create_engine("onnx", unet, cache_dir=tmp_path, cache_key="k")
+    latents, text = torch.randn(5, 4, 8, 8), torch.randn(5, 77, 32)
+    t = torch.tensor(741)
+    with torch.no_grad():
+        noise = unet(latents, t, encoder_hidden_states=text).sample
+    for uncond in (torch.randn(1, 4, 8, 8), torch.randn(5, 4, 8, 8)):
+        expected = (noise - uncond).flatten(1).norm(dim=1)
+        torch.testing.assert_close(engine.conditional_norm(latents, t, text, uncond), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(engine.predict_noise(latents, t, text), noise, rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_export_is_cached_per_model(tiny_sd1, tmp_path):
+    unet = load_model(tiny_sd1, device="cpu").unet
+    latents, t, text = torch.randn(2, 4, 8, 8), torch.tensor(981), torch.randn(2, 77, 32)
+
+    def export_files():
+        return sorted((tmp_path / "onnx").glob(f"*/{MODEL_FILE}"))
+
+    first = create_engine("onnx", unet, cache_dir=tmp_path, cache_key="model-a").predict_noise(latents, t, text)
+    [exported] = export_files()
+    stamp = exported.stat().st_mtime_ns
+    again = create_engine("onnx", unet, cache_dir=tmp_path, cache_key="model-a").predict_noise(latents, t, text)
+    assert export_files() == [exported] and exported.stat().st_mtime_ns == stamp  # reused, not re-exported
+    torch.testing.assert_close(again, first)
+    create_engine("onnx", unet, cache_dir=tmp_path, cache_key="model-b").predict_noise(latents, t, text)
+    assert len(export_files()) == 2
+    assert not [p for p in (tmp_path / "onnx").iterdir() if p.name.count(".")]  # no staging folders left
+
+
+def test_unknown_engine_and_missing_package_say_why(monkeypatch):
+    with pytest.raises(EngineUnavailable, match="unknown engine 'nope'"):
+        create_engine("nope", torch.nn.Linear(1, 1))
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)  # import now fails
+    with pytest.raises(EngineUnavailable, match="pip install onnxruntime"):
+        create_engine("onnx", torch.nn.Linear(1, 1))
+
+
+def test_buckets_pad_with_the_last_row_and_cover_every_size():
+    assert [bucket_for(n) for n in (1, 2, 3, 5, 64, 65, 128)] == [1, 2, 4, 8, 64, 128, 128]
+    x = torch.randn(3, 2)
+    padded = pad_rows(x, 4)
+    assert padded.shape == (4, 2) and torch.equal(padded[:3], x) and torch.equal(padded[3], x[2])
+    assert pad_rows(x, 3) is x
+
+
+@pytest.mark.slow  # torch.compile takes minutes per graph on 2 CPU cores
+def test_compile_scores_match_torch(tiny_sd1):
+    model = load_model(tiny_sd1, device="cpu")
+    _assert_same_scores(model, create_engine("compile", model.unet), DetectSettings(seed=5))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="tensorrt is not installed")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="tensorrt needs a CUDA device")
+def test_tensorrt_scores_match_torch_fp16(tiny_sd1, tmp_path):
+    model = load_model(tiny_sd1, device="cuda", dtype="fp16")
+    engine = create_engine("tensorrt", model.unet, cache_dir=tmp_path, cache_key=model.fingerprint)
+    prompts = _prompts(np.random.default_rng(), 6)
+    expected = Scanner(model, DetectSettings()).score(prompts).per_generation
+    got = Scanner(model, DetectSettings(), engine=engine).score(prompts).per_generation
+    np.testing.assert_allclose(got, expected, rtol=2e-2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_tensorrt_without_tensorrt_says_why(tiny_sd1):
+    with pytest.raises(EngineUnavailable, match="needs TensorRT"):
+        create_engine("tensorrt", load_model(tiny_sd1, device="cpu").unet)
+
+
+def test_every_engine_is_registered():
+    assert set(ENGINES) == {"torch", "compile", "onnx", "tensorrt"}
+
+
+def test_scan_command_with_the_onnx_engine_matches_torch(tiny_sd1, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from scanner.cli import main
+
+    monkeypatch.setenv("MEMSCAN_CACHE", str(tmp_path / "cache"))
+    inputs = tmp_path / "p.txt"
+    inputs.write_text("\n".join(_prompts(np.random.default_rng(), 5)) + "\n")
+    scores = {}
+    for engine in ("torch", "onnx"):
+        out = tmp_path / f"{engine}.parquet"
+        assert main(["scan", str(inputs), "--model", str(tiny_sd1), "--out", str(out), "--engine", engine, "--batch-size", "2"]) == 0
+        scores[engine] = pq.read_table(out).column("score").to_numpy()
+    np.testing.assert_allclose(scores["onnx"], scores["torch"], rtol=1e-4)
+    assert list((tmp_path / "cache" / "onnx").glob("*/unet.onnx"))  # exported into the user's cache

@@ -1,0 +1,96 @@
+"""Mitigation at inference: the paper's embedding optimization and the random baselines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from scanner.cli import main
+from scanner.detect import DetectSettings, Scanner
+from scanner.generate import seed_latents
+from scanner.mitigate import MitigationSettings, baseline, first_step_magnitude, optimize_embedding, unconditional_first_step
+from scanner.model import load_model
+
+PROMPT = "The No Limits Business Woman Podcast"
+
+
+@pytest.fixture(scope="module")
+def scanner(tiny_sd2):
+    return Scanner(load_model(tiny_sd2, device="cpu"), DetectSettings())
+
+
+def test_magnitude_equals_float64_reference(scanner):
+    latents = seed_latents(scanner.model, [int(s) for s in torch.randint(0, 1000, (3,))])
+    embedding = scanner.encoder.encode([PROMPT]).embeddings.detach()
+    got = first_step_magnitude(scanner, embedding, latents, unconditional_first_step(scanner, latents))
+    unet, t0 = scanner.model.unet.double(), scanner.timesteps[0]
+    try:
+        with torch.no_grad():
+            c = unet(latents.double(), t0, encoder_hidden_states=embedding.double().expand(3, -1, -1)).sample
+            u = unet(latents.double(), t0, encoder_hidden_states=scanner.encoder.empty_embedding().double().expand(3, -1, -1)).sample
+    finally:
+        unet.float()
+    alpha = scanner.scheduler.alphas_cumprod[int(t0)].double()
+    expected = (c - u).flatten(1).norm(dim=1).mean() * alpha.sqrt()  # v-prediction -> epsilon
+    assert float(got) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_optimization_lowers_magnitude_and_keeps_bos(scanner):
+    latents = seed_latents(scanner.model, [0, 1])
+    result = optimize_embedding(scanner, PROMPT, latents, MitigationSettings(target=0.0))
+    assert result.iterations == 10  # an unreachable target runs every iteration
+    assert result.score_after < result.score_before
+    encoded = scanner.encoder.encode([PROMPT]).embeddings
+    assert torch.equal(result.embedding[:, 0], encoded[:, 0])
+    assert not torch.allclose(result.embedding[:, 1:], encoded[:, 1:])
+
+
+def test_early_stop_and_untouched_prompts(scanner):
+    latents = seed_latents(scanner.model, [5])
+    untouched = optimize_embedding(scanner, PROMPT, latents, MitigationSettings(target=1e9))
+    assert untouched.iterations == 0 and untouched.score_after == untouched.score_before
+    assert torch.equal(untouched.embedding, scanner.encoder.encode([PROMPT]).embeddings)
+    full = optimize_embedding(scanner, PROMPT, latents, MitigationSettings(target=0.0))
+    # A target between the start and the 10-iteration result stops early, once under it.
+    target = (full.score_before + full.score_after) / 2
+    stopped = optimize_embedding(scanner, PROMPT, latents, MitigationSettings(target=target))
+    assert 1 <= stopped.iterations < 10 and stopped.score_after <= target
+
+
+@pytest.mark.parametrize("method", ["rand-token", "rand-number", "embed-noise"])
+def test_baselines(scanner, method):
+    latents = seed_latents(scanner.model, [0])
+    seed = int(torch.randint(0, 10**6, ()))
+    result = baseline(scanner, PROMPT, method, latents, seed=seed)
+    again = baseline(scanner, PROMPT, method, latents, seed=seed)
+    assert result.prompt == again.prompt and torch.equal(result.embedding, again.embedding)  # deterministic per seed
+    encoded = scanner.encoder.encode([PROMPT]).embeddings
+    if method == "embed-noise":
+        assert result.prompt == PROMPT
+        assert torch.equal(result.embedding[:, 0], encoded[:, 0])
+        assert 0.05 < float((result.embedding - encoded)[:, 1:].std()) < 0.2
+    else:
+        added = len(result.prompt.split()) - len(PROMPT.split())
+        assert added >= 4 and all(word in result.prompt for word in PROMPT.split())
+        if method == "rand-number":
+            assert sum(word.isdigit() for word in result.prompt.split()) == 4
+    assert result.score_before == pytest.approx(
+        float(first_step_magnitude(scanner, encoded, latents, unconditional_first_step(scanner, latents))), rel=1e-6
+    )
+
+
+def test_mitigate_command(tmp_path, tiny_sd1, capsys):
+    out = tmp_path / "m"
+    code = main(["mitigate", PROMPT, "--model", str(tiny_sd1), "--out", str(out), "--target", "0", "--seeds", "0,1", "--steps", "4", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) >= {"prompt", "method", "score_before", "score_after", "target", "iterations", "seconds", "images"}
+    assert report["iterations"] == 10 and report["score_after"] < report["score_before"]
+    from PIL import Image
+
+    grid = Image.open(out / report["images"][0])
+    assert grid.size == (2 * 16 + 2, 2 * 16 + 2)  # 2 seeds x (before, after) of 16 x 16 images
+    assert main(["mitigate", PROMPT, "--model", str(tiny_sd1), "--out", str(out)]) == 2
+    assert "--target is required" in capsys.readouterr().err
