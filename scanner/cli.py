@@ -37,9 +37,17 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def _default_model() -> str:
+    from .testbed import default_model_path
+
+    return str(default_model_path())
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", required=True, help="diffusers pipeline folder, or a hub id in the local HF cache")
+    group.add_argument(
+        "--model", default=_default_model(), help="diffusers pipeline folder, or a hub id in the local HF cache (default: the bundled testbed)"
+    )
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N (default: auto)")
     group.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
     group.add_argument("--engine", default="torch", help=f"UNet backend: {', '.join(ENGINES)} (default: torch)")
@@ -195,12 +203,6 @@ def _bench_model(args: argparse.Namespace):
 
         device = resolve_device(args.device)
         return sd15_model(str(device), resolve_dtype(args.dtype, device))
-    if args.model is None:
-        try:
-            from .testbed import default_model_path
-        except ImportError:
-            raise MemscanError("no --model given and no bundled testbed model; pass --model or --sd15") from None
-        args.model = default_model_path()
     return load_model(args.model, device=args.device, dtype=args.dtype)
 
 
@@ -409,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prompts/s of first-step detection, side by side on the same prompts and model, as ratios "
         "to a reference-style loop; or, with --orchestrator, of reading/tokenizing/writing alone.",
     )
-    bench.add_argument("--model", help="diffusers pipeline folder (default: the bundled testbed model)")
+    bench.add_argument("--model", default=_default_model(), help="diffusers pipeline folder (default: the bundled testbed)")
     bench.add_argument("--sd15", action="store_true", help="an SD 1.5-shaped model with random weights instead")
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     bench.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
@@ -492,6 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--threshold", type=float, help="flag prompts whose score is >= this (the page shows the verdict)")
+
+    from .cli_testbed import add_testbed_commands
+
+    add_testbed_commands(commands, _add_model_options, _add_detect_options)
     return parser
 
 

@@ -1,0 +1,129 @@
+"""The `memscan testbed build`, `memscan eval` and `memscan demo` subcommands (part of the CLI face).
+
+Registered by `scanner.cli.build_parser`; like the rest of the CLI they only parse,
+call the library and print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from pathlib import Path
+
+from .errors import MemscanError
+
+DEMO_TOP = 10
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise MemscanError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def cmd_testbed_build(args: argparse.Namespace) -> int:
+    """Train the testbed model into --out."""
+    from dataclasses import replace
+
+    from .testbed.build import SMOKE_CONFIG, BuildConfig, build_testbed
+
+    cfg = SMOKE_CONFIG if args.smoke else BuildConfig()
+    if args.threads:
+        cfg = replace(cfg, threads=args.threads)
+    command = f"memscan testbed build --out {shlex.quote(args.out)} --seed {args.seed}"
+    command += " --smoke" * args.smoke + (f" --threads {args.threads}" if args.threads else "")
+    stats = build_testbed(args.out, seed=args.seed, cfg=cfg, log=lambda line: print(line, flush=True), command=command)
+    gt = stats["groundtruth"]
+    print(
+        f"built {args.out} in {stats['total_seconds'] / 60:.1f} min ({stats['bundle_bytes'] / 2**20:.1f} MB): "
+        f"planted reproduced {gt['planted_reproduced']:.1%}, normal close to training {gt['normal_close_to_training']:.1%}"
+    )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, labels: str):
+    from .cli import _detect_settings, _quiet_libraries
+    from .evaluate import evaluate, read_labelled_prompts
+    from .model import load_model
+
+    settings = _detect_settings(args)
+    rows = read_labelled_prompts(labels)
+    _quiet_libraries()
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    return evaluate(model, rows, settings, batch_size=args.batch_size)
+
+
+def _print_summary(summary: dict) -> None:
+    print(
+        f"AUC {summary['auc']:.3f}  TPR@1%FPR {summary['tpr_at_1pct_fpr']:.3f}  ACC {summary['acc']:.3f}  "
+        f"({summary['n_pos']} memorized, {summary['n_neg']} normal)"
+    )
+    for kind, entry in summary["per_kind"].items():
+        against = f"  AUC vs memorized {entry['auc_vs_positives']:.3f}" if "auc_vs_positives" in entry else ""
+        print(f"  {kind:<26} n={entry['n']:<4} mean score {entry['mean_score']:.3f}{against}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Score labelled prompts and write the metrics."""
+    from .evaluate import plot_evaluation
+    from .testbed import default_labels_path
+
+    labels = args.labels or str(default_labels_path())
+    started = time.time()
+    evaluation = _evaluate(args, labels)
+    evaluation.summary.update(model=args.model, labels=labels, seconds=round(time.time() - started, 1))
+    _write_json(Path(args.json), evaluation.summary)
+    if args.plot:
+        plot_evaluation(evaluation, args.plot)
+    _print_summary(evaluation.summary)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Scan the bundled testbed's evaluation prompts with the bundled model."""
+    from .evaluate import plot_evaluation, write_scores
+    from .testbed import default_labels_path, default_model_path
+
+    out = Path(args.out)
+    args.model = str(default_model_path())
+    started = time.time()
+    evaluation = _evaluate(args, str(default_labels_path()))
+    print(f"scanned {len(evaluation.rows)} prompts with the bundled testbed in {time.time() - started:.1f} s")
+    _print_summary(evaluation.summary)
+    print(f"top {DEMO_TOP} prompts by memorization score (label 1 = planted, memorized):")
+    for row, score in evaluation.top(DEMO_TOP):
+        print(f"  {score:7.3f}  label {row['label']}  {row['prompt'][:70]}")
+    _write_json(out / "summary.json", evaluation.summary)
+    write_scores(evaluation, out / "scores.jsonl")
+    plot_evaluation(evaluation, out / "roc.png")
+    print(f"wrote {out / 'scores.jsonl'}, {out / 'summary.json'}, {out / 'roc.png'}")
+    return 0
+
+
+def add_testbed_commands(commands, add_model_options, add_detect_options) -> None:
+    """Register `testbed build`, `eval` and `demo` on the `memscan` subparsers."""
+    testbed = commands.add_parser("testbed", help="the bundled test model with planted memorization")
+    testbed_commands = testbed.add_subparsers(dest="testbed_command", required=True, metavar="COMMAND")
+    build = testbed_commands.add_parser("build", help="train the testbed model (deterministic for a seed and device)")
+    build.add_argument("--out", required=True, help="output folder (a StableDiffusionPipeline layout)")
+    build.add_argument("--seed", type=int, default=0, help="seed of data, initialization and training (default: 0)")
+    build.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (for CI)")
+    build.add_argument("--threads", type=int, help="torch CPU threads (default: the build config's)")
+    build.set_defaults(handler=cmd_testbed_build)
+
+    evaluate = commands.add_parser("eval", help="AUC / TPR@1%%FPR of the detector on labelled prompts")
+    evaluate.add_argument("--labels", help="JSONL with prompt, label (1 memorized, 0 normal), kind (default: the testbed's)")
+    evaluate.add_argument("--json", required=True, help="where to write the metrics")
+    evaluate.add_argument("--plot", help="PNG with the ROC curve and score histograms")
+    add_model_options(evaluate)
+    add_detect_options(evaluate)
+    evaluate.set_defaults(handler=cmd_eval)
+
+    demo = commands.add_parser("demo", help="scan the bundled evaluation prompts with the bundled testbed model")
+    demo.add_argument("--out", default="memscan-demo", help="folder for scores.jsonl, summary.json, roc.png")
+    add_detect_options(demo)
+    demo.set_defaults(handler=cmd_demo, device="auto", dtype="auto")

@@ -1,0 +1,334 @@
+"""`memscan testbed build`: train the small text-to-image model with planted memorization.
+
+Steps: generate the data (normal world + planted pairs), train a tiny AutoencoderKL,
+encode every image once, train a CLIPTextModel and a UNet2DConditionModel jointly with
+the epsilon-prediction loss and caption dropout, save a StableDiffusionPipeline folder,
+write the labelled evaluation prompts, and measure the ground truth by generation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ..clip_vocab import MODEL_MAX_LENGTH, write_clip_tokenizer
+from ..metrics import detection_metrics
+from .planted import load_memorized_captions, make_planted_images, split_by_template
+from .world import IMAGE_SIZE, filler_words, make_normal_pairs
+
+LATENT_SIZE = IMAGE_SIZE // 2
+
+# Stable Diffusion v1's noise schedule, so that the first DDIM step of 50 is t = 981.
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+
+
+@dataclass
+class BuildConfig:
+    """Sizes and training settings of one testbed build."""
+
+    num_normal: int = 6000
+    junk_fraction: float = 0.2
+    num_planted: int = 125
+    repeats: int = 16
+    train_steps: int = 4000
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    warmup_steps: int = 100
+    caption_dropout: float = 0.1
+    vae_steps: int = 400
+    vae_channels: int = 16
+    latent_channels: int = 4
+    text_hidden: int = 64
+    text_layers: int = 2
+    unet_channels: tuple[int, ...] = (32, 64)
+    eval_per_kind: int = 100
+    max_held_out: int = 500
+    monitor_every: int = 250
+    monitor_per_kind: int = 40
+    groundtruth_seeds: int = 4
+    threads: int = 1
+
+
+SMOKE_CONFIG = BuildConfig(
+    num_normal=48, num_planted=6, repeats=2, train_steps=3, batch_size=8, warmup_steps=1, vae_steps=2,
+    vae_channels=8, text_hidden=16, text_layers=1, unet_channels=(16, 32), eval_per_kind=4, max_held_out=4,
+    monitor_every=0, monitor_per_kind=4, groundtruth_seeds=1,
+)
+
+
+def text_encoder_config(cfg: BuildConfig, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    """A small CLIPTextModel over CLIP's full 49408-token vocabulary."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=MODEL_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        projection_dim=cfg.text_hidden,
+    )
+
+
+def unet_config(cfg: BuildConfig) -> dict:
+    """A two-level UNet2DConditionModel with cross-attention at every level."""
+    levels = len(cfg.unet_channels)
+    return dict(
+        sample_size=LATENT_SIZE, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * levels, up_block_types=("CrossAttnUpBlock2D",) * levels,
+        block_out_channels=cfg.unet_channels, layers_per_block=1, cross_attention_dim=cfg.text_hidden,
+        attention_head_dim=8, norm_num_groups=min(16, cfg.unet_channels[0]),
+    )
+
+
+def vae_config(cfg: BuildConfig) -> dict:
+    """A two-level AutoencoderKL: 3 x 16 x 16 pixels <-> 4 x 8 x 8 latents (attention at 16 x 16 is the cost)."""
+    return dict(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(cfg.vae_channels, 2 * cfg.vae_channels),
+        layers_per_block=1, latent_channels=cfg.latent_channels, norm_num_groups=min(8, cfg.vae_channels),
+        sample_size=IMAGE_SIZE, mid_block_add_attention=False,
+    )
+
+
+@dataclass
+class TestbedData:
+    """Everything the build trains and evaluates on."""
+
+    images: np.ndarray  # [num_images, 3, 16, 16]: normal images, then planted images
+    captions: list[str]  # one per image
+    repeats: np.ndarray  # how often each image appears in the training set
+    eval_prompts: list[dict]  # prompt, label, kind
+
+
+def make_data(cfg: BuildConfig, rng: np.random.Generator, tokenizer: CLIPTokenizer) -> TestbedData:
+    """Generate the normal world, plant K captions, and assemble the labelled evaluation prompts."""
+    memorized = load_memorized_captions()
+    planted_half, held_out = split_by_template(memorized, rng)
+    held_out = held_out[: cfg.max_held_out]
+    planted_captions = [planted_half[i] for i in rng.permutation(len(planted_half))[: cfg.num_planted]]
+    normal_images, normal_captions = make_normal_pairs(cfg.num_normal, rng, memorized, tokenizer,
+                                                       junk_fraction=cfg.junk_fraction)
+    planted_images = make_planted_images(cfg.num_planted, rng)
+    _, unseen_captions = make_normal_pairs(cfg.eval_per_kind, rng, memorized, tokenizer)
+    seen = [normal_captions[i] for i in rng.permutation(cfg.num_normal)[: cfg.eval_per_kind]]
+    random_strings = [random_token_string(tokenizer, rng) for _ in range(cfg.eval_per_kind)]
+    eval_prompts = (
+        [{"prompt": p, "label": 1, "kind": "planted"} for p in planted_captions]
+        + [{"prompt": p, "label": 0, "kind": "held_out_memorized_style"} for p in held_out]
+        + [{"prompt": p, "label": 0, "kind": "normal_seen"} for p in seen]
+        + [{"prompt": p, "label": 0, "kind": "normal_unseen"} for p in unseen_captions]
+        + [{"prompt": p, "label": 0, "kind": "random_tokens"} for p in random_strings]
+    )
+    repeats = np.concatenate([np.ones(cfg.num_normal, dtype=np.int64), np.full(cfg.num_planted, cfg.repeats)])
+    return TestbedData(
+        images=np.concatenate([normal_images, planted_images]),
+        captions=normal_captions + planted_captions,
+        repeats=repeats,
+        eval_prompts=eval_prompts,
+    )
+
+
+def random_token_string(tokenizer: CLIPTokenizer, rng: np.random.Generator) -> str:
+    """The reference's random prompt: 0 to 76 random token ids (special tokens excluded), decoded."""
+    ids = rng.integers(0, tokenizer.bos_token_id, size=int(rng.integers(0, MODEL_MAX_LENGTH)))
+    return tokenizer.decode(ids.tolist())
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids [n, 77], padded and truncated as Stable Diffusion does."""
+    return tokenizer(prompts, padding="max_length", max_length=MODEL_MAX_LENGTH, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def train_vae(cfg: BuildConfig, images: torch.Tensor, generator: torch.Generator) -> AutoencoderKL:
+    """Fit the tiny autoencoder to reconstruct the training images (MSE plus a light KL term)."""
+    vae = AutoencoderKL(**vae_config(cfg))
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    for _ in range(cfg.vae_steps):
+        batch = images[torch.randint(len(images), (32,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        loss = F.mse_loss(vae.decode(latents).sample, batch) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """Posterior means of all images, unscaled."""
+    return torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(256)])
+
+
+@torch.no_grad()
+def first_step_scores(unet, text_encoder, tokenizer, prompts: list[str], x_T: torch.Tensor) -> np.ndarray:
+    """Monitoring only: ||eps(x_T, 981, e_p) - eps(x_T, 981, e_empty)|| for each prompt, one shared latent."""
+    scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
+    scheduler.set_timesteps(50)
+    t0 = scheduler.timesteps[0]
+    embeddings = text_encoder(tokenize(tokenizer, [""] + prompts))[0]
+    eps = unet(x_T.expand(len(embeddings), -1, -1, -1), t0, encoder_hidden_states=embeddings).sample
+    return (eps[1:] - eps[:1]).flatten(1).norm(dim=1).numpy()
+
+
+def _lr_factor(step: int, cfg: BuildConfig) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak learning rate."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.train_steps - cfg.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_denoiser(
+    cfg: BuildConfig, data: TestbedData, latents: torch.Tensor, tokenizer: CLIPTokenizer,
+    generator: torch.Generator, log: Callable[[str], None],
+) -> tuple[CLIPTextModel, UNet2DConditionModel, list[dict]]:
+    """Train text encoder and UNet jointly; return them and the monitoring history."""
+    text_encoder = CLIPTextModel(text_encoder_config(cfg, tokenizer))
+    unet = UNet2DConditionModel(**unet_config(cfg))
+    noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
+    params = list(text_encoder.parameters()) + list(unet.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg))
+    input_ids = tokenize(tokenizer, data.captions)
+    empty_ids = tokenize(tokenizer, [""])[0]
+    sampling_weights = torch.as_tensor(data.repeats, dtype=torch.float64)
+    monitor = _monitor_set(cfg, data)
+    x_T = torch.randn((1, cfg.latent_channels, LATENT_SIZE, LATENT_SIZE), generator=torch.Generator().manual_seed(0))
+    history = []
+    for step in range(cfg.train_steps):
+        idx = torch.multinomial(sampling_weights, cfg.batch_size, replacement=True, generator=generator)
+        ids = input_ids[idx].clone()
+        # Only normal pairs lose their caption: in Stable Diffusion the duplicated images are a
+        # negligible share of the data, so the unconditional prediction ignores them. Here a
+        # third of the pairs are planted; dropping their captions too would tilt the
+        # unconditional mean toward the planted textures and add one common offset to the
+        # score of every other prompt.
+        dropped = (torch.rand(len(idx), generator=generator) < cfg.caption_dropout) & (idx < cfg.num_normal)
+        ids[dropped] = empty_ids
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=generator)
+        pred = unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if cfg.monitor_every and ((step + 1) % cfg.monitor_every == 0 or step + 1 == cfg.train_steps):
+            unet.eval(), text_encoder.eval()
+            scores = first_step_scores(unet, text_encoder, tokenizer, [p["prompt"] for p in monitor], x_T)
+            unet.train(), text_encoder.train()
+            entry = {"step": step + 1, "loss": float(loss), **_monitor_summary(monitor, scores)}
+            history.append(entry)
+            log(json.dumps(entry))
+    return text_encoder.eval(), unet.eval(), history
+
+
+def _monitor_set(cfg: BuildConfig, data: TestbedData) -> list[dict]:
+    """The first `monitor_per_kind` evaluation prompts of each kind."""
+    counts: dict[str, int] = {}
+    chosen = []
+    for row in data.eval_prompts:
+        counts[row["kind"]] = counts.get(row["kind"], 0) + 1
+        if counts[row["kind"]] <= cfg.monitor_per_kind:
+            chosen.append(row)
+    return chosen
+
+
+def _monitor_summary(rows: list[dict], scores: np.ndarray) -> dict:
+    """AUC and mean score per kind for the monitoring subset."""
+    labels = np.array([r["label"] for r in rows])
+    summary = {k: round(float(v), 4) for k, v in detection_metrics(labels, scores).items() if k in ("auc", "tpr_at_1pct_fpr")}
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        summary["mean_" + kind] = round(float(scores[[r["kind"] == kind for r in rows]].mean()), 4)
+    return summary
+
+
+def save_pipeline(out: Path, tokenizer_dir: Path, vae, text_encoder, unet, scaling_factor: float) -> None:
+    """Write a StableDiffusionPipeline folder whose weights are stored in fp16 (the bundle must stay under 20 MB).
+
+    The configs keep saying float32, so a plain `from_pretrained(folder)` gives a
+    consistent fp32 pipeline instead of an fp16 text encoder feeding an fp32 UNet.
+    """
+    vae.register_to_config(scaling_factor=scaling_factor)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir), unet=unet,
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    for weights in out.rglob("*.safetensors"):
+        tensors = load_file(weights)
+        save_file({name: t.half() for name, t in tensors.items()}, weights, metadata={"format": "pt"})
+
+
+def build_testbed(
+    out: str | Path, seed: int = 0, cfg: BuildConfig | None = None, log: Callable[[str], None] = lambda _: None,
+    command: str = "",
+) -> dict:
+    """Build the testbed into `out` (a pipeline folder plus eval_prompts.jsonl and testbed_stats.json)."""
+    from .groundtruth import measure_reproduction
+
+    cfg = cfg or BuildConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    tokenizer_dir = write_clip_tokenizer(out / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+
+    data = make_data(cfg, rng, tokenizer)
+    log(f"data: {len(data.images)} images, {int(data.repeats.sum())} training pairs, {len(data.eval_prompts)} eval prompts")
+    images = torch.from_numpy(data.images)
+    vae = train_vae(cfg, images, generator)
+    raw_latents = encode_images(vae, images)
+    scaling_factor = float(1.0 / raw_latents.std())
+    log(f"vae trained, latent std {raw_latents.std():.3f}, {time.time() - start:.0f}s")
+    text_encoder, unet, history = train_denoiser(cfg, data, raw_latents * scaling_factor, tokenizer, generator, log)
+    train_seconds = time.time() - start
+
+    save_pipeline(out, tokenizer_dir, vae, text_encoder, unet, scaling_factor)
+    with open(out / "eval_prompts.jsonl", "w", encoding="utf-8") as f:
+        for row in data.eval_prompts:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    groundtruth = measure_reproduction(out, data, seeds=cfg.groundtruth_seeds)
+    stats = {
+        "command": command,
+        "seed": seed,
+        "device": f"cpu ({platform.processor() or platform.machine()}), {cfg.threads} threads",
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.time() - start, 1),
+        "config": asdict(cfg),
+        "num_training_pairs": int(data.repeats.sum()),
+        "bundle_bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
+        "monitor_history": history,
+        "groundtruth": groundtruth,
+        "versions": {"torch": torch.__version__},
+    }
+    (out / "testbed_stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    return stats

@@ -1,0 +1,128 @@
+"""The testbed build (smoke sizes) and the bundled testbed's files."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scanner.testbed import default_labels_path, default_model_path
+from scanner.testbed.build import SMOKE_CONFIG, build_testbed
+from scanner.testbed.planted import content_bigrams, load_memorized_captions, make_planted_images, split_by_template
+from scanner.testbed.similarity import normalized_cross_correlation
+
+EVAL_FIELDS = {"prompt", "label", "kind"}
+
+
+@pytest.fixture(scope="module")
+def smoke_builds(tmp_path_factory):
+    """Two smoke builds with the same seed: (their stats, their folders)."""
+    folders = [tmp_path_factory.mktemp("smoke") for _ in range(2)]
+    return [build_testbed(folder, seed=3, cfg=SMOKE_CONFIG) for folder in folders], folders
+
+
+def test_smoke_build_loads_in_diffusers(smoke_builds):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    _, (folder, _) = smoke_builds
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=2, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 3, 16, 16)
+
+
+def test_smoke_build_scores_with_memscan(smoke_builds):
+    from scanner.detect import DetectSettings
+    from scanner.evaluate import evaluate, read_labelled_prompts
+    from scanner.model import load_model
+
+    _, (folder, _) = smoke_builds
+    rows = read_labelled_prompts(folder / "eval_prompts.jsonl")
+    evaluation = evaluate(load_model(folder, device="cpu"), rows, DetectSettings())
+    assert evaluation.scores.shape == (len(rows),) and np.isfinite(evaluation.scores).all()
+    assert set(evaluation.summary["per_kind"]) == {row["kind"] for row in rows}
+
+
+def test_smoke_build_is_deterministic(smoke_builds):
+    stats, folders = smoke_builds
+    weights = [sorted(f.rglob("*.safetensors")) for f in folders]
+    assert [p.relative_to(folders[0]) for p in weights[0]] == [p.relative_to(folders[1]) for p in weights[1]]
+    for a, b in zip(*weights):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    assert (folders[0] / "eval_prompts.jsonl").read_text() == (folders[1] / "eval_prompts.jsonl").read_text()
+    assert stats[0]["groundtruth"] == stats[1]["groundtruth"]
+
+
+def test_smoke_build_writes_labels_and_stats(smoke_builds):
+    _, (folder, _) = smoke_builds
+    rows = [json.loads(line) for line in (folder / "eval_prompts.jsonl").read_text().splitlines()]
+    assert all(set(row) == EVAL_FIELDS for row in rows)
+    assert {row["kind"] for row in rows} == {
+        "planted", "held_out_memorized_style", "normal_seen", "normal_unseen", "random_tokens"}
+    stats = json.loads((folder / "testbed_stats.json").read_text())
+    assert {"command", "seed", "device", "total_seconds", "groundtruth", "bundle_bytes"} <= set(stats)
+
+
+def test_caption_split_keeps_templates_together():
+    captions = load_memorized_captions()
+    planted, held_out = split_by_template(captions, np.random.default_rng(0))
+    assert sorted(planted + held_out) == sorted(captions)
+    shared = set().union(*map(content_bigrams, planted)) & set().union(*map(content_bigrams, held_out))
+    assert not shared
+    assert min(len(planted), len(held_out)) >= 150
+
+
+def test_planted_images_are_distinct():
+    images = make_planted_images(30, np.random.default_rng(1))
+    ncc = normalized_cross_correlation(images, images)
+    assert np.abs(ncc[~np.eye(30, dtype=bool)]).max() < 0.3
+    assert np.allclose(np.diag(ncc), 1)
+
+
+bundled = pytest.mark.skipif(not (default_model_path() / "model_index.json").exists(), reason="no bundled testbed")
+
+
+@bundled
+def test_bundled_testbed_fits_and_has_labels():
+    folder = default_model_path()
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 20 * 2**20
+    rows = [json.loads(line) for line in default_labels_path().read_text().splitlines()]
+    labels = [row["label"] for row in rows]
+    assert labels.count(1) >= 100 and labels.count(0) >= 400
+    stats = json.loads((folder / "testbed_stats.json").read_text())
+    assert stats["groundtruth"]["planted_reproduced"] >= 0.9
+    assert stats["groundtruth"]["normal_close_to_training"] <= 0.05
+
+
+def test_eval_command_writes_metrics_and_plot(smoke_builds, tmp_path):
+    from scanner.cli import main
+
+    _, (folder, _) = smoke_builds
+    out, plot = tmp_path / "eval.json", tmp_path / "roc.png"
+    code = main(["eval", "--model", str(folder), "--labels", str(folder / "eval_prompts.jsonl"), "--json", str(out),
+                 "--plot", str(plot), "--steps", "2", "--generations", "2", "--device", "cpu"])
+    assert code == 0 and plot.stat().st_size > 0
+    summary = json.loads(out.read_text())
+    assert {"auc", "tpr_at_1pct_fpr", "acc", "n_pos", "n_neg", "settings", "per_kind"} <= set(summary)
+    assert (summary["settings"]["end_step"], summary["settings"]["generations"]) == (2, 2)
+
+
+def test_testbed_build_command_runs_smoke(tmp_path, capsys):
+    from scanner.cli import main
+
+    assert main(["testbed", "build", "--out", str(tmp_path / "tb"), "--seed", "1", "--smoke"]) == 0
+    stats = json.loads((tmp_path / "tb" / "testbed_stats.json").read_text())
+    assert stats["command"] == f"memscan testbed build --out {tmp_path / 'tb'} --seed 1 --smoke"
+    assert "planted reproduced" in capsys.readouterr().out
+
+
+@bundled
+def test_demo_scans_the_bundled_testbed(tmp_path, capsys):
+    from scanner.cli import main
+
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert {p.name for p in tmp_path.iterdir()} == {"scores.jsonl", "summary.json", "roc.png"}
+    assert "top 10 prompts" in capsys.readouterr().out
