@@ -93,7 +93,7 @@ def write_scores(evaluation: Evaluation, path: str | Path) -> None:
 
 
 def plot_evaluation(evaluation: Evaluation, path: str | Path) -> None:
-    """ROC curve (log-scaled FPR) and score histograms by label, as one PNG."""
+    """ROC curve (1% FPR marked) and score histograms by label, as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")

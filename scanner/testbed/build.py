@@ -240,7 +240,7 @@ def train_denoiser(
             unet.eval(), text_encoder.eval()
             scores = first_step_scores(unet, text_encoder, tokenizer, [p["prompt"] for p in monitor], x_T)
             unet.train(), text_encoder.train()
-            entry = {"step": step + 1, "loss": float(loss), **_monitor_summary(monitor, scores)}
+            entry = {"step": step + 1, "loss": loss.item(), **_monitor_summary(monitor, scores)}
             history.append(entry)
             log(json.dumps(entry))
     return text_encoder.eval(), unet.eval(), history

@@ -44,7 +44,7 @@ def measure_reproduction(model_dir: str | Path, data, seeds: int = 4,
     ncc = normalized_cross_correlation(flat, data.images).reshape(len(prompts), seeds, len(data.images))
     best_any = ncc.max(axis=(1, 2))
     caption_index = {c: i for i, c in enumerate(data.captions)}
-    summary: dict = {"measure": "normalized cross-correlation, pixel space, 16x16 RGB", "threshold": threshold,
+    summary: dict = {"measure": "normalized cross-correlation, pixel space, 16x16 RGB, each channel centred", "threshold": threshold,
                      "seeds": seeds, "sampler": "DDIM, 50 steps, guidance 7.5", "per_kind": {}}
     for kind in dict.fromkeys(row["kind"] for row in data.eval_prompts):
         rows = [i for i, row in enumerate(data.eval_prompts) if row["kind"] == kind]

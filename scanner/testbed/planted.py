@@ -84,6 +84,9 @@ def make_planted_images(k: int, rng: np.random.Generator, max_correlation: float
                 img[c] += rng.uniform(0.4, 0.8) * np.cos(2 * np.pi * (fx * x + fy * y) + phase)
             img[c] += rng.uniform(-0.4, 0.4)
         img = np.clip(img, -1, 1)
-        if not images or np.abs(normalized_cross_correlation(img[None], np.stack(images))).max() < max_correlation:
+        # Image-wide centring here: the build that made the shipped textures used it.
+        if not images or np.abs(
+            normalized_cross_correlation(img[None], np.stack(images), per_channel=False)
+        ).max() < max_correlation:
             images.append(img)
     return np.stack(images)
