@@ -92,18 +92,15 @@ def test_bundled_testbed_fits_and_has_labels():
     rows = [json.loads(line) for line in default_labels_path().read_text().splitlines()]
     labels = [row["label"] for row in rows]
     assert labels.count(1) >= 100 and labels.count(0) >= 400
+    stats = json.loads((folder / "testbed_stats.json").read_text())
+    assert stats["groundtruth"]["normal_close_to_training"] <= 0.05
 
 
 @bundled
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue #3 acceptance not met yet: the bundled build reproduces 74.4% of planted images "
-    "(needs >= 90%) and 29.9% of normal prompts come within NCC 0.8 of a training image (needs <= 5%)",
-)
-def test_bundled_testbed_ground_truth_meets_acceptance():
+@pytest.mark.xfail(strict=True, reason="acceptance not met: the shipped testbed reproduces 80% of planted images (90% required)")
+def test_bundled_testbed_reproduces_planted_images():
     stats = json.loads((default_model_path() / "testbed_stats.json").read_text())
     assert stats["groundtruth"]["planted_reproduced"] >= 0.9
-    assert stats["groundtruth"]["normal_close_to_training"] <= 0.05
 
 
 def test_eval_command_writes_metrics_and_plot(smoke_builds, tmp_path):
