@@ -265,6 +265,13 @@ def _seed_list(text: str) -> list[int]:
     return seeds
 
 
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    """Seeds, DDIM steps and guidance of the commands that generate images."""
+    parser.add_argument("--seeds", type=_seed_list, default=[0, 1, 2, 3], help="comma-separated seeds (default: 0,1,2,3)")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM inference steps (default: 50)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+
+
 def _output_folder(args: argparse.Namespace):
     """Check `--out` (a folder, created later) and `--steps` of the generating commands."""
     from pathlib import Path
@@ -432,9 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("prompt", help="the prompt")
     generate.add_argument("--out", required=True, help="output folder for seed-N.png and generation.json")
-    generate.add_argument("--seeds", type=_seed_list, default=[0, 1, 2, 3], help="comma-separated seeds (default: 0,1,2,3)")
-    generate.add_argument("--steps", type=int, default=50, help="DDIM inference steps (default: 50)")
-    generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    _add_generation_options(generate)
     _add_model_options(generate)
     generate.set_defaults(handler=cmd_generate)
 
@@ -452,9 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     mitigate.add_argument("--out", required=True, help="output folder for the before/after grid and the JSON report")
     mitigate.add_argument("--method", choices=METHODS, default="embed", help="embed (the paper's; default) or a baseline")
     mitigate.add_argument("--target", type=float, help="stop once the magnitude is <= this (required for embed)")
-    mitigate.add_argument("--seeds", type=_seed_list, default=[0, 1, 2, 3], help="comma-separated seeds (default: 0,1,2,3)")
-    mitigate.add_argument("--steps", type=int, default=50, help="DDIM inference steps (default: 50)")
-    mitigate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    _add_generation_options(mitigate)
     mitigate.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_model_options(mitigate)
     mitigate.set_defaults(handler=cmd_mitigate)
