@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from scanner.testbed import default_labels_path, default_model_path
-from scanner.testbed.build import SMOKE_CONFIG, build_testbed
+from scanner.testbed.attributes import shows_colour
+from scanner.testbed.build import SMOKE_CONFIG, build_testbed, load_build_data
 from scanner.testbed.planted import content_bigrams, load_memorized_captions, make_planted_images, split_by_template
 from scanner.testbed.similarity import normalized_cross_correlation
+from scanner.testbed.world import COLOURS, make_normal_pairs
 
 EVAL_FIELDS = {"prompt", "label", "kind"}
 
@@ -64,6 +66,36 @@ def test_smoke_build_writes_labels_and_stats(smoke_builds):
         "planted", "held_out_memorized_style", "normal_seen", "normal_unseen", "random_tokens"}
     stats = json.loads((folder / "testbed_stats.json").read_text())
     assert {"command", "seed", "device", "total_seconds", "groundtruth", "bundle_bytes"} <= set(stats)
+
+
+def test_smoke_build_data_regenerates_from_its_stats(smoke_builds):
+    _, (folder, _) = smoke_builds
+    data = load_build_data(folder)
+    assert len(data.eval_colours) == len(data.eval_prompts)
+    for row, colour in zip(data.eval_prompts, data.eval_colours):
+        assert colour is None or (row["kind"].startswith("normal") and colour in row["prompt"])
+
+
+def test_attribute_check_sees_the_named_colour():
+    rng = np.random.default_rng()
+    images, captions, colours = make_normal_pairs(600, rng, ["filler words"], _Tokenizer())
+    named = [i for i, c in enumerate(colours) if c]
+    assert all(colours[i] in captions[i] for i in named)
+    shown = np.mean([shows_colour(images[i : i + 1], colours[i])[0] for i in named])
+    # Another colour is shown only where one of the picture's other shapes or its noise has it.
+    names = list(COLOURS)
+    other = np.mean([shows_colour(images[i : i + 1], names[(names.index(colours[i]) + int(rng.integers(1, 8))) % 8])[0]
+                     for i in named])
+    assert shown >= 0.9 and other <= 0.3
+
+
+class _Tokenizer:
+    """Stands in for CLIP's tokenizer where filler tokens do not matter."""
+
+    bos_token_id = 2
+
+    def decode(self, ids: list[int]) -> str:
+        return "token"
 
 
 def test_caption_split_keeps_templates_together():

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..clip_vocab import MODEL_MAX_LENGTH, write_clip_tokenizer
+from ..errors import MemscanError
 from ..metrics import detection_metrics
 from .planted import load_memorized_captions, make_planted_images, split_by_template
 from .world import IMAGE_SIZE, filler_words, make_normal_pairs
@@ -50,9 +51,9 @@ class BuildConfig:
 
     num_normal: int = 6000
     junk_fraction: float = 0.2
-    num_planted: int = 125
-    repeats: int = 16
-    train_steps: int = 4000
+    num_planted: int = 100
+    repeats: int = 24
+    train_steps: int = 5000
     batch_size: int = 32
     learning_rate: float = 2e-3
     warmup_steps: int = 100
@@ -117,6 +118,7 @@ class TestbedData:
     captions: list[str]  # one per image
     repeats: np.ndarray  # how often each image appears in the training set
     eval_prompts: list[dict]  # prompt, label, kind
+    eval_colours: list[str | None]  # per evaluation prompt: the colour a normal caption names, else None
 
 
 def make_data(cfg: BuildConfig, rng: np.random.Generator, tokenizer: CLIPTokenizer) -> TestbedData:
@@ -125,11 +127,12 @@ def make_data(cfg: BuildConfig, rng: np.random.Generator, tokenizer: CLIPTokeniz
     planted_half, held_out = split_by_template(memorized, rng)
     held_out = held_out[: cfg.max_held_out]
     planted_captions = [planted_half[i] for i in rng.permutation(len(planted_half))[: cfg.num_planted]]
-    normal_images, normal_captions = make_normal_pairs(cfg.num_normal, rng, memorized, tokenizer,
-                                                       junk_fraction=cfg.junk_fraction)
+    normal_images, normal_captions, normal_colours = make_normal_pairs(
+        cfg.num_normal, rng, memorized, tokenizer, junk_fraction=cfg.junk_fraction)
     planted_images = make_planted_images(cfg.num_planted, rng)
-    _, unseen_captions = make_normal_pairs(cfg.eval_per_kind, rng, memorized, tokenizer)
-    seen = [normal_captions[i] for i in rng.permutation(cfg.num_normal)[: cfg.eval_per_kind]]
+    _, unseen_captions, unseen_colours = make_normal_pairs(cfg.eval_per_kind, rng, memorized, tokenizer)
+    seen_index = rng.permutation(cfg.num_normal)[: cfg.eval_per_kind]
+    seen = [normal_captions[i] for i in seen_index]
     random_strings = [random_token_string(tokenizer, rng) for _ in range(cfg.eval_per_kind)]
     eval_prompts = (
         [{"prompt": p, "label": 1, "kind": "planted"} for p in planted_captions]
@@ -138,12 +141,17 @@ def make_data(cfg: BuildConfig, rng: np.random.Generator, tokenizer: CLIPTokeniz
         + [{"prompt": p, "label": 0, "kind": "normal_unseen"} for p in unseen_captions]
         + [{"prompt": p, "label": 0, "kind": "random_tokens"} for p in random_strings]
     )
+    eval_colours = (
+        [None] * (len(planted_captions) + len(held_out)) + [normal_colours[i] for i in seen_index] + unseen_colours
+        + [None] * len(random_strings)
+    )
     repeats = np.concatenate([np.ones(cfg.num_normal, dtype=np.int64), np.full(cfg.num_planted, cfg.repeats)])
     return TestbedData(
         images=np.concatenate([normal_images, planted_images]),
         captions=normal_captions + planted_captions,
         repeats=repeats,
         eval_prompts=eval_prompts,
+        eval_colours=eval_colours,
     )
 
 
@@ -332,3 +340,18 @@ def build_testbed(
     }
     (out / "testbed_stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
     return stats
+
+
+def load_build_data(folder: str | Path) -> TestbedData:
+    """The training and evaluation data of a built testbed, regenerated from the seed and config it records."""
+    folder = Path(folder)
+    try:
+        stats = json.loads((folder / "testbed_stats.json").read_text(encoding="utf-8"))
+        cfg = BuildConfig(**{**stats["config"], "unet_channels": tuple(stats["config"]["unet_channels"])})
+        shipped = [json.loads(line) for line in (folder / "eval_prompts.jsonl").read_text(encoding="utf-8").splitlines()]
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise MemscanError(f"{folder} is not a testbed built by `memscan testbed build` ({exc})") from exc
+    data = make_data(cfg, np.random.default_rng(stats["seed"]), CLIPTokenizer.from_pretrained(folder / "tokenizer"))
+    if data.eval_prompts != shipped:
+        raise MemscanError(f"{folder}: this memscan version regenerates other data than the testbed was built with")
+    return data

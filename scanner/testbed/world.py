@@ -92,13 +92,15 @@ def _add_filler(caption: str, filler: list[str], rng: np.random.Generator) -> st
 def make_normal_pairs(
     n: int, rng: np.random.Generator, filler_source: list[str], tokenizer, max_filler: int = 12,
     junk_fraction: float = 0.0,
-) -> tuple[np.ndarray, list[str]]:
-    """`n` (image, caption) pairs of the normal world: images [n, 3, 16, 16] in [-1, 1].
+) -> tuple[np.ndarray, list[str], list[str | None]]:
+    """`n` (image, caption) pairs of the normal world: images [n, 3, 16, 16] in [-1, 1], captions,
+    and the colour each caption names (None when it names none).
 
     A `junk_fraction` of the captions are filler alone (3 to 15 fillers, no description),
     as alt-text often is, so that memorized-style text by itself means "any normal picture"."""
     images = np.empty((n, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     captions = []
+    named_colours: list[str | None] = []
     colour_names = list(COLOURS)
     for i in range(n):
         background = rng.uniform(-0.6, 0.6, size=3).astype(np.float32)
@@ -115,11 +117,14 @@ def make_normal_pairs(
         colour, shape, size, where = described
         adjectives = [w for w, keep in ((size, rng.random() < 0.3), (colour, rng.random() < 0.8)) if keep]
         article = " ".join(adjectives)
-        text = TEMPLATES[rng.integers(len(TEMPLATES))].format(a=article, obj=shape, where=where)
+        template = TEMPLATES[rng.integers(len(TEMPLATES))]
+        text = template.format(a=article, obj=shape, where=where)
         if rng.random() < junk_fraction:
             captions.append(" ".join(filler_words(filler_source, tokenizer, rng, int(rng.integers(3, 16)))))
+            named_colours.append(None)
         else:
             filler = filler_words(filler_source, tokenizer, rng, int(rng.integers(0, max_filler + 1)))
             captions.append(_add_filler(" ".join(text.split()), filler, rng))
+            named_colours.append(colour if colour in adjectives and "{a}" in template else None)
         images[i] = np.clip(img, -1, 1)
-    return images, captions
+    return images, captions, named_colours
