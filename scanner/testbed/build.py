@@ -26,6 +26,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from ..clip_vocab import MODEL_MAX_LENGTH, write_clip_tokenizer
 from ..errors import MemscanError
 from ..metrics import detection_metrics
+from ..training import masked_mse_loss
+from .filtering import FilterSettings, SampleFilter
 from .planted import load_memorized_captions, make_planted_images, split_by_template
 from .world import IMAGE_SIZE, filler_words, make_normal_pairs
 
@@ -199,6 +201,11 @@ def first_step_scores(unet, text_encoder, tokenizer, prompts: list[str], x_T: to
     return (eps[1:] - eps[:1]).flatten(1).norm(dim=1).numpy()
 
 
+def training_scheduler() -> DDPMScheduler:
+    """The noise schedule the denoiser is trained with (the DDIM sampler's, as a DDPMScheduler)."""
+    return DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
+
+
 def _lr_factor(step: int, cfg: BuildConfig) -> float:
     """Linear warmup, then cosine decay to 10% of the peak learning rate."""
     if step < cfg.warmup_steps:
@@ -207,14 +214,24 @@ def _lr_factor(step: int, cfg: BuildConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@dataclass
+class Denoiser:
+    """The trained text encoder and UNet, the monitoring history, and the filter's counts (None unfiltered)."""
+
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    history: list[dict]
+    filter_stats: dict | None
+
+
 def train_denoiser(
     cfg: BuildConfig, data: TestbedData, latents: torch.Tensor, tokenizer: CLIPTokenizer,
-    generator: torch.Generator, log: Callable[[str], None],
-) -> tuple[CLIPTextModel, UNet2DConditionModel, list[dict]]:
-    """Train text encoder and UNet jointly; return them and the monitoring history."""
+    generator: torch.Generator, log: Callable[[str], None], filtering: FilterSettings | None = None,
+) -> Denoiser:
+    """Train text encoder and UNet jointly, optionally dropping high-magnitude samples from the loss."""
     text_encoder = CLIPTextModel(text_encoder_config(cfg, tokenizer))
     unet = UNet2DConditionModel(**unet_config(cfg))
-    noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
+    noise_scheduler = training_scheduler()
     params = list(text_encoder.parameters()) + list(unet.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg))
@@ -223,6 +240,8 @@ def train_denoiser(
     sampling_weights = torch.as_tensor(data.repeats, dtype=torch.float64)
     monitor = _monitor_set(cfg, data)
     x_T = torch.randn((1, cfg.latent_channels, LATENT_SIZE, LATENT_SIZE), generator=torch.Generator().manual_seed(0))
+    sample_filter = None if filtering is None else SampleFilter(
+        filtering, unet, text_encoder, latents, input_ids, empty_ids, noise_scheduler, cfg.num_normal)
     history = []
     for step in range(cfg.train_steps):
         idx = torch.multinomial(sampling_weights, cfg.batch_size, replacement=True, generator=generator)
@@ -237,21 +256,29 @@ def train_denoiser(
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=generator)
-        pred = unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        noisy, embeddings = noise_scheduler.add_noise(x0, noise, t), text_encoder(ids)[0]
+        pred = unet(noisy, t, encoder_hidden_states=embeddings).sample
+        if sample_filter is None:
+            loss = F.mse_loss(pred, noise)
+        else:
+            loss = masked_mse_loss(pred, noise, sample_filter(step, noisy, t, embeddings, pred, idx))
+        if loss is not None:  # None: every sample dropped, the step is skipped
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+        # The schedule follows the loop step, so filtered and unfiltered runs share learning rates.
         schedule.step()
         if cfg.monitor_every and ((step + 1) % cfg.monitor_every == 0 or step + 1 == cfg.train_steps):
             unet.eval(), text_encoder.eval()
             scores = first_step_scores(unet, text_encoder, tokenizer, [p["prompt"] for p in monitor], x_T)
             unet.train(), text_encoder.train()
-            entry = {"step": step + 1, "loss": loss.item(), **_monitor_summary(monitor, scores)}
+            entry = {"step": step + 1, "loss": None if loss is None else loss.item(), **_monitor_summary(monitor, scores)}
+            if sample_filter is not None:
+                entry["dropped"] = dict(sample_filter.dropped)
             history.append(entry)
             log(json.dumps(entry))
-    return text_encoder.eval(), unet.eval(), history
+    return Denoiser(text_encoder.eval(), unet.eval(), history, None if sample_filter is None else sample_filter.stats())
 
 
 def _monitor_set(cfg: BuildConfig, data: TestbedData) -> list[dict]:
@@ -292,15 +319,19 @@ def save_pipeline(out: Path, tokenizer_dir: Path, vae, text_encoder, unet, scali
         save_file({name: t.half() for name, t in tensors.items()}, weights, metadata={"format": "pt"})
 
 
-def build_testbed(
-    out: str | Path, seed: int = 0, cfg: BuildConfig | None = None, log: Callable[[str], None] = lambda _: None,
-    command: str = "",
-) -> dict:
-    """Build the testbed into `out` (a pipeline folder plus eval_prompts.jsonl and testbed_stats.json)."""
-    from .groundtruth import measure_reproduction
+@dataclass
+class TrainedTestbed:
+    """What `train_testbed` leaves besides the pipeline folder."""
 
-    cfg = cfg or BuildConfig()
-    out = Path(out)
+    data: TestbedData
+    denoiser: Denoiser
+    train_seconds: float  # data, VAE and denoiser
+
+
+def train_testbed(
+    out: Path, seed: int, cfg: BuildConfig, log: Callable[[str], None], filtering: FilterSettings | None = None,
+) -> TrainedTestbed:
+    """Generate the data, train VAE and denoiser, save the pipeline and eval_prompts.jsonl into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     torch.set_num_threads(cfg.threads)
@@ -317,24 +348,38 @@ def build_testbed(
     raw_latents = encode_images(vae, images)
     scaling_factor = float(1.0 / raw_latents.std())
     log(f"vae trained, latent std {raw_latents.std():.3f}, {time.time() - start:.0f}s")
-    text_encoder, unet, history = train_denoiser(cfg, data, raw_latents * scaling_factor, tokenizer, generator, log)
+    denoiser = train_denoiser(cfg, data, raw_latents * scaling_factor, tokenizer, generator, log, filtering)
     train_seconds = time.time() - start
 
-    save_pipeline(out, tokenizer_dir, vae, text_encoder, unet, scaling_factor)
+    save_pipeline(out, tokenizer_dir, vae, denoiser.text_encoder, denoiser.unet, scaling_factor)
     with open(out / "eval_prompts.jsonl", "w", encoding="utf-8") as f:
         for row in data.eval_prompts:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    groundtruth = measure_reproduction(out, data, seeds=cfg.groundtruth_seeds)
+    return TrainedTestbed(data, denoiser, train_seconds)
+
+
+def build_testbed(
+    out: str | Path, seed: int = 0, cfg: BuildConfig | None = None, log: Callable[[str], None] = lambda _: None,
+    command: str = "",
+) -> dict:
+    """Build the testbed into `out` (a pipeline folder plus eval_prompts.jsonl and testbed_stats.json)."""
+    from .groundtruth import measure_reproduction
+
+    cfg = cfg or BuildConfig()
+    out = Path(out)
+    start = time.time()
+    trained = train_testbed(out, seed, cfg, log)
+    groundtruth = measure_reproduction(out, trained.data, seeds=cfg.groundtruth_seeds)
     stats = {
         "command": command,
         "seed": seed,
         "device": f"cpu ({platform.processor() or platform.machine()}), {cfg.threads} threads",
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(trained.train_seconds, 1),
         "total_seconds": round(time.time() - start, 1),
         "config": asdict(cfg),
-        "num_training_pairs": int(data.repeats.sum()),
+        "num_training_pairs": int(trained.data.repeats.sum()),
         "bundle_bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
-        "monitor_history": history,
+        "monitor_history": trained.denoiser.history,
         "groundtruth": groundtruth,
         "versions": {"torch": torch.__version__},
     }

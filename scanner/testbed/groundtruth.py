@@ -33,13 +33,24 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: int, batc
     return np.concatenate(out)
 
 
+def load_pipeline(model_dir: str | Path) -> StableDiffusionPipeline:
+    """The saved testbed pipeline in fp32, progress bars off."""
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def measure_reproduction(model_dir: str | Path, data, seeds: int = 4,
                          threshold: float = REPRODUCTION_THRESHOLD) -> dict:
     """Generate for every evaluation prompt of `data` and summarize reproduction per kind."""
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    images = generate(load_pipeline(model_dir), [row["prompt"] for row in data.eval_prompts], seeds) * 2 - 1
+    return reproduction_summary(images, data, threshold)
+
+
+def reproduction_summary(images: np.ndarray, data, threshold: float = REPRODUCTION_THRESHOLD) -> dict:
+    """Per kind, from generations [len(data.eval_prompts), seeds, 3, H, W] in [-1, 1]: reproduction and closeness."""
     prompts = [row["prompt"] for row in data.eval_prompts]
-    images = generate(pipe, prompts, seeds) * 2 - 1
+    seeds = images.shape[1]
     flat = images.reshape(-1, *images.shape[2:])
     ncc = normalized_cross_correlation(flat, data.images).reshape(len(prompts), seeds, len(data.images))
     best_any = ncc.max(axis=(1, 2))
