@@ -1,4 +1,4 @@
-"""The `memscan testbed build`, `memscan eval` and `memscan demo` subcommands (part of the CLI face).
+"""The `memscan testbed build`, `memscan finetune`, `memscan eval` and `memscan demo` subcommands (part of the CLI face).
 
 Registered by `scanner.cli.build_parser`; like the rest of the CLI they only parse,
 call the library and print.
@@ -43,6 +43,62 @@ def cmd_testbed_build(args: argparse.Namespace) -> int:
         f"planted reproduced {gt['planted_reproduced']:.1%}, normal close to training {gt['normal_close_to_training']:.1%}"
     )
     return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Train the testbed recipe with or without the memorization filter (or compare two runs)."""
+    from dataclasses import replace
+
+    from .cli import _quiet_libraries
+    from .testbed.build import SMOKE_CONFIG, BuildConfig
+    from .testbed.filtering import SMOKE_FILTER, FilterSettings
+    from .testbed.finetune import comparison_table, evaluate_build, run_finetune
+
+    if args.compare:
+        unfiltered, filtered = (_read_json(Path(path)) for path in args.compare)
+        print(comparison_table(unfiltered, filtered))
+        return 0
+    if not args.out:
+        raise MemscanError("--out is required (unless --compare)")
+    if args.from_build and not args.no_filter:
+        raise MemscanError("--from-build measures an unfiltered build: give --no-filter too")
+    if not 0.0 < args.quantile <= 1.0:
+        raise MemscanError(f"--quantile must be in (0, 1], got {args.quantile}")
+    cfg = SMOKE_CONFIG if args.smoke else BuildConfig()
+    cfg = replace(cfg, **{k: v for k, v in (("train_steps", args.steps), ("threads", args.threads)) if v})
+    filtering = None if args.no_filter else replace(SMOKE_FILTER if args.smoke else FilterSettings(),
+                                                    quantile=args.quantile, seed=args.seed)
+    _quiet_libraries()
+    command = _finetune_command(args)
+    if args.from_build:
+        report = evaluate_build(args.from_build, args.out, args.seed, cfg, command=command)
+    else:
+        report = run_finetune(args.out, args.seed, cfg, filtering, log=lambda line: print(line, flush=True),
+                              command=command)
+    dropped = report["filter"]["dropped_share"] if report["filter"] else {"planted": 0.0, "normal": 0.0}
+    print(
+        f"{'filtered' if report['filtered'] else 'unfiltered'}: planted reproduced {report['planted_reproduced']:.1%}, "
+        f"held-out normal loss {report['held_out_normal_loss']:.4f}, "
+        f"colour shown {report['attributes']['named_colour_shown']:.1%} (another colour {report['attributes']['other_colour_shown']:.1%}), "
+        f"dropped planted {dropped['planted']:.1%} normal {dropped['normal']:.2%}; wrote {Path(args.out) / 'finetune.json'}"
+    )
+    return 0
+
+
+def _finetune_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run, for its report."""
+    words = ["memscan", "finetune", "--out", args.out, "--seed", str(args.seed)]
+    words += ["--no-filter"] if args.no_filter else ["--quantile", str(args.quantile)]
+    words += ["--smoke"] * args.smoke + ["--from-build", args.from_build] * bool(args.from_build)
+    words += [w for opt in ("steps", "threads") if getattr(args, opt) for w in (f"--{opt}", str(getattr(args, opt)))]
+    return shlex.join(words)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MemscanError(f"cannot read {path}: {exc}") from exc
 
 
 def _evaluate(args: argparse.Namespace, labels: str):
@@ -114,6 +170,33 @@ def add_testbed_commands(commands, add_model_options, add_detect_options) -> Non
     build.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (for CI)")
     build.add_argument("--threads", type=int, help="torch CPU threads (default: the build config's)")
     build.set_defaults(handler=cmd_testbed_build)
+
+    from .cli import EXIT_CODES_HELP
+
+    finetune = commands.add_parser(
+        "finetune", help="train the testbed recipe with the memorization filter (or without) and measure it",
+        description=(
+            "Train the testbed's recipe (its data, seed and steps) with the training-time memorization filter "
+            "(drop samples whose text-conditional magnitude exceeds the --quantile of normal pairs', per timestep "
+            "bin, re-fitted every 100 steps) or without it (--no-filter: exactly `memscan testbed build`), save the "
+            "pipeline into --out and write --out/finetune.json: planted reproduction rate, held-out normal loss, "
+            "colour attribute check, samples dropped, wall time."
+        ),
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    finetune.add_argument("--out", help="output folder (pipeline and finetune.json)")
+    finetune.add_argument("--no-filter", action="store_true", help="train without the filter (the testbed build)")
+    finetune.add_argument("--quantile", type=float, default=0.99,
+                          help="threshold: this quantile of normal pairs' magnitudes per timestep bin (default: 0.99)")
+    finetune.add_argument("--seed", type=int, default=0, help="seed of data, initialization and training (default: 0)")
+    finetune.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    finetune.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (for CI)")
+    finetune.add_argument("--threads", type=int, help="torch CPU threads (default: the recipe's)")
+    finetune.add_argument("--from-build", metavar="DIR",
+                          help="with --no-filter: measure this existing testbed build of the same recipe instead of training")
+    finetune.add_argument("--compare", nargs=2, metavar=("UNFILTERED", "FILTERED"),
+                          help="print the Markdown table of two runs' finetune.json files and exit")
+    finetune.set_defaults(handler=cmd_finetune)
 
     evaluate = commands.add_parser("eval", help="AUC / TPR@1%%FPR of the detector on labelled prompts")
     evaluate.add_argument("--labels", help="JSONL with prompt, label (1 memorized, 0 normal), kind (default: the testbed's)")
