@@ -176,11 +176,12 @@ def add_testbed_commands(commands, add_model_options, add_detect_options) -> Non
     finetune = commands.add_parser(
         "finetune", help="train the testbed recipe with the memorization filter (or without) and measure it",
         description=(
-            "Train the testbed's recipe (its data, seed and steps) with the training-time memorization filter "
-            "(drop samples whose text-conditional magnitude exceeds the --quantile of normal pairs', per timestep "
-            "bin, re-fitted every 100 steps) or without it (--no-filter: exactly `memscan testbed build`), save the "
-            "pipeline into --out and write --out/finetune.json: planted reproduction rate, held-out normal loss, "
-            "colour attribute check, samples dropped, wall time."
+            "Train the testbed's recipe (its data, seed and steps) with the training-time memorization filter\n"
+            "(a sample is dropped from the loss when its text-conditional magnitude reaches the --quantile of\n"
+            "normal training pairs' magnitudes in its timestep bin, re-fitted every 100 steps) or without it\n"
+            "(--no-filter: exactly `memscan testbed build`). Saves the pipeline into --out and writes\n"
+            "--out/finetune.json: planted reproduction rate, held-out normal loss, colour attribute check,\n"
+            "samples dropped, wall time."
         ),
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
