@@ -56,7 +56,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     if args.compare:
         unfiltered, filtered = (_read_json(Path(path)) for path in args.compare)
-        print(comparison_table(unfiltered, filtered))
+        print(comparison_table(unfiltered, filtered, args.overhead and _read_json(Path(args.overhead))))
         return 0
     if not args.out:
         raise MemscanError("--out is required (unless --compare)")
@@ -197,6 +197,8 @@ def add_testbed_commands(commands, add_model_options, add_detect_options) -> Non
                           help="with --no-filter: measure this existing testbed build of the same recipe instead of training")
     finetune.add_argument("--compare", nargs=2, metavar=("UNFILTERED", "FILTERED"),
                           help="print the Markdown table of two runs' finetune.json files and exit")
+    finetune.add_argument("--overhead", metavar="JSON",
+                          help="with --compare: add the timing row from bench/finetune_overhead.py --json")
     finetune.set_defaults(handler=cmd_finetune)
 
     evaluate = commands.add_parser("eval", help="AUC / TPR@1%%FPR of the detector on labelled prompts")

@@ -144,13 +144,22 @@ def test_finetune_writes_its_report(finetune_runs):
         assert report["attributes"]["prompts"] > 0 and report["groundtruth"]["per_kind"]["planted"]["n"] == SMOKE_CONFIG.num_planted
 
 
-def test_finetune_compare_prints_the_table(finetune_runs, capsys):
+def test_finetune_compare_prints_the_table(finetune_runs, tmp_path, capsys):
     from scanner.cli import main
 
     runs = [str(finetune_runs / name / "finetune.json") for name in ("unfiltered", "filtered")]
     assert main(["finetune", "--compare", *runs]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0] == "| | without filter | with filter | acceptance |" and len(table) == 9
+    rng = np.random.default_rng()
+    seconds = {clock: {"unfiltered": rng.uniform(1, 2, 3).tolist(), "filtered": rng.uniform(2, 3, 3).tolist()}
+               for clock in ("wall", "cpu")}
+    overhead = {clock: float(np.median(s["filtered"]) / np.median(s["unfiltered"]) - 1) for clock, s in seconds.items()}
+    (tmp_path / "overhead.json").write_text(json.dumps(
+        {"steps": 7, "seconds": seconds, "overhead_wall": overhead["wall"], "overhead_cpu": overhead["cpu"]}))
+    assert main(["finetune", "--compare", *runs, "--overhead", str(tmp_path / "overhead.json")]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("| 7 steps side by side") and f"overhead {overhead['cpu']:+.0%} CPU" in last
 
 
 def test_finetune_refuses_bad_options(tmp_path, capsys):

@@ -120,8 +120,12 @@ def evaluate_build(build: str | Path, out: str | Path, seed: int, cfg: BuildConf
     })
 
 
-def comparison_table(unfiltered: dict, filtered: dict) -> str:
-    """The README's Markdown table: both runs' figures side by side, with the issue's acceptance."""
+def comparison_table(unfiltered: dict, filtered: dict, overhead: dict | None = None) -> str:
+    """The README's Markdown table: both runs' figures side by side, with the issue's acceptance.
+
+    Quality must be kept, so the colour check fails only when the filtered run is more than
+    5 points below the unfiltered one. `overhead` is `bench/finetune_overhead.py`'s result.
+    """
     base_loss, loss = unfiltered["held_out_normal_loss"], filtered["held_out_normal_loss"]
     base_attr, attr = unfiltered["attributes"], filtered["attributes"]
     dropped = filtered["filter"]["dropped_share"]
@@ -134,15 +138,21 @@ def comparison_table(unfiltered: dict, filtered: dict) -> str:
          _verdict(f"within 10% ({loss / base_loss - 1:+.1%})", abs(loss / base_loss - 1) <= 0.1)),
         (f"normal prompts' colour shown ({attr['prompts']} prompts x {attr['generations'] // attr['prompts']} seeds)",
          f"{base_attr['named_colour_shown']:.1%}", f"{attr['named_colour_shown']:.1%}",
-         _verdict(f"within 5 points ({100 * (attr['named_colour_shown'] - base_attr['named_colour_shown']):+.1f})",
-                  abs(attr["named_colour_shown"] - base_attr["named_colour_shown"]) <= 0.05)),
+         _verdict(f"at most 5 points below ({100 * (attr['named_colour_shown'] - base_attr['named_colour_shown']):+.1f})",
+                  attr["named_colour_shown"] >= base_attr["named_colour_shown"] - 0.05)),
         ("same generations, another colour (chance)", f"{base_attr['other_colour_shown']:.1%}",
          f"{attr['other_colour_shown']:.1%}", ""),
         ("samples dropped: planted / normal", "0 / 0", f"{dropped['planted']:.1%} / {dropped['normal']:.2%}", ""),
         ("steps skipped (every sample dropped)", "0", str(filtered["filter"]["skipped_steps"]), ""),
-        ("training wall time (data, VAE, denoiser)", f"{unfiltered['train_seconds'] / 60:.1f} min",
+        ("training wall time (data, VAE, denoiser; shared machine)", f"{unfiltered['train_seconds'] / 60:.1f} min",
          f"{filtered['train_seconds'] / 60:.1f} min", ""),
     ]
+    if overhead:
+        cpu, wall = overhead["seconds"]["cpu"], overhead["seconds"]["wall"]
+        rows.append((f"{overhead['steps']} steps side by side: CPU time (wall time), median",
+                     f"{np.median(cpu['unfiltered']):.1f} s ({np.median(wall['unfiltered']):.1f} s)",
+                     f"{np.median(cpu['filtered']):.1f} s ({np.median(wall['filtered']):.1f} s)",
+                     f"overhead {overhead['overhead_cpu']:+.0%} CPU ({overhead['overhead_wall']:+.0%} wall)"))
     lines = ["| | without filter | with filter | acceptance |", "| --- | --- | --- | --- |"]
     return "\n".join(lines + [f"| {' | '.join(row)} |" for row in rows])
 
