@@ -328,11 +328,9 @@ def cmd_mitigate(args: argparse.Namespace) -> int:
     """Mitigate a prompt and write before/after generations side by side."""
     import json
 
-    import torch
-
     from .detect import DetectSettings, Scanner
-    from .generate import build_pipeline, generate_images, image_grid, save_png, seed_latents
-    from .mitigate import MitigationSettings, mitigate
+    from .generate import build_pipeline, image_grid, save_png
+    from .mitigate import mitigate_and_generate
     from .model import load_model
 
     out = _output_folder(args)
@@ -344,18 +342,14 @@ def cmd_mitigate(args: argparse.Namespace) -> int:
     _quiet_libraries()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     scanner = Scanner(model, DetectSettings(num_inference_steps=args.steps))
-    latents = seed_latents(model, args.seeds)
     target = args.target if args.target is not None else float("inf")
-    result = mitigate(scanner, args.prompt, args.method, latents, MitigationSettings(target=target), seed=args.seeds[0])
-    pipeline = build_pipeline(model)
-    empty = scanner.encoder.empty_embedding()
-    with torch.no_grad():
-        original = scanner.encoder.encode([args.prompt]).embeddings
-    before = generate_images(pipeline, original, empty, latents, args.steps, args.guidance)
-    after = generate_images(pipeline, result.embedding, empty, latents, args.steps, args.guidance)
+    mitigated = mitigate_and_generate(
+        scanner, build_pipeline(model), args.prompt, args.method, args.seeds, target, args.steps, args.guidance
+    )
+    result = mitigated.result
     try:
         out.mkdir(parents=True, exist_ok=True)
-        grid = save_png(image_grid([before, after]), out / f"mitigate-{args.method}.png")
+        grid = save_png(image_grid([mitigated.before, mitigated.after]), out / f"mitigate-{args.method}.png")
     except OSError as exc:
         raise MemscanError(f"{out}: cannot write images ({exc.strerror})") from exc
     report = {

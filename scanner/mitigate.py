@@ -19,9 +19,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .detect import Scanner
+from .generate import generate_images, seed_latents
 
 METHODS = ("embed", "rand-token", "rand-number", "embed-noise")
 # Baseline strengths (documented in the README): how much randomness each one adds.
@@ -151,3 +153,27 @@ def mitigate(
     if method == "embed":
         return optimize_embedding(scanner, prompt, latents, settings)
     return baseline(scanner, prompt, method, latents, seed)
+
+
+@dataclass
+class MitigatedGeneration:
+    """A mitigation and the generations before `[S, H, W, 3]` and after it (uint8, same seeds)."""
+
+    result: Mitigated
+    before: np.ndarray
+    after: np.ndarray
+
+
+def mitigate_and_generate(
+    scanner: Scanner, pipeline, prompt: str, method: str, seeds: list[int], target: float,
+    steps: int = 50, guidance: float = 7.5,
+) -> MitigatedGeneration:
+    """Mitigate `prompt` on the latents of `seeds`, then generate from the original and the mitigated embedding."""
+    latents = seed_latents(scanner.model, seeds)
+    result = mitigate(scanner, prompt, method, latents, MitigationSettings(target=target), seed=seeds[0])
+    empty = scanner.encoder.empty_embedding()
+    with torch.no_grad():
+        original = scanner.encoder.encode([prompt]).embeddings
+    before = generate_images(pipeline, original, empty, latents, steps, guidance)
+    after = generate_images(pipeline, result.embedding, empty, latents, steps, guidance)
+    return MitigatedGeneration(result, before, after)
