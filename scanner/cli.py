@@ -494,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_testbed import add_testbed_commands
 
-    add_testbed_commands(commands, _add_model_options, _add_detect_options)
+    add_testbed_commands(commands, _add_model_options, _add_detect_options, _add_generation_options)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""The `memscan testbed build`, `memscan eval` and `memscan demo` subcommands (part of the CLI face).
+"""The `memscan testbed build`, `memscan eval`, `memscan eval-mitigation` and `memscan demo` subcommands (part of the CLI face).
 
 Registered by `scanner.cli.build_parser`; like the rest of the CLI they only parse,
 call the library and print.
@@ -15,6 +15,16 @@ from pathlib import Path
 from .errors import MemscanError
 
 DEMO_TOP = 10
+
+
+def _method_list(text: str) -> list[str]:
+    from .mitigate import METHODS
+
+    methods = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"methods are comma-separated names of {', '.join(METHODS)}; got {text!r}")
+    return methods
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -104,7 +114,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_testbed_commands(commands, add_model_options, add_detect_options) -> None:
+def cmd_eval_mitigation(args: argparse.Namespace) -> int:
+    """Mitigate planted and normal testbed prompts with each method and tabulate the outcome."""
+    from tqdm import tqdm
+
+    from .cli import _quiet_libraries
+    from .model import load_model
+    from .testbed.build import load_build_data
+    from .testbed.mitigation_eval import evaluate_mitigation, markdown_table, select_cases
+
+    if args.target is None:
+        raise MemscanError("--target is required: the score under which a prompt counts as normal (e.g. the calibration threshold)")
+    if args.normal < 0 or args.steps < 1:
+        raise MemscanError("--normal must be >= 0 and --steps >= 1")
+    _quiet_libraries()
+    data = load_build_data(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    started = time.time()
+    with tqdm(total=len(select_cases(data, args.normal)), desc="eval-mitigation", unit=" prompts", disable=None) as bar:
+        report = evaluate_mitigation(model, data, args.methods, args.target, args.seeds, args.normal, args.steps,
+                                     args.guidance, progress=bar.update)
+    report.update(model=args.model, fingerprint=model.fingerprint, seconds=round(time.time() - started, 1))
+    _write_json(Path(args.json), report)
+    table = markdown_table(report)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n", encoding="utf-8")
+    print(table)
+    print(f"named colour shown by chance (another colour): {report['chance_attribute_rate']:.1%}; target {args.target}")
+    return 0
+
+
+def add_testbed_commands(commands, add_model_options, add_detect_options, add_generation_options) -> None:
     """Register `testbed build`, `eval` and `demo` on the `memscan` subparsers."""
     testbed = commands.add_parser("testbed", help="the bundled test model with planted memorization")
     testbed_commands = testbed.add_subparsers(dest="testbed_command", required=True, metavar="COMMAND")
@@ -122,6 +162,23 @@ def add_testbed_commands(commands, add_model_options, add_detect_options) -> Non
     add_model_options(evaluate)
     add_detect_options(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
+
+    from .cli import EXIT_CODES_HELP
+    from .mitigate import METHODS
+
+    mitigation = commands.add_parser(
+        "eval-mitigation", help="memorization rate, fidelity and time of each mitigation method on the testbed",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mitigation.add_argument("--methods", type=_method_list, default=list(METHODS),
+                            help=f"comma-separated methods (default: {','.join(METHODS)})")
+    mitigation.add_argument("--target", type=float, help="the embed method's target magnitude")
+    mitigation.add_argument("--normal", type=int, default=50, help="prompts of each normal kind (default: 50)")
+    mitigation.add_argument("--json", required=True, help="where to write the report")
+    mitigation.add_argument("--markdown", help="where to write the table (markdown)")
+    add_generation_options(mitigation)
+    add_model_options(mitigation)
+    mitigation.set_defaults(handler=cmd_eval_mitigation)
 
     demo = commands.add_parser("demo", help="scan the bundled evaluation prompts with the bundled testbed model")
     demo.add_argument("--out", default="memscan-demo", help="folder for scores.jsonl, summary.json, roc.png")
