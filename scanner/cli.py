@@ -324,6 +324,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_mitigation_options(parser: argparse.ArgumentParser) -> None:
+    """The embedding optimization's target and budget (defaults: the paper's)."""
+    group = parser.add_argument_group("mitigation (the embed method)")
+    group.add_argument("--target", type=float, help="stop once the magnitude is <= this (required for embed)")
+    group.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate (default: 0.05, the paper's)")
+    group.add_argument("--iterations", type=int, default=10, help="at most this many steps (default: 10, the paper's)")
+
+
+def mitigation_settings(args: argparse.Namespace):
+    """`MitigationSettings` from the options; the embed method needs a target."""
+    from .mitigate import MitigationSettings
+
+    methods = getattr(args, "methods", [getattr(args, "method", "embed")])
+    if "embed" in methods and args.target is None:
+        raise MemscanError(
+            "--target is required for the embed method: take it from the model's scores of normal prompts "
+            "(e.g. the threshold of `memscan calibrate`)"
+        )
+    if args.lr <= 0 or args.iterations < 0:
+        raise MemscanError("--lr must be > 0 and --iterations >= 0")
+    target = args.target if args.target is not None else float("inf")
+    return MitigationSettings(target=target, learning_rate=args.lr, max_iterations=args.iterations)
+
+
 def cmd_mitigate(args: argparse.Namespace) -> int:
     """Mitigate a prompt and write before/after generations side by side."""
     import json
@@ -334,17 +358,12 @@ def cmd_mitigate(args: argparse.Namespace) -> int:
     from .model import load_model
 
     out = _output_folder(args)
-    if args.method == "embed" and args.target is None:
-        raise MemscanError(
-            "--target is required for --method embed: take it from the model's scores of normal prompts "
-            "(e.g. their 99th percentile from `memscan scan`)"
-        )
+    settings = mitigation_settings(args)
     _quiet_libraries()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     scanner = Scanner(model, DetectSettings(num_inference_steps=args.steps))
-    target = args.target if args.target is not None else float("inf")
     mitigated = mitigate_and_generate(
-        scanner, build_pipeline(model), args.prompt, args.method, args.seeds, target, args.steps, args.guidance
+        scanner, build_pipeline(model), args.prompt, args.method, args.seeds, settings, args.steps, args.guidance
     )
     result = mitigated.result
     try:
@@ -450,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     mitigate.add_argument("prompt", help="the prompt")
     mitigate.add_argument("--out", required=True, help="output folder for the before/after grid and the JSON report")
     mitigate.add_argument("--method", choices=METHODS, default="embed", help="embed (the paper's; default) or a baseline")
-    mitigate.add_argument("--target", type=float, help="stop once the magnitude is <= this (required for embed)")
+    _add_mitigation_options(mitigate)
     _add_generation_options(mitigate)
     mitigate.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_model_options(mitigate)
@@ -494,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_testbed import add_testbed_commands
 
-    add_testbed_commands(commands, _add_model_options, _add_detect_options, _add_generation_options)
+    add_testbed_commands(commands, _add_model_options, _add_detect_options, _add_generation_options, _add_mitigation_options)
     return parser
 
 

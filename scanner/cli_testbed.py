@@ -118,13 +118,11 @@ def cmd_eval_mitigation(args: argparse.Namespace) -> int:
     """Mitigate planted and normal testbed prompts with each method and tabulate the outcome."""
     from tqdm import tqdm
 
-    from .cli import _quiet_libraries
+    from .cli import _quiet_libraries, mitigation_settings
     from .model import load_model
     from .testbed.build import load_build_data
     from .testbed.mitigation_eval import evaluate_mitigation, markdown_table, select_cases
 
-    if args.target is None:
-        raise MemscanError("--target is required: the score under which a prompt counts as normal (e.g. the calibration threshold)")
     if args.normal < 0 or args.steps < 1:
         raise MemscanError("--normal must be >= 0 and --steps >= 1")
     _quiet_libraries()
@@ -132,8 +130,8 @@ def cmd_eval_mitigation(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     started = time.time()
     with tqdm(total=len(select_cases(data, args.normal)), desc="eval-mitigation", unit=" prompts", disable=None) as bar:
-        report = evaluate_mitigation(model, data, args.methods, args.target, args.seeds, args.normal, args.steps,
-                                     args.guidance, progress=bar.update)
+        report = evaluate_mitigation(model, data, args.methods, mitigation_settings(args), args.seeds, args.normal,
+                                     args.steps, args.guidance, progress=bar.update)
     report.update(model=args.model, fingerprint=model.fingerprint, seconds=round(time.time() - started, 1))
     _write_json(Path(args.json), report)
     table = markdown_table(report)
@@ -144,7 +142,8 @@ def cmd_eval_mitigation(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_testbed_commands(commands, add_model_options, add_detect_options, add_generation_options) -> None:
+def add_testbed_commands(commands, add_model_options, add_detect_options, add_generation_options,
+                         add_mitigation_options) -> None:
     """Register `testbed build`, `eval` and `demo` on the `memscan` subparsers."""
     testbed = commands.add_parser("testbed", help="the bundled test model with planted memorization")
     testbed_commands = testbed.add_subparsers(dest="testbed_command", required=True, metavar="COMMAND")
@@ -172,7 +171,7 @@ def add_testbed_commands(commands, add_model_options, add_detect_options, add_ge
     )
     mitigation.add_argument("--methods", type=_method_list, default=list(METHODS),
                             help=f"comma-separated methods (default: {','.join(METHODS)})")
-    mitigation.add_argument("--target", type=float, help="the embed method's target magnitude")
+    add_mitigation_options(mitigation)
     mitigation.add_argument("--normal", type=int, default=50, help="prompts of each normal kind (default: 50)")
     mitigation.add_argument("--json", required=True, help="where to write the report")
     mitigation.add_argument("--markdown", help="where to write the table (markdown)")

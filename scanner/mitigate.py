@@ -165,12 +165,12 @@ class MitigatedGeneration:
 
 
 def mitigate_and_generate(
-    scanner: Scanner, pipeline, prompt: str, method: str, seeds: list[int], target: float,
+    scanner: Scanner, pipeline, prompt: str, method: str, seeds: list[int], settings: MitigationSettings,
     steps: int = 50, guidance: float = 7.5,
 ) -> MitigatedGeneration:
     """Mitigate `prompt` on the latents of `seeds`, then generate from the original and the mitigated embedding."""
     latents = seed_latents(scanner.model, seeds)
-    result = mitigate(scanner, prompt, method, latents, MitigationSettings(target=target), seed=seeds[0])
+    result = mitigate(scanner, prompt, method, latents, settings, seed=seeds[0])
     empty = scanner.encoder.empty_embedding()
     with torch.no_grad():
         original = scanner.encoder.encode([prompt]).embeddings

@@ -20,7 +20,7 @@ from scanner.explain import explain
 from scanner.model import load_model
 from scanner.service import MAX_CHARS, MAX_PROMPTS, create_app
 from scanner.generate import build_pipeline
-from scanner.mitigate import mitigate_and_generate
+from scanner.mitigate import MitigationSettings, mitigate_and_generate
 from scanner.service.app import MAX_BODY_BYTES, MAX_SEEDS
 from scanner.service.batcher import MicroBatcher
 
@@ -92,7 +92,7 @@ def test_mitigate_matches_the_library(client, scanner, threshold, method):
     assert response.status_code == 200, response.text
     body = response.json()
     fresh = Scanner(scanner.model, scanner.settings)
-    expected = mitigate_and_generate(fresh, build_pipeline(scanner.model), PROMPT, method, seeds, threshold)
+    expected = mitigate_and_generate(fresh, build_pipeline(scanner.model), PROMPT, method, seeds, MitigationSettings(threshold))
     assert body["target"] == threshold and body["iterations"] == expected.result.iterations
     assert body["score_before"] == pytest.approx(expected.result.score_before, rel=1e-5)
     assert body["score_after"] == pytest.approx(expected.result.score_after, rel=1e-5)

@@ -26,7 +26,7 @@ from ..detect import Scanner
 from ..errors import MemscanError
 from ..explain import METHODS, explain
 from ..mitigate import METHODS as MITIGATION_METHODS
-from ..mitigate import mitigate_and_generate
+from ..mitigate import MitigationSettings, mitigate_and_generate
 from .batcher import MicroBatcher
 
 MAX_PROMPTS = 256  # prompts per /v1/score request
@@ -232,9 +232,10 @@ def create_app(scanner: Scanner, threshold: float | None = None, batch_size: int
         if not pipelines:
             pipelines.append(build_pipeline(scanner.model))
         settings = scanner.settings
+        target = MitigationSettings(target=threshold if threshold is not None else float("inf"))
         done = mitigate_and_generate(
-            scanner, pipelines[0], request.prompt, request.method, request.seeds,
-            threshold if threshold is not None else float("inf"), settings.num_inference_steps, settings.guidance_scale,
+            scanner, pipelines[0], request.prompt, request.method, request.seeds, target,
+            settings.num_inference_steps, settings.guidance_scale,
         )
         result = done.result
         return MitigateResponse(

@@ -15,7 +15,7 @@ without mitigation and after each method, then measure
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ def evaluate_mitigation(
     model: ScanModel,
     data: TestbedData,
     methods: Sequence[str],
-    target: float,
+    settings: MitigationSettings,
     seeds: Sequence[int] = (0, 1, 2, 3),
     normal_per_kind: int = 50,
     steps: int = 50,
@@ -91,7 +91,7 @@ def evaluate_mitigation(
         before = _pixels(generate_images(pipeline, original, empty, latents, steps, guidance))
         records["none"].append(_measure(case, data, before, before, untouched=True, seconds=0.0))
         for method in methods:
-            result = mitigate(scanner, case.prompt, method, latents, MitigationSettings(target=target), seed=seeds[0])
+            result = mitigate(scanner, case.prompt, method, latents, settings, seed=seeds[0])
             after = _pixels(generate_images(pipeline, result.embedding, empty, latents, steps, guidance))
             untouched = result.prompt == case.prompt and torch.equal(result.embedding, original)
             records[method].append(_measure(case, data, before, after, untouched, result.seconds))
@@ -99,7 +99,7 @@ def evaluate_mitigation(
     rows = [_summarize(name, entries) for name, entries in records.items()]
     normal = [r for r in records["none"] if r["colour"] is not None]
     return {
-        "target": target,
+        "mitigation": asdict(settings),
         "seeds": list(seeds),
         "sampler": f"DDIM, {steps} steps, guidance {guidance}",
         "reproduction": f"NCC >= {REPRODUCTION_THRESHOLD} with its own training image (per-channel centred)",
