@@ -154,3 +154,16 @@ def test_serve_takes_the_threshold_from_a_calibration_and_refuses_a_foreign_one(
         assert client.get("/healthz").json()["threshold"] == load_calibration(own).threshold
     assert "not sha256:" in _one_line_error(capsys, main([*serve, str(foreign)]))
     assert len(served) == 1
+
+
+def test_the_shipped_testbed_calibration_is_for_the_shipped_model(planted_testbed):
+    model, rows = planted_testbed
+    regenerate = (
+        "regenerate it: memscan calibrate --labels scanner/data/testbed/eval_prompts.jsonl "
+        "--target-fpr 0.01 --out scanner/data/testbed/calibration.json"
+    )
+    calibration = load_calibration(model / "calibration.json")
+    assert calibration.model == fingerprint(model), f"calibration.json is stale (the testbed was rebuilt); {regenerate}"
+    assert calibration.settings == settings_fields(Scanner(load_model(model, device="cpu"), DetectSettings())), regenerate
+    assert calibration.target_fpr == 0.01 and calibration.fpr <= 0.01
+    assert (calibration.n_pos, calibration.n_neg) == (sum(r["label"] for r in rows), sum(1 - r["label"] for r in rows))
