@@ -99,8 +99,7 @@ def _scanner(args: argparse.Namespace):
 
 
 def _scanner_and_threshold(args: argparse.Namespace):
-    """The scanner and the flagging threshold: `--threshold`, or `--calibration`'s once checked
-    against this model and these settings."""
+    """The scanner and the flagging threshold: `--threshold`, or `--calibration`'s checked against the scanner."""
     from .calibration import load_calibration
 
     calibration = load_calibration(args.calibration) if args.calibration else None  # before the slow model load
@@ -520,9 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threshold_options(serve, " (the page shows the verdict)")
 
     from .cli_calibrate import add_calibrate_command
+    from .cli_sweep import add_sweep_command
     from .cli_testbed import add_testbed_commands
 
     add_calibrate_command(commands, _add_command)
+    add_sweep_command(commands, _add_command, _add_threshold_options)
     add_testbed_commands(commands, _add_model_options, _add_detect_options)
     return parser
 
