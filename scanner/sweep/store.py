@@ -112,22 +112,19 @@ class SweepStore:
         for place in (folder, self.path):
             if place.exists() and not os.access(place, os.W_OK):
                 raise MemscanError(f"{self.path}: {place} is not writable")
+        self._lock = self._acquire(wait_s)  # before any SQLite access: a running sweep is never disturbed
         try:
-            # Transactions are explicit (BEGIN IMMEDIATE ... COMMIT): autocommit mode otherwise.
-            self.db = sqlite3.connect(self.path, timeout=wait_s, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode = WAL")  # creates the file: it can be locked from here on
+            self.db = self._open_database(wait_s)
         except sqlite3.Error as exc:
+            self._lock.close()
             raise MemscanError(f"{self.path}: cannot open the store ({one_line(exc)})") from exc
-        self._lock = self._acquire(wait_s)
-        try:
-            self.db.execute("PRAGMA synchronous = NORMAL")  # WAL stays consistent; a power cut may lose the last commit
-            self.db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-        except sqlite3.Error as exc:
-            self.close()
-            raise MemscanError(f"{self.path}: cannot write the store ({one_line(exc)})") from exc
 
     def _acquire(self, wait_s: float):
-        lock = open(self.path, "rb")  # noqa: SIM115 - held open for the sweep: closing it releases the lock
+        try:
+            # Append mode creates a missing store as an empty file, which SQLite takes as an empty database.
+            lock = open(self.path, "ab")  # noqa: SIM115 - held open for the sweep: closing it releases the lock
+        except OSError as exc:
+            raise MemscanError(f"{self.path}: cannot open the store ({exc.strerror})") from exc
         deadline = time.monotonic() + wait_s
         while True:
             try:
@@ -136,11 +133,22 @@ class SweepStore:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     lock.close()
-                    self.db.close()
                     raise MemscanError(
                         f"{self.path}: the store is in use by another sweep (waited {wait_s:g} s); try later or raise --wait"
                     ) from None
                 time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    def _open_database(self, wait_s: float) -> sqlite3.Connection:
+        # Transactions are explicit (BEGIN IMMEDIATE ... COMMIT): autocommit mode otherwise.
+        db = sqlite3.connect(self.path, timeout=wait_s, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")  # WAL stays consistent; a power cut may lose the last commit
+            db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        except sqlite3.Error:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         """Close the database and release the sweep lock."""
