@@ -98,6 +98,15 @@ def _scanner(args: argparse.Namespace):
     return Scanner(model, settings, engine=engine)
 
 
+def _scanner_and_threshold(args: argparse.Namespace):
+    """The scanner and the flagging threshold: `--threshold`, or `--calibration`'s checked against the scanner."""
+    from .calibration import load_calibration
+
+    calibration = load_calibration(args.calibration) if args.calibration else None  # before the slow model load
+    scanner = _scanner(args)
+    return scanner, args.threshold if calibration is None else calibration.threshold_for(scanner)
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
     """Score prompt files into a Parquet/JSONL output."""
     from tqdm import tqdm
@@ -106,7 +115,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from .scan import run_scan
 
     check_inputs(args.inputs, args.field)  # input errors before the slow model load
-    scanner = _scanner(args)
+    scanner, threshold = _scanner_and_threshold(args)
     with tqdm(desc="scanning", unit=" prompts", disable=None, dynamic_ncols=True) as bar:
         summary = run_scan(
             scanner,
@@ -114,12 +123,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
             args.out,
             field=args.field,
             batch_size=args.batch_size,
-            threshold=args.threshold,
+            threshold=threshold,
             overwrite=args.overwrite,
             progress=bar.update,
             commit_rows=args.checkpoint_rows,
         )
-    flagged = "n/a (no --threshold)" if args.threshold is None else str(summary.flagged)
+    flagged = "n/a (no --threshold)" if threshold is None else str(summary.flagged)
     resumed = f" ({summary.resumed} rows resumed)" if summary.resumed else ""
     print(
         f"scored {summary.scored}{resumed}, flagged {flagged}, rejected {summary.rejected}, "
@@ -176,8 +185,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise MemscanError(f"--port must be in 0..65535, got {args.port}")
-    scanner = _scanner(args)
-    app = create_app(scanner, threshold=args.threshold, batch_size=args.batch_size)
+    scanner, threshold = _scanner_and_threshold(args)
+    app = create_app(scanner, threshold=threshold, batch_size=args.batch_size)
     print(f"memscan: serving {scanner.model.source} on http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return EXIT_OK
@@ -192,6 +201,17 @@ def _add_command(commands, name: str, handler, help: str, description: str) -> a
     _add_detect_options(command)
     command.set_defaults(handler=handler)
     return command
+
+
+def _add_threshold_options(parser: argparse.ArgumentParser, flagged: str) -> None:
+    """`--threshold` or `--calibration` (not both): where the flagging threshold comes from."""
+    group = parser.add_argument_group("flagging").add_mutually_exclusive_group()
+    group.add_argument("--threshold", type=float, help=f"flag prompts whose score is >= this{flagged}")
+    group.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="take the threshold from `memscan calibrate`'s FILE (refused for another model or other settings)",
+    )
 
 
 def _bench_model(args: argparse.Namespace):
@@ -418,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt (a prompt a line), .jsonl, .csv or .parquet")
     scan.add_argument("--out", required=True, help="output file, .parquet or .jsonl (rejects go to OUT.rejects.jsonl)")
     scan.add_argument("--field", help="jsonl/csv/parquet field holding the prompt (default: prompt, caption or text)")
-    scan.add_argument("--threshold", type=float, help="flag prompts whose score is >= this")
+    _add_threshold_options(scan, "")
     scan.add_argument("--fail-on-flagged", action="store_true", help="exit with code 3 when any prompt is flagged")
     scan.add_argument("--overwrite", action="store_true", help="replace an existing output or another run's partial output")
     scan.add_argument(
@@ -509,10 +529,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    serve.add_argument("--threshold", type=float, help="flag prompts whose score is >= this (the page shows the verdict)")
+    _add_threshold_options(serve, " (the page shows the verdict)")
 
+    from .cli_calibrate import add_calibrate_command
+    from .cli_sweep import add_sweep_command
     from .cli_testbed import add_testbed_commands
 
+    add_calibrate_command(commands, _add_command)
+    add_sweep_command(commands, _add_command, _add_threshold_options)
     add_testbed_commands(commands, _add_model_options, _add_detect_options, _add_generation_options, _add_mitigation_options)
     return parser
 

@@ -57,10 +57,14 @@ def tokenized_batches(
         yield group, scanner.encoder.tokenize(prompts) if prompts else None
 
 
+def settings_fields(scanner: Scanner) -> dict:
+    """What makes a score what it is: the detection settings, the dtype and the engine."""
+    return {**scanner.settings.to_dict(), "dtype": str(scanner.model.dtype).removeprefix("torch."), "engine": scanner.engine.name}
+
+
 def settings_record(scanner: Scanner) -> str:
     """The settings string stored in every result row."""
-    record = {**scanner.settings.to_dict(), "dtype": str(scanner.model.dtype).removeprefix("torch."), "engine": scanner.engine.name}
-    return json.dumps(record, sort_keys=True)
+    return json.dumps(settings_fields(scanner), sort_keys=True)
 
 
 def run_scan(

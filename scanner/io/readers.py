@@ -147,7 +147,14 @@ def _read_parquet(path: Path, field: str | None) -> Iterator[tuple[int, str | No
         parquet.schema_arrow.field(column).type
     )
     number = 0
-    for batch in parquet.iter_batches(columns=[column], batch_size=8192):
+    # Row group by row group: batches would span groups, so a corrupt group would also lose
+    # the good rows read with it in one batch.
+    batches = (
+        batch
+        for group in range(parquet.num_row_groups)
+        for batch in parquet.iter_batches(columns=[column], batch_size=8192, row_groups=[group])
+    )
+    for batch in batches:
         for value in batch.column(0).to_pylist():
             number += 1
             if value is None:
