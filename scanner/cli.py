@@ -347,30 +347,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _add_mitigation_options(parser: argparse.ArgumentParser) -> None:
     """The embedding optimization's target and budget (defaults: the paper's)."""
     group = parser.add_argument_group("mitigation (the embed method)")
-    group.add_argument("--target", type=float, help="stop once the magnitude is <= this (required for embed)")
+    target = group.add_mutually_exclusive_group()
+    target.add_argument("--target", type=float, help="stop once the magnitude is <= this")
+    target.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="target = the threshold of `memscan calibrate`'s FILE (default: the model folder's calibration.json, "
+        "which the bundled testbed has)",
+    )
     group.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate (default: 0.05, the paper's)")
     group.add_argument("--iterations", type=int, default=10, help="at most this many steps (default: 10, the paper's)")
 
 
-def mitigation_settings(args: argparse.Namespace):
-    """`MitigationSettings` from the options; the embed method needs a target."""
-    from .mitigate import MitigationSettings
-
-    methods = getattr(args, "methods", [getattr(args, "method", "embed")])
-    if "embed" in methods and args.target is None:
-        raise MemscanError(
-            "--target is required for the embed method: take it from the model's scores of normal prompts "
-            "(e.g. the threshold of `memscan calibrate`)"
-        )
+def _check_mitigation_options(args: argparse.Namespace) -> None:
     if args.lr <= 0 or args.iterations < 0:
         raise MemscanError("--lr must be > 0 and --iterations >= 0")
-    target = args.target if args.target is not None else float("inf")
-    return MitigationSettings(target=target, learning_rate=args.lr, max_iterations=args.iterations)
+
+
+def mitigation_settings(args: argparse.Namespace, scanner):
+    """`MitigationSettings` from the options: the target is `--target`, else a calibration's threshold."""
+    from pathlib import Path
+
+    from .calibration import load_calibration
+    from .mitigate import MitigationSettings
+
+    target, calibration = args.target, args.calibration
+    if target is None and calibration is None and (Path(args.model) / "calibration.json").is_file():
+        calibration = Path(args.model) / "calibration.json"
+    if target is None and calibration is not None:
+        target = load_calibration(calibration).threshold_for(scanner)
+    if target is None and "embed" in getattr(args, "methods", [getattr(args, "method", "embed")]):
+        raise MemscanError(
+            "the embed method needs a target: --target X, or --calibration FILE from `memscan calibrate` "
+            "(the threshold for normal prompts' scores)"
+        )
+    return MitigationSettings(
+        target=float("inf") if target is None else target, learning_rate=args.lr, max_iterations=args.iterations
+    )
 
 
 def cmd_mitigate(args: argparse.Namespace) -> int:
     """Mitigate a prompt and write before/after generations side by side."""
     import json
+    import math
 
     from .detect import DetectSettings, Scanner
     from .generate import build_pipeline, image_grid, save_png
@@ -378,10 +397,11 @@ def cmd_mitigate(args: argparse.Namespace) -> int:
     from .model import load_model
 
     out = _output_folder(args)
-    settings = mitigation_settings(args)
+    _check_mitigation_options(args)
     _quiet_libraries()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     scanner = Scanner(model, DetectSettings(num_inference_steps=args.steps))
+    settings = mitigation_settings(args, scanner)
     mitigated = mitigate_and_generate(
         scanner, build_pipeline(model), args.prompt, args.method, args.seeds, settings, args.steps, args.guidance
     )
@@ -397,7 +417,7 @@ def cmd_mitigate(args: argparse.Namespace) -> int:
         "mitigated_prompt": result.prompt,
         "score_before": result.score_before,
         "score_after": result.score_after,
-        "target": args.target,
+        "target": None if math.isinf(settings.target) else settings.target,
         "iterations": result.iterations,
         "seconds": result.seconds,
         "seeds": args.seeds,

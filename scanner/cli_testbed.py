@@ -118,19 +118,22 @@ def cmd_eval_mitigation(args: argparse.Namespace) -> int:
     """Mitigate planted and normal testbed prompts with each method and tabulate the outcome."""
     from tqdm import tqdm
 
-    from .cli import _quiet_libraries, mitigation_settings
+    from .cli import _check_mitigation_options, _quiet_libraries, mitigation_settings
+    from .detect import DetectSettings, Scanner
     from .model import load_model
     from .testbed.build import load_build_data
     from .testbed.mitigation_eval import evaluate_mitigation, markdown_table, select_cases
 
     if args.normal < 0 or args.steps < 1:
         raise MemscanError("--normal must be >= 0 and --steps >= 1")
+    _check_mitigation_options(args)
     _quiet_libraries()
     data = load_build_data(args.model)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
+    settings = mitigation_settings(args, Scanner(model, DetectSettings(num_inference_steps=args.steps)))
     started = time.time()
     with tqdm(total=len(select_cases(data, args.normal)), desc="eval-mitigation", unit=" prompts", disable=None) as bar:
-        report = evaluate_mitigation(model, data, args.methods, mitigation_settings(args), args.seeds, args.normal,
+        report = evaluate_mitigation(model, data, args.methods, settings, args.seeds, args.normal,
                                      args.steps, args.guidance, progress=bar.update)
     report.update(model=args.model, fingerprint=model.fingerprint, seconds=round(time.time() - started, 1))
     _write_json(Path(args.json), report)
@@ -138,7 +141,7 @@ def cmd_eval_mitigation(args: argparse.Namespace) -> int:
     if args.markdown:
         Path(args.markdown).write_text(table + "\n", encoding="utf-8")
     print(table)
-    print(f"named colour shown by chance (another colour): {report['chance_attribute_rate']:.1%}; target {args.target}")
+    print(f"named colour shown by chance (another colour): {report['chance_attribute_rate']:.1%}; target {settings.target:.4f}")
     return 0
 
 

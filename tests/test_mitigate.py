@@ -93,4 +93,18 @@ def test_mitigate_command(tmp_path, tiny_sd1, capsys):
     grid = Image.open(out / report["images"][0])
     assert grid.size == (2 * 16 + 2, 2 * 16 + 2)  # 2 seeds x (before, after) of 16 x 16 images
     assert main(["mitigate", PROMPT, "--model", str(tiny_sd1), "--out", str(out)]) == 2
-    assert "--target is required" in capsys.readouterr().err
+    assert "needs a target" in capsys.readouterr().err
+
+
+def test_mitigate_takes_its_target_from_a_calibration(tmp_path, tiny_sd1, capsys):
+    from scanner.calibration import load_calibration
+    from scanner.testbed import default_model_path
+
+    shipped = default_model_path() / "calibration.json"
+    args = [PROMPT, "--out", str(tmp_path), "--seeds", "0", "--json"]  # the calibration is for 50 steps
+    # The bundled testbed's own calibration is the default there.
+    assert main(["mitigate", *args]) == 0
+    assert json.loads(capsys.readouterr().out)["target"] == load_calibration(shipped).threshold
+    # A calibration made for another model is refused.
+    assert main(["mitigate", *args, "--model", str(tiny_sd1), "--calibration", str(shipped)]) == 2
+    assert "calibration is for model" in capsys.readouterr().err

@@ -14,6 +14,7 @@ without mitigation and after each method, then measure
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -99,7 +100,7 @@ def evaluate_mitigation(
     rows = [_summarize(name, entries) for name, entries in records.items()]
     normal = [r for r in records["none"] if r["colour"] is not None]
     return {
-        "mitigation": asdict(settings),
+        "mitigation": {**asdict(settings), "target": settings.target if math.isfinite(settings.target) else None},
         "seeds": list(seeds),
         "sampler": f"DDIM, {steps} steps, guidance {guidance}",
         "reproduction": f"NCC >= {REPRODUCTION_THRESHOLD} with its own training image (per-channel centred)",
