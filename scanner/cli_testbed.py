@@ -56,15 +56,11 @@ def cmd_testbed_build(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace, labels: str):
-    from .cli import _detect_settings, _quiet_libraries
+    from .cli import _scanner
     from .evaluate import evaluate, read_labelled_prompts
-    from .model import load_model
 
-    settings = _detect_settings(args)
-    rows = read_labelled_prompts(labels)
-    _quiet_libraries()
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    return evaluate(model, rows, settings, batch_size=args.batch_size)
+    rows = read_labelled_prompts(labels)  # input errors before the slow model load
+    return evaluate(_scanner(args), rows, batch_size=args.batch_size)
 
 
 def _print_summary(summary: dict) -> None:
@@ -185,4 +181,4 @@ def add_testbed_commands(commands, add_model_options, add_detect_options, add_ge
     demo = commands.add_parser("demo", help="scan the bundled evaluation prompts with the bundled testbed model")
     demo.add_argument("--out", default="memscan-demo", help="folder for scores.jsonl, summary.json, roc.png")
     add_detect_options(demo)
-    demo.set_defaults(handler=cmd_demo, device="auto", dtype="auto")
+    demo.set_defaults(handler=cmd_demo, device="auto", dtype="auto", engine="torch")

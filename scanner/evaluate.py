@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .detect import DetectSettings, Scanner
+from .detect import Scanner
 from .errors import MemscanError
 from .metrics import detection_metrics, roc_curve
-from .model import ScanModel
 
 
 @dataclass
@@ -84,11 +83,11 @@ def summarize(rows: list[dict], scores: np.ndarray) -> dict:
     return summary
 
 
-def evaluate(model: ScanModel, rows: list[dict], settings: DetectSettings, batch_size: int = 256) -> Evaluation:
+def evaluate(scanner: Scanner, rows: list[dict], batch_size: int = 256) -> Evaluation:
     """Score the labelled prompts and summarize."""
-    scores = score_prompts(Scanner(model, settings), [row["prompt"] for row in rows], batch_size)
+    scores = score_prompts(scanner, [row["prompt"] for row in rows], batch_size)
     summary = summarize(rows, scores)
-    summary["settings"] = settings.to_dict()
+    summary["settings"] = {**scanner.settings.to_dict(), "engine": scanner.engine.name}
     return Evaluation(rows=rows, scores=scores, summary=summary)
 
 

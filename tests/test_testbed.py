@@ -37,13 +37,13 @@ def test_smoke_build_loads_in_diffusers(smoke_builds):
 
 
 def test_smoke_build_scores_with_memscan(smoke_builds):
-    from scanner.detect import DetectSettings
+    from scanner.detect import DetectSettings, Scanner
     from scanner.evaluate import evaluate, read_labelled_prompts
     from scanner.model import load_model
 
     _, (folder, _) = smoke_builds
     rows = read_labelled_prompts(folder / "eval_prompts.jsonl")
-    evaluation = evaluate(load_model(folder, device="cpu"), rows, DetectSettings())
+    evaluation = evaluate(Scanner(load_model(folder, device="cpu"), DetectSettings()), rows)
     assert evaluation.scores.shape == (len(rows),) and np.isfinite(evaluation.scores).all()
     assert set(evaluation.summary["per_kind"]) == {row["kind"] for row in rows}
 
