@@ -9,6 +9,7 @@ command to resume).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -563,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `memscan` command; returns the exit code."""
+    # Before transformers is imported: its import-time notices (e.g. torchvision missing) are not the user's concern.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
