@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .engines import ENGINES, EngineUnavailable, create_engine
+from .engines import ENGINES, EngineUnavailable
 from .errors import MemscanError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FLAGGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -85,17 +85,11 @@ def _detect_settings(args: argparse.Namespace):
 
 
 def _scanner(args: argparse.Namespace):
-    from .cache import cache_dir
-    from .detect import Scanner
-    from .model import load_model
+    from .detect import ScannerSpec
 
-    settings = _detect_settings(args)  # settings errors before the slow model load
-    if args.engine not in ENGINES:
-        raise MemscanError(f"unknown engine {args.engine!r} (available: {', '.join(ENGINES)})")
+    spec = ScannerSpec(args.model, _detect_settings(args), args.device, args.dtype, args.engine)  # errors before the slow load
     _quiet_libraries()
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    engine = create_engine(args.engine, model.unet, cache_dir=cache_dir(), cache_key=model.fingerprint)
-    return Scanner(model, settings, engine=engine)
+    return spec.load()
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
