@@ -43,14 +43,17 @@ def _default_model() -> str:
     return str(default_model_path())
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+ENGINE_HELP = f"UNet backend: {', '.join(ENGINES)} (default: torch)"
+
+
+def _add_model_options(parser: argparse.ArgumentParser, engine_help: str = ENGINE_HELP) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model", default=_default_model(), help="diffusers pipeline folder, or a hub id in the local HF cache (default: the bundled testbed)"
     )
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N (default: auto)")
     group.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
-    group.add_argument("--engine", default="torch", help=f"UNet backend: {', '.join(ENGINES)} (default: torch)")
+    group.add_argument("--engine", default="torch", help=engine_help)
 
 
 def _add_detect_options(parser: argparse.ArgumentParser) -> None:
@@ -96,16 +99,15 @@ def cmd_scan(args: argparse.Namespace) -> int:
     """Score prompt files into a Parquet/JSONL output."""
     from tqdm import tqdm
 
+    from .cli_ray import check_ray_options, scan_on_ray
     from .io import check_inputs
     from .scan import run_scan
 
     check_inputs(args.inputs, args.field)  # input errors before the slow model load
-    scanner = _scanner(args)
+    on_ray = check_ray_options(args)
+    scanner = None if on_ray else _scanner(args)
     with tqdm(desc="scanning", unit=" prompts", disable=None, dynamic_ncols=True) as bar:
-        summary = run_scan(
-            scanner,
-            args.inputs,
-            args.out,
+        options = dict(
             field=args.field,
             batch_size=args.batch_size,
             threshold=args.threshold,
@@ -113,6 +115,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
             progress=bar.update,
             commit_rows=args.checkpoint_rows,
         )
+        summary = scan_on_ray(args, **options) if on_ray else run_scan(scanner, args.inputs, args.out, **options)
     flagged = "n/a (no --threshold)" if args.threshold is None else str(summary.flagged)
     resumed = f" ({summary.resumed} rows resumed)" if summary.resumed else ""
     print(
@@ -177,12 +180,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _add_command(commands, name: str, handler, help: str, description: str) -> argparse.ArgumentParser:
+def _add_command(
+    commands, name: str, handler, help: str, description: str, engine_help: str = ENGINE_HELP
+) -> argparse.ArgumentParser:
     """A model-loading subcommand: its handler, the model and detection options, exit codes in --help."""
     command = commands.add_parser(
         name, help=help, description=description, epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    _add_model_options(command)
+    _add_model_options(command, engine_help)
     _add_detect_options(command)
     command.set_defaults(handler=handler)
     return command
@@ -395,8 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_scan,
         help="score prompt files for memorization",
         description="Score every prompt of the inputs; resumable: re-run the same command after a crash.",
+        engine_help=f"{ENGINE_HELP}; or ray: score on a Ray cluster, each worker running --worker-engine",
     )
-    scan.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt (a prompt a line), .jsonl, .csv or .parquet")
+    scan.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt (a prompt a line), .jsonl, .csv or .parquet; or a quoted glob")
     scan.add_argument("--out", required=True, help="output file, .parquet or .jsonl (rejects go to OUT.rejects.jsonl)")
     scan.add_argument("--field", help="jsonl/csv/parquet field holding the prompt (default: prompt, caption or text)")
     scan.add_argument("--threshold", type=float, help="flag prompts whose score is >= this")
@@ -405,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--checkpoint-rows", type=int, default=2048, help="commit results at least every N rows (and every 30 s)"
     )
+    from .cli_ray import add_ray_options
+
+    add_ray_options(scan)
 
     bench = commands.add_parser(
         "bench",
