@@ -14,6 +14,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_scan_cli import _one_line_error
 
 from scanner import scan as scan_module
 from scanner.cli import main
@@ -138,12 +139,6 @@ def test_ray_scan_resumes_a_crashed_single_process_scan(tmp_path, local_ray, mon
     assert sorted([r["id"] for r in rows] + [r["id"] for r in rejects]) == sorted(expected_ids)
     expected = scanner.score([r["prompt"] for r in rows]).score
     assert [r["score"] for r in rows] == pytest.approx(expected.tolist(), rel=1e-5, abs=1e-5)
-
-
-def _one_line_error(capsys, code: int) -> str:
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("memscan: error:") and "\n" not in err and "Traceback" not in err
-    return err
 
 
 def test_usage_errors(tmp_path, local_ray, capsys):
