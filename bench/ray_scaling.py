@@ -74,7 +74,7 @@ def measure(model: str, prompts: int, worker_counts: list[int], batch_size: int,
     clock = Clock()
     summary = run_scan(spec.load(), [inputs], folder / "single.parquet", batch_size=batch_size, progress=clock)
     runs = [clock.run("single process", summary)]
-    ray.init(num_cpus=max(worker_counts), object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(worker_counts), object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
     try:
         for workers in worker_counts:
             clock = Clock()

@@ -103,10 +103,13 @@ def _read_tasks(paths: Sequence[Path], field: str | None, resumed: int) -> list[
     return tasks
 
 
-def _read_files(tasks: pa.Table, field: str | None) -> Iterator[pa.Table]:
-    """Ray Data read stage: the rows of each task's file, as the single-process scan reads them."""
+def _read_files(tasks: pa.Table, field: str | None, base: str) -> Iterator[pa.Table]:
+    """Ray Data read stage: the rows of each task's file, as the single-process scan reads them.
+
+    `base` is the command's working folder: a worker runs in another one.
+    """
     for task in tasks.to_pylist():
-        rows = islice(read_prompts([Path(task["path"])], field, task["first_index"]), task["skip"], None)
+        rows = islice(read_prompts([Path(task["path"])], field, task["first_index"], Path(base)), task["skip"], None)
         while chunk := list(islice(rows, READ_CHUNK_ROWS)):
             yield pa.Table.from_pylist([asdict(row) for row in chunk], schema=INPUT_SCHEMA)
 
@@ -194,6 +197,7 @@ def run_ray_scan(
     model_path = resolve_model_path(spec.model)
     check_layout(model_path)  # model errors here, in one line, not in every worker
     count, per_worker = _worker_resources(workers, gpus_per_worker)
+    spec = replace(spec, model=str(model_path.resolve()))  # a worker runs in another folder
     if spec.device == "auto":
         spec = replace(spec, device="cuda" if per_worker else "cpu")
     elif torch.device(spec.device).type == "cuda" and not per_worker:
@@ -206,7 +210,7 @@ def run_ray_scan(
     if tasks:
         with _ordered_small_blocks(), _worker_errors_in_one_line(ray):
             rows = ray.data.from_items(tasks).map_batches(
-                _read_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"field": field}, num_cpus=0
+                _read_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"field": field, "base": os.getcwd()}, num_cpus=0
             )
             scored = rows.map_batches(
                 ScoreBatches,

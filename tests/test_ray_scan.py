@@ -10,6 +10,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,9 +27,9 @@ from scanner.testbed import default_model_path
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A small local Ray: 2 CPUs, 200 MB object store, no dashboard, worker logs kept there."""
+    """A new small local Ray (not one `ray start` left running): 2 CPUs, 200 MB object store, quiet workers."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -99,16 +100,17 @@ def test_ray_scan_matches_the_single_process_scan(tmp_path, local_ray, capsys):
     assert not on_ray.with_name(on_ray.name + ".parts").exists()
 
 
-def test_reference_noise_seeds_rows_by_their_position_over_all_inputs(tmp_path, local_ray):
-    first, second = tmp_path / "a.txt", tmp_path / "b.jsonl"
+def test_reference_noise_seeds_rows_by_their_position_over_all_inputs(tmp_path, local_ray, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths: the workers run in another folder
+    first, second = Path("a.txt"), Path("b.jsonl")
     first.write_text("".join(f"a photo of item {i}\n" for i in range(5)))
     second.write_text("".join(json.dumps({"prompt": f"a photo of item {i}"}) + "\n" for i in range(5)))
-    single, on_ray = tmp_path / "single.jsonl", tmp_path / "ray.jsonl"
+    single, on_ray = Path("single.jsonl"), Path("ray.jsonl")
     options = ["--noise", "reference", "--generations", "2"]
     assert main(["scan", str(first), str(second), *options, "--out", str(single)]) == 0
     assert main(["scan", str(first), str(second), *options, "--out", str(on_ray), "--engine", "ray", "--workers", "1", "--batch-size", "3"]) == 0
     reference, rows = ([json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] for out in (single, on_ray))
-    assert [r["id"] for r in rows] == [r["id"] for r in reference]
+    assert [r["id"] for r in rows] == [r["id"] for r in reference] == [f"a.txt:{n}" for n in range(1, 6)] + [f"b.jsonl:{n}" for n in range(1, 6)]
     flat = [s for r in rows for s in r["scores"]]
     assert len(flat) == 20 and flat == pytest.approx([s for r in reference for s in r["scores"]], rel=1e-5, abs=1e-5)
     # The same prompt at another position has other latents, so another score.

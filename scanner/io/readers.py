@@ -91,12 +91,17 @@ def _column(path: Path, columns: list[str], field: str | None) -> str:
     raise MemscanError(f"{path}: no prompt, caption or text column; choose one with --field")
 
 
-def read_prompts(paths: Sequence[Path], field: str | None = None, first_index: int = 0) -> Iterator[InputRow]:
-    """All rows of all inputs in order, streamed; indices count from `first_index`."""
+def read_prompts(
+    paths: Sequence[Path], field: str | None = None, first_index: int = 0, base: Path | None = None
+) -> Iterator[InputRow]:
+    """All rows of all inputs in order, streamed; indices count from `first_index`.
+
+    Relative paths are opened under `base` (default: the working folder); ids keep them as given.
+    """
     index = first_index
     for path in paths:
         reader = _READERS[path.suffix.lower()]
-        for number, prompt, error in reader(path, field):
+        for number, prompt, error in reader(base / path if base else path, field):
             if error is None and not prompt.strip():
                 prompt, error = None, "empty prompt"
             yield InputRow(f"{path}:{number}", index, prompt if error is None else None, error)
