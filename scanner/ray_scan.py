@@ -9,7 +9,8 @@ Ray Data streams it through three stages:
 3. the driver receives the rows in input order and commits them through the same output
    journal as `run_scan`: the same files and schema, and an interrupted run resumes.
 
-Inputs and the model are opened at the same paths on every node (shared storage).
+Inputs and the model are opened at the same paths on every node (shared storage; relative
+paths from the command's working folder).
 """
 
 from __future__ import annotations
@@ -218,6 +219,7 @@ def run_ray_scan(
                 batch_format="pyarrow",
                 fn_constructor_kwargs={"spec": spec, "threshold": threshold, "setup": worker_setup},
                 compute=ray.data.ActorPoolStrategy(size=count),
+                num_cpus=1,  # Ray then runs the worker with one thread (OMP_NUM_THREADS=1)
                 num_gpus=per_worker,
             )
             for table in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
