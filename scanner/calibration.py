@@ -53,9 +53,9 @@ class Calibration:
 
     def threshold_for(self, scanner) -> float:
         """The threshold, once checked against the scanner's model fingerprint and settings record."""
-        from .scan import settings_fields
+        from .scan import scanner_settings
 
-        self.check(scanner.model.fingerprint, settings_fields(scanner))
+        self.check(scanner.model.fingerprint, scanner_settings(scanner))
         return self.threshold
 
     def save(self, path: str | Path) -> None:

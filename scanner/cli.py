@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .engines import ENGINES, EngineUnavailable, create_engine
+from .engines import ENGINES, EngineUnavailable
 from .errors import MemscanError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FLAGGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -44,14 +44,17 @@ def _default_model() -> str:
     return str(default_model_path())
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+ENGINE_HELP = f"UNet backend: {', '.join(ENGINES)} (default: torch)"
+
+
+def _add_model_options(parser: argparse.ArgumentParser, engine_help: str = ENGINE_HELP) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model", default=_default_model(), help="diffusers pipeline folder, or a hub id in the local HF cache (default: the bundled testbed)"
     )
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N (default: auto)")
     group.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
-    group.add_argument("--engine", default="torch", help=f"UNet backend: {', '.join(ENGINES)} (default: torch)")
+    group.add_argument("--engine", default="torch", help=engine_help)
 
 
 def _add_detect_options(parser: argparse.ArgumentParser) -> None:
@@ -86,17 +89,11 @@ def _detect_settings(args: argparse.Namespace):
 
 
 def _scanner(args: argparse.Namespace):
-    from .cache import cache_dir
-    from .detect import Scanner
-    from .model import load_model
+    from .detect import ScannerSpec
 
-    settings = _detect_settings(args)  # settings errors before the slow model load
-    if args.engine not in ENGINES:
-        raise MemscanError(f"unknown engine {args.engine!r} (available: {', '.join(ENGINES)})")
+    spec = ScannerSpec(args.model, _detect_settings(args), args.device, args.dtype, args.engine)  # errors before the slow load
     _quiet_libraries()
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    engine = create_engine(args.engine, model.unet, cache_dir=cache_dir(), cache_key=model.fingerprint)
-    return Scanner(model, settings, engine=engine)
+    return spec.load()
 
 
 def _scanner_and_threshold(args: argparse.Namespace):
@@ -112,23 +109,27 @@ def cmd_scan(args: argparse.Namespace) -> int:
     """Score prompt files into a Parquet/JSONL output."""
     from tqdm import tqdm
 
+    from .cli_ray import check_ray_options, scan_on_ray
     from .io import check_inputs
     from .scan import run_scan
 
     check_inputs(args.inputs, args.field)  # input errors before the slow model load
-    scanner, threshold = _scanner_and_threshold(args)
+    if check_ray_options(args):  # the workers load the model; a calibration is checked against their settings
+        from .calibration import load_calibration
+
+        scanner, calibration = None, load_calibration(args.calibration) if args.calibration else None
+        threshold = calibration.threshold if calibration else args.threshold
+    else:
+        scanner, threshold = _scanner_and_threshold(args)
     with tqdm(desc="scanning", unit=" prompts", disable=None, dynamic_ncols=True) as bar:
-        summary = run_scan(
-            scanner,
-            args.inputs,
-            args.out,
-            field=args.field,
-            batch_size=args.batch_size,
-            threshold=threshold,
-            overwrite=args.overwrite,
-            progress=bar.update,
+        options = dict(
+            field=args.field, batch_size=args.batch_size, overwrite=args.overwrite, progress=bar.update,
             commit_rows=args.checkpoint_rows,
         )
+        if scanner is None:
+            summary = scan_on_ray(args, threshold=args.threshold, calibration=calibration, **options)
+        else:
+            summary = run_scan(scanner, args.inputs, args.out, threshold=threshold, **options)
     flagged = "n/a (no --threshold)" if threshold is None else str(summary.flagged)
     resumed = f" ({summary.resumed} rows resumed)" if summary.resumed else ""
     print(
@@ -193,12 +194,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _add_command(commands, name: str, handler, help: str, description: str) -> argparse.ArgumentParser:
+def _add_command(
+    commands, name: str, handler, help: str, description: str, engine_help: str = ENGINE_HELP
+) -> argparse.ArgumentParser:
     """A model-loading subcommand: its handler, the model and detection options, exit codes in --help."""
     command = commands.add_parser(
         name, help=help, description=description, epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    _add_model_options(command)
+    _add_model_options(command, engine_help)
     _add_detect_options(command)
     command.set_defaults(handler=handler)
     return command
@@ -455,8 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_scan,
         help="score prompt files for memorization",
         description="Score every prompt of the inputs; resumable: re-run the same command after a crash.",
+        engine_help=f"{ENGINE_HELP}; or ray: score on a Ray cluster, each worker running --worker-engine",
     )
-    scan.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt (a prompt a line), .jsonl, .csv or .parquet")
+    scan.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt (a prompt a line), .jsonl, .csv or .parquet; or a quoted glob")
     scan.add_argument("--out", required=True, help="output file, .parquet or .jsonl (rejects go to OUT.rejects.jsonl)")
     scan.add_argument("--field", help="jsonl/csv/parquet field holding the prompt (default: prompt, caption or text)")
     _add_threshold_options(scan, "")
@@ -465,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--checkpoint-rows", type=int, default=2048, help="commit results at least every N rows (and every 30 s)"
     )
+    from .cli_ray import add_ray_options
+
+    add_ray_options(scan)
 
     bench = commands.add_parser(
         "bench",

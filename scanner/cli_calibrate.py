@@ -16,7 +16,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration import check_target_fpr, fit_calibration
     from .cli import _scanner
     from .evaluate import read_labelled_prompts, score_prompts
-    from .scan import settings_fields
+    from .scan import scanner_settings
 
     check_target_fpr(args.target_fpr)  # option and label errors before the slow model load
     rows = read_labelled_prompts(args.labels)
@@ -27,7 +27,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         scores,
         args.target_fpr,
         model=scanner.model.fingerprint,
-        settings=settings_fields(scanner),
+        settings=scanner_settings(scanner),
         labels_file=args.labels,
     )
     calibration.save(args.out)

@@ -29,7 +29,7 @@ from scanner.cli import main
 from scanner.detect import DetectSettings, Scanner
 from scanner.errors import MemscanError
 from scanner.model import load_model
-from scanner.scan import settings_fields
+from scanner.scan import scanner_settings
 from scanner.sweep import SweepStore, normalize_prompt, prompt_key, run_sweep, usable_inputs
 from scanner.sweep.store import ScoredPrompt
 
@@ -139,7 +139,7 @@ def test_cli_sweep_report_calibration_and_fail_on_flagged(tmp_path, tiny_sd1, sc
     scores = scanner.score(prompts).score
     high = scores >= np.median(scores)  # the upper half plays "memorized"
     calibration = tmp_path / "calib.json"
-    fit_calibration(high, scores, 0.0, model=scanner.model.fingerprint, settings=settings_fields(scanner)).save(calibration)
+    fit_calibration(high, scores, 0.0, model=scanner.model.fingerprint, settings=scanner_settings(scanner)).save(calibration)
     report = tmp_path / "reports"
     args = ["sweep", str(inp), str(not_parquet), "--model", str(tiny_sd1), "--device", "cpu", "--store", str(tmp_path / "s.db")]
     args += ["--report", str(report), "--calibration", str(calibration), "--fail-on-flagged", "--top", "3"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..detect import Scanner
 from ..errors import MemscanError
 from ..explain import explain
-from ..scan import settings_fields
+from ..scan import scanner_settings
 from .run import SweepSummary
 from .store import SweepStore
 
@@ -146,7 +146,7 @@ def write_report(
         "finished": info["finished"],
         "seconds": round(summary.seconds, 3),
         "model": {"source": scanner.model.source, "fingerprint": scanner.model.fingerprint},
-        "settings": settings_fields(scanner),
+        "settings": scanner_settings(scanner),
         "threshold": summary.threshold,
         "threshold_source": threshold_source,
         "store": str(store.path),

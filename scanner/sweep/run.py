@@ -111,7 +111,7 @@ def run_sweep(
         raise MemscanError("a sweep stores one score per prompt, so it needs --noise shared (reference noise depends on position)")
     started = time.perf_counter()
     store.begin()
-    config = store.config_id(scanner.model.fingerprint, settings_record(scanner))
+    config = store.config_id(scanner.model.fingerprint, settings_record(scanner.settings, scanner.model.dtype, scanner.engine.name))
     sweep, resumed = store.start_sweep(config, [str(p) for p in (*paths, *(r.id for r in rejected_files))], threshold)
     store.add_rejects(sweep, [(row.id, row.error) for row in rejected_files])
     rows = rejected = len(rejected_files)
