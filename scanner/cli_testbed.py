@@ -39,8 +39,10 @@ def cmd_testbed_build(args: argparse.Namespace) -> int:
     """Train the testbed model into --out."""
     from dataclasses import replace
 
+    from .cli import _quiet_libraries
     from .testbed.build import SMOKE_CONFIG, BuildConfig, build_testbed
 
+    _quiet_libraries()  # the ground truth's pipeline would log every truncated random-token prompt
     cfg = SMOKE_CONFIG if args.smoke else BuildConfig()
     if args.threads:
         cfg = replace(cfg, threads=args.threads)

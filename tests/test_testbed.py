@@ -129,7 +129,6 @@ def test_bundled_testbed_fits_and_has_labels():
 
 
 @bundled
-@pytest.mark.xfail(strict=True, reason="acceptance not met: the shipped testbed reproduces 80% of planted images (90% required)")
 def test_bundled_testbed_reproduces_planted_images():
     stats = json.loads((default_model_path() / "testbed_stats.json").read_text())
     assert stats["groundtruth"]["planted_reproduced"] >= 0.9
