@@ -39,6 +39,7 @@ class Calibration:
     created: str  # ISO 8601, UTC
     memscan_version: str
     rule: str = FLAG_RULE
+    normal_median: float | None = None  # median score of the normal prompts: what mitigation aims for
 
     def check(self, model: str, settings: dict) -> None:
         """Raise `MemscanError` unless this calibration was made for `model` and `settings`."""
@@ -136,4 +137,5 @@ def fit_calibration(
         labels=labels_file,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         memscan_version=__version__,
+        normal_median=float(np.median(scores[~labels])),
     )

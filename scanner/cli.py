@@ -356,8 +356,8 @@ def _add_mitigation_options(parser: argparse.ArgumentParser) -> None:
     target.add_argument(
         "--calibration",
         metavar="FILE",
-        help="target = the threshold of `memscan calibrate`'s FILE (default: the model folder's calibration.json, "
-        "which the bundled testbed has)",
+        help="optimize prompts scoring >= the threshold of `memscan calibrate`'s FILE down to its normal prompts' "
+        "median score (default: the model folder's calibration.json, which the bundled testbed has)",
     )
     group.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate (default: 0.05, the paper's)")
     group.add_argument("--iterations", type=int, default=10, help="at most this many steps (default: 10, the paper's)")
@@ -375,18 +375,22 @@ def mitigation_settings(args: argparse.Namespace, scanner):
     from .calibration import load_calibration
     from .mitigate import MitigationSettings
 
-    target, calibration = args.target, args.calibration
+    target, trigger, calibration = args.target, None, args.calibration
     if target is None and calibration is None and (Path(args.model) / "calibration.json").is_file():
         calibration = Path(args.model) / "calibration.json"
     if target is None and calibration is not None:
-        target = load_calibration(calibration).threshold_for(scanner)
+        # Flagged prompts (score >= threshold) are optimized down to the normal prompts' median.
+        fitted = load_calibration(calibration)
+        trigger = fitted.threshold_for(scanner)
+        target = trigger if fitted.normal_median is None else fitted.normal_median
     if target is None and "embed" in getattr(args, "methods", [getattr(args, "method", "embed")]):
         raise MemscanError(
             "the embed method needs a target: --target X, or --calibration FILE from `memscan calibrate` "
             "(the threshold for normal prompts' scores)"
         )
     return MitigationSettings(
-        target=float("inf") if target is None else target, learning_rate=args.lr, max_iterations=args.iterations
+        target=float("inf") if target is None else target, learning_rate=args.lr, max_iterations=args.iterations,
+        trigger=trigger,
     )
 
 
@@ -422,6 +426,7 @@ def cmd_mitigate(args: argparse.Namespace) -> int:
         "score_before": result.score_before,
         "score_after": result.score_after,
         "target": None if math.isinf(settings.target) else settings.target,
+        "trigger": settings.trigger,
         "iterations": result.iterations,
         "seconds": result.seconds,
         "seeds": args.seeds,

@@ -6,7 +6,8 @@ encoder output) on the very initial latents that will be generated from, minimiz
 over generations puts `L` on the scale of `memscan scan` scores, so that a target picked
 from normal prompts' scores applies) with AdamW (lr 0.05), at most 10 iterations, stopping
 once `L <= target`. Position 0 (BOS) is not a parameter, so it stays exactly as encoded;
-the other positions move. Prompts already at or under the target are left untouched.
+the other positions move. Prompts already at or under the trigger (default: the target) are
+left untouched.
 
 Baselines (Somepalli et al. 2023) change the prompt or the embedding at random instead.
 """
@@ -34,11 +35,18 @@ EMBED_NOISE_STD = 0.1  # std of Gaussian noise added to every prompt position of
 
 @dataclass(frozen=True)
 class MitigationSettings:
-    """The paper's settings; `target` must come from the model's normal-prompt scores."""
+    """The paper's settings; `target` must come from the model's normal-prompt scores.
+
+    `trigger` (default: `target`) decides which prompts are optimized at all: those with
+    `L > trigger`. With a calibration it is the flagging threshold, so unflagged prompts stay
+    untouched while flagged ones are moved all the way down to `target`, a typical normal
+    score (see the README's mitigation table for why one number cannot do both).
+    """
 
     target: float
     learning_rate: float = 0.05
     max_iterations: int = 10
+    trigger: float | None = None
 
 
 @dataclass
@@ -89,7 +97,8 @@ def optimize_embedding(
         loss = first_step_magnitude(scanner, embedding(), latents, uncond)
         before = after = loss.item()
         iterations = 0
-        while after > settings.target and iterations < settings.max_iterations:
+        trigger = settings.target if settings.trigger is None else settings.trigger
+        while after > (trigger if iterations == 0 else settings.target) and iterations < settings.max_iterations:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
