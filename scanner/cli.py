@@ -9,10 +9,11 @@ command to resume).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
-from .engines import ENGINES, EngineUnavailable, create_engine
+from .engines import ENGINES, EngineUnavailable
 from .errors import MemscanError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FLAGGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -43,14 +44,17 @@ def _default_model() -> str:
     return str(default_model_path())
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+ENGINE_HELP = f"UNet backend: {', '.join(ENGINES)} (default: torch)"
+
+
+def _add_model_options(parser: argparse.ArgumentParser, engine_help: str = ENGINE_HELP) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model", default=_default_model(), help="diffusers pipeline folder, or a hub id in the local HF cache (default: the bundled testbed)"
     )
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N (default: auto)")
     group.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
-    group.add_argument("--engine", default="torch", help=f"UNet backend: {', '.join(ENGINES)} (default: torch)")
+    group.add_argument("--engine", default="torch", help=engine_help)
 
 
 def _add_detect_options(parser: argparse.ArgumentParser) -> None:
@@ -85,41 +89,48 @@ def _detect_settings(args: argparse.Namespace):
 
 
 def _scanner(args: argparse.Namespace):
-    from .cache import cache_dir
-    from .detect import Scanner
-    from .model import load_model
+    from .detect import ScannerSpec
 
-    settings = _detect_settings(args)  # settings errors before the slow model load
-    if args.engine not in ENGINES:
-        raise MemscanError(f"unknown engine {args.engine!r} (available: {', '.join(ENGINES)})")
+    spec = ScannerSpec(args.model, _detect_settings(args), args.device, args.dtype, args.engine)  # errors before the slow load
     _quiet_libraries()
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    engine = create_engine(args.engine, model.unet, cache_dir=cache_dir(), cache_key=model.fingerprint)
-    return Scanner(model, settings, engine=engine)
+    return spec.load()
+
+
+def _scanner_and_threshold(args: argparse.Namespace):
+    """The scanner and the flagging threshold: `--threshold`, or `--calibration`'s checked against the scanner."""
+    from .calibration import load_calibration
+
+    calibration = load_calibration(args.calibration) if args.calibration else None  # before the slow model load
+    scanner = _scanner(args)
+    return scanner, args.threshold if calibration is None else calibration.threshold_for(scanner)
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
     """Score prompt files into a Parquet/JSONL output."""
     from tqdm import tqdm
 
+    from .cli_ray import check_ray_options, scan_on_ray
     from .io import check_inputs
     from .scan import run_scan
 
     check_inputs(args.inputs, args.field)  # input errors before the slow model load
-    scanner = _scanner(args)
+    if check_ray_options(args):  # the workers load the model; a calibration is checked against their settings
+        from .calibration import load_calibration
+
+        scanner, calibration = None, load_calibration(args.calibration) if args.calibration else None
+        threshold = calibration.threshold if calibration else args.threshold
+    else:
+        scanner, threshold = _scanner_and_threshold(args)
     with tqdm(desc="scanning", unit=" prompts", disable=None, dynamic_ncols=True) as bar:
-        summary = run_scan(
-            scanner,
-            args.inputs,
-            args.out,
-            field=args.field,
-            batch_size=args.batch_size,
-            threshold=args.threshold,
-            overwrite=args.overwrite,
-            progress=bar.update,
+        options = dict(
+            field=args.field, batch_size=args.batch_size, overwrite=args.overwrite, progress=bar.update,
             commit_rows=args.checkpoint_rows,
         )
-    flagged = "n/a (no --threshold)" if args.threshold is None else str(summary.flagged)
+        if scanner is None:
+            summary = scan_on_ray(args, threshold=args.threshold, calibration=calibration, **options)
+        else:
+            summary = run_scan(scanner, args.inputs, args.out, threshold=threshold, **options)
+    flagged = "n/a (no --threshold)" if threshold is None else str(summary.flagged)
     resumed = f" ({summary.resumed} rows resumed)" if summary.resumed else ""
     print(
         f"scored {summary.scored}{resumed}, flagged {flagged}, rejected {summary.rejected}, "
@@ -176,22 +187,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise MemscanError(f"--port must be in 0..65535, got {args.port}")
-    scanner = _scanner(args)
-    app = create_app(scanner, threshold=args.threshold, batch_size=args.batch_size)
+    scanner, threshold = _scanner_and_threshold(args)
+    app = create_app(scanner, threshold=threshold, batch_size=args.batch_size)
     print(f"memscan: serving {scanner.model.source} on http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return EXIT_OK
 
 
-def _add_command(commands, name: str, handler, help: str, description: str) -> argparse.ArgumentParser:
+def _add_command(
+    commands, name: str, handler, help: str, description: str, engine_help: str = ENGINE_HELP
+) -> argparse.ArgumentParser:
     """A model-loading subcommand: its handler, the model and detection options, exit codes in --help."""
     command = commands.add_parser(
         name, help=help, description=description, epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    _add_model_options(command)
+    _add_model_options(command, engine_help)
     _add_detect_options(command)
     command.set_defaults(handler=handler)
     return command
+
+
+def _add_threshold_options(parser: argparse.ArgumentParser, flagged: str) -> None:
+    """`--threshold` or `--calibration` (not both): where the flagging threshold comes from."""
+    group = parser.add_argument_group("flagging").add_mutually_exclusive_group()
+    group.add_argument("--threshold", type=float, help=f"flag prompts whose score is >= this{flagged}")
+    group.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="take the threshold from `memscan calibrate`'s FILE (refused for another model or other settings)",
+    )
 
 
 def _bench_model(args: argparse.Namespace):
@@ -324,38 +348,75 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_mitigation_options(parser: argparse.ArgumentParser) -> None:
+    """The embedding optimization's target and budget (defaults: the paper's)."""
+    group = parser.add_argument_group("mitigation (the embed method)")
+    target = group.add_mutually_exclusive_group()
+    target.add_argument("--target", type=float, help="stop once the magnitude is <= this")
+    target.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="optimize prompts scoring >= the threshold of `memscan calibrate`'s FILE down to its normal prompts' "
+        "median score (default: the model folder's calibration.json, which the bundled testbed has)",
+    )
+    group.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate (default: 0.05, the paper's)")
+    group.add_argument("--iterations", type=int, default=10, help="at most this many steps (default: 10, the paper's)")
+
+
+def _check_mitigation_options(args: argparse.Namespace) -> None:
+    if args.lr <= 0 or args.iterations < 0:
+        raise MemscanError("--lr must be > 0 and --iterations >= 0")
+
+
+def mitigation_settings(args: argparse.Namespace, scanner):
+    """`MitigationSettings` from the options: the target is `--target`, else a calibration's threshold."""
+    from pathlib import Path
+
+    from .calibration import load_calibration
+    from .mitigate import MitigationSettings
+
+    target, trigger, calibration = args.target, None, args.calibration
+    if target is None and calibration is None and (Path(args.model) / "calibration.json").is_file():
+        calibration = Path(args.model) / "calibration.json"
+    if target is None and calibration is not None:
+        # Flagged prompts (score >= threshold) are optimized down to the normal prompts' median.
+        fitted = load_calibration(calibration)
+        trigger = fitted.threshold_for(scanner)
+        target = trigger if fitted.normal_median is None else fitted.normal_median
+    if target is None and "embed" in getattr(args, "methods", [getattr(args, "method", "embed")]):
+        raise MemscanError(
+            "the embed method needs a target: --target X, or --calibration FILE from `memscan calibrate` "
+            "(the threshold for normal prompts' scores)"
+        )
+    return MitigationSettings(
+        target=float("inf") if target is None else target, learning_rate=args.lr, max_iterations=args.iterations,
+        trigger=trigger,
+    )
+
+
 def cmd_mitigate(args: argparse.Namespace) -> int:
     """Mitigate a prompt and write before/after generations side by side."""
     import json
-
-    import torch
+    import math
 
     from .detect import DetectSettings, Scanner
-    from .generate import build_pipeline, generate_images, image_grid, save_png, seed_latents
-    from .mitigate import MitigationSettings, mitigate
+    from .generate import build_pipeline, image_grid, save_png
+    from .mitigate import mitigate_and_generate
     from .model import load_model
 
     out = _output_folder(args)
-    if args.method == "embed" and args.target is None:
-        raise MemscanError(
-            "--target is required for --method embed: take it from the model's scores of normal prompts "
-            "(e.g. their 99th percentile from `memscan scan`)"
-        )
+    _check_mitigation_options(args)
     _quiet_libraries()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     scanner = Scanner(model, DetectSettings(num_inference_steps=args.steps))
-    latents = seed_latents(model, args.seeds)
-    target = args.target if args.target is not None else float("inf")
-    result = mitigate(scanner, args.prompt, args.method, latents, MitigationSettings(target=target), seed=args.seeds[0])
-    pipeline = build_pipeline(model)
-    empty = scanner.encoder.empty_embedding()
-    with torch.no_grad():
-        original = scanner.encoder.encode([args.prompt]).embeddings
-    before = generate_images(pipeline, original, empty, latents, args.steps, args.guidance)
-    after = generate_images(pipeline, result.embedding, empty, latents, args.steps, args.guidance)
+    settings = mitigation_settings(args, scanner)
+    mitigated = mitigate_and_generate(
+        scanner, build_pipeline(model), args.prompt, args.method, args.seeds, settings, args.steps, args.guidance
+    )
+    result = mitigated.result
     try:
         out.mkdir(parents=True, exist_ok=True)
-        grid = save_png(image_grid([before, after]), out / f"mitigate-{args.method}.png")
+        grid = save_png(image_grid([mitigated.before, mitigated.after]), out / f"mitigate-{args.method}.png")
     except OSError as exc:
         raise MemscanError(f"{out}: cannot write images ({exc.strerror})") from exc
     report = {
@@ -364,7 +425,8 @@ def cmd_mitigate(args: argparse.Namespace) -> int:
         "mitigated_prompt": result.prompt,
         "score_before": result.score_before,
         "score_after": result.score_after,
-        "target": args.target,
+        "target": None if math.isinf(settings.target) else settings.target,
+        "trigger": settings.trigger,
         "iterations": result.iterations,
         "seconds": result.seconds,
         "seeds": args.seeds,
@@ -401,16 +463,20 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_scan,
         help="score prompt files for memorization",
         description="Score every prompt of the inputs; resumable: re-run the same command after a crash.",
+        engine_help=f"{ENGINE_HELP}; or ray: score on a Ray cluster, each worker running --worker-engine",
     )
-    scan.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt (a prompt a line), .jsonl, .csv or .parquet")
+    scan.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt (a prompt a line), .jsonl, .csv or .parquet; or a quoted glob")
     scan.add_argument("--out", required=True, help="output file, .parquet or .jsonl (rejects go to OUT.rejects.jsonl)")
     scan.add_argument("--field", help="jsonl/csv/parquet field holding the prompt (default: prompt, caption or text)")
-    scan.add_argument("--threshold", type=float, help="flag prompts whose score is >= this")
+    _add_threshold_options(scan, "")
     scan.add_argument("--fail-on-flagged", action="store_true", help="exit with code 3 when any prompt is flagged")
     scan.add_argument("--overwrite", action="store_true", help="replace an existing output or another run's partial output")
     scan.add_argument(
         "--checkpoint-rows", type=int, default=2048, help="commit results at least every N rows (and every 30 s)"
     )
+    from .cli_ray import add_ray_options
+
+    add_ray_options(scan)
 
     bench = commands.add_parser(
         "bench",
@@ -456,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     mitigate.add_argument("prompt", help="the prompt")
     mitigate.add_argument("--out", required=True, help="output folder for the before/after grid and the JSON report")
     mitigate.add_argument("--method", choices=METHODS, default="embed", help="embed (the paper's; default) or a baseline")
-    mitigate.add_argument("--target", type=float, help="stop once the magnitude is <= this (required for embed)")
+    _add_mitigation_options(mitigate)
     _add_generation_options(mitigate)
     mitigate.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_model_options(mitigate)
@@ -496,16 +562,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    serve.add_argument("--threshold", type=float, help="flag prompts whose score is >= this (the page shows the verdict)")
+    _add_threshold_options(serve, " (the page shows the verdict)")
 
+    from .cli_calibrate import add_calibrate_command
+    from .cli_sweep import add_sweep_command
     from .cli_testbed import add_testbed_commands
 
-    add_testbed_commands(commands, _add_model_options, _add_detect_options)
+    add_calibrate_command(commands, _add_command)
+    add_sweep_command(commands, _add_command, _add_threshold_options)
+    add_testbed_commands(commands, _add_model_options, _add_detect_options, _add_generation_options, _add_mitigation_options)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `memscan` command; returns the exit code."""
+    # Before transformers is imported: its import-time notices (e.g. torchvision missing) are not the user's concern.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -1,4 +1,5 @@
-"""The `memscan testbed build`, `memscan finetune`, `memscan eval` and `memscan demo` subcommands (part of the CLI face).
+"""The `memscan testbed build`, `memscan finetune`, `memscan eval`, `memscan eval-mitigation` and `memscan demo` subcommands
+(part of the CLI face).
 
 Registered by `scanner.cli.build_parser`; like the rest of the CLI they only parse,
 call the library and print.
@@ -17,6 +18,16 @@ from .errors import MemscanError
 DEMO_TOP = 10
 
 
+def _method_list(text: str) -> list[str]:
+    from .mitigate import METHODS
+
+    methods = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"methods are comma-separated names of {', '.join(METHODS)}; got {text!r}")
+    return methods
+
+
 def _write_json(path: Path, payload: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,8 +40,10 @@ def cmd_testbed_build(args: argparse.Namespace) -> int:
     """Train the testbed model into --out."""
     from dataclasses import replace
 
+    from .cli import _quiet_libraries
     from .testbed.build import SMOKE_CONFIG, BuildConfig, build_testbed
 
+    _quiet_libraries()  # the ground truth's pipeline would log every truncated random-token prompt
     cfg = SMOKE_CONFIG if args.smoke else BuildConfig()
     if args.threads:
         cfg = replace(cfg, threads=args.threads)
@@ -102,15 +115,11 @@ def _read_json(path: Path) -> dict:
 
 
 def _evaluate(args: argparse.Namespace, labels: str):
-    from .cli import _detect_settings, _quiet_libraries
+    from .cli import _scanner
     from .evaluate import evaluate, read_labelled_prompts
-    from .model import load_model
 
-    settings = _detect_settings(args)
-    rows = read_labelled_prompts(labels)
-    _quiet_libraries()
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    return evaluate(model, rows, settings, batch_size=args.batch_size)
+    rows = read_labelled_prompts(labels)  # input errors before the slow model load
+    return evaluate(_scanner(args), rows, batch_size=args.batch_size)
 
 
 def _print_summary(summary: dict) -> None:
@@ -160,8 +169,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_testbed_commands(commands, add_model_options, add_detect_options) -> None:
-    """Register `testbed build`, `eval` and `demo` on the `memscan` subparsers."""
+def cmd_eval_mitigation(args: argparse.Namespace) -> int:
+    """Mitigate planted and normal testbed prompts with each method and tabulate the outcome."""
+    from tqdm import tqdm
+
+    from .cli import _check_mitigation_options, _quiet_libraries, mitigation_settings
+    from .detect import DetectSettings, Scanner
+    from .model import load_model
+    from .testbed.build import load_build_data
+    from .testbed.mitigation_eval import evaluate_mitigation, markdown_table, select_cases
+
+    if args.normal < 0 or args.steps < 1:
+        raise MemscanError("--normal must be >= 0 and --steps >= 1")
+    _check_mitigation_options(args)
+    _quiet_libraries()
+    data = load_build_data(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    settings = mitigation_settings(args, Scanner(model, DetectSettings(num_inference_steps=args.steps)))
+    started = time.time()
+    with tqdm(total=len(select_cases(data, args.normal)), desc="eval-mitigation", unit=" prompts", disable=None) as bar:
+        report = evaluate_mitigation(model, data, args.methods, settings, args.seeds, args.normal,
+                                     args.steps, args.guidance, progress=bar.update)
+    report.update(model=args.model, fingerprint=model.fingerprint, seconds=round(time.time() - started, 1))
+    _write_json(Path(args.json), report)
+    table = markdown_table(report)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n", encoding="utf-8")
+    print(table)
+    print(f"named colour shown by chance (another colour): {report['chance_attribute_rate']:.1%}; target {settings.target:.4f}")
+    return 0
+
+
+def add_testbed_commands(commands, add_model_options, add_detect_options, add_generation_options,
+                         add_mitigation_options) -> None:
+    """Register `testbed build`, `finetune`, `eval`, `eval-mitigation` and `demo` on the `memscan` subparsers."""
     testbed = commands.add_parser("testbed", help="the bundled test model with planted memorization")
     testbed_commands = testbed.add_subparsers(dest="testbed_command", required=True, metavar="COMMAND")
     build = testbed_commands.add_parser("build", help="train the testbed model (deterministic for a seed and device)")
@@ -172,6 +213,7 @@ def add_testbed_commands(commands, add_model_options, add_detect_options) -> Non
     build.set_defaults(handler=cmd_testbed_build)
 
     from .cli import EXIT_CODES_HELP
+    from .mitigate import METHODS
 
     finetune = commands.add_parser(
         "finetune", help="train the testbed recipe with the memorization filter (or without) and measure it",
@@ -209,7 +251,21 @@ def add_testbed_commands(commands, add_model_options, add_detect_options) -> Non
     add_detect_options(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
 
+    mitigation = commands.add_parser(
+        "eval-mitigation", help="memorization rate, fidelity and time of each mitigation method on the testbed",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mitigation.add_argument("--methods", type=_method_list, default=list(METHODS),
+                            help=f"comma-separated methods (default: {','.join(METHODS)})")
+    add_mitigation_options(mitigation)
+    mitigation.add_argument("--normal", type=int, default=50, help="prompts of each normal kind (default: 50)")
+    mitigation.add_argument("--json", required=True, help="where to write the report")
+    mitigation.add_argument("--markdown", help="where to write the table (markdown)")
+    add_generation_options(mitigation)
+    add_model_options(mitigation)
+    mitigation.set_defaults(handler=cmd_eval_mitigation)
+
     demo = commands.add_parser("demo", help="scan the bundled evaluation prompts with the bundled testbed model")
     demo.add_argument("--out", default="memscan-demo", help="folder for scores.jsonl, summary.json, roc.png")
     add_detect_options(demo)
-    demo.set_defaults(handler=cmd_demo, device="auto", dtype="auto")
+    demo.set_defaults(handler=cmd_demo, device="auto", dtype="auto", engine="torch")

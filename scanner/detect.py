@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from .cache import cache_dir
 from .encode import PromptEncoder, TokenizedPrompts
-from .engines import TorchEngine
+from .engines import ENGINES, TorchEngine, create_engine
 from .errors import MemscanError
 from .kernels import guidance_norm, guided_prediction
-from .model import ScanModel
+from .model import ScanModel, load_model
 
 NOISE_MODES = ("shared", "reference")
 
@@ -232,3 +233,25 @@ class Scanner:
             if step >= s.start_step:
                 total += norm * self.eps_scales[step]
         return (total / (s.end_step - s.start_step)).view(b, n)
+
+
+@dataclass(frozen=True)
+class ScannerSpec:
+    """What a `Scanner` is made of, as plain data: checked where it is written, loaded where it runs
+    (the command's process, or each Ray worker)."""
+
+    model: str
+    settings: DetectSettings
+    device: str = "auto"
+    dtype: str = "auto"
+    engine: str = "torch"
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise MemscanError(f"unknown engine {self.engine!r} (available: {', '.join(ENGINES)})")
+
+    def load(self) -> Scanner:
+        """Load the model on the device, start the engine, and return the scanner."""
+        model = load_model(self.model, device=self.device, dtype=self.dtype)
+        engine = create_engine(self.engine, model.unet, cache_dir=cache_dir(), cache_key=model.fingerprint)
+        return Scanner(model, self.settings, engine=engine)

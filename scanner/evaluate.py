@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .detect import DetectSettings, Scanner
+from .detect import Scanner
 from .errors import MemscanError
 from .metrics import detection_metrics, roc_curve
-from .model import ScanModel
 
 
 @dataclass
@@ -34,24 +33,31 @@ class Evaluation:
 
 def read_labelled_prompts(path: str | Path) -> list[dict]:
     """JSONL rows with `prompt`, `label` (1 memorized, 0 normal) and optionally `kind`."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")  # not splitlines: JSON may hold U+2028
+    except OSError as exc:
+        raise MemscanError(f"{path}: cannot be read ({exc.strerror})") from exc
+    except UnicodeDecodeError:
+        raise MemscanError(f"{path}: not UTF-8") from None
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            if "prompt" not in row or row.get("label") not in (0, 1):
-                raise MemscanError(f"{path}:{number}: each row needs 'prompt' and 'label' (0 or 1)")
-            rows.append({"prompt": row["prompt"], "label": int(row["label"]), "kind": row.get("kind", "")})
+        except json.JSONDecodeError as exc:
+            raise MemscanError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or "prompt" not in row or row.get("label") not in (0, 1):
+            raise MemscanError(f"{path}:{number}: each row needs 'prompt' and 'label' (0 or 1)")
+        rows.append({"prompt": row["prompt"], "label": int(row["label"]), "kind": row.get("kind", "")})
     labels = {row["label"] for row in rows}
     if labels != {0, 1}:
         raise MemscanError(f"{path}: needs both memorized (1) and normal (0) prompts")
     return rows
 
 
-def score_prompts(model: ScanModel, prompts: list[str], settings: DetectSettings, batch_size: int = 256) -> np.ndarray:
-    """Each prompt's memorization score under `settings`, in input order."""
-    scanner = Scanner(model, settings)
+def score_prompts(scanner: Scanner, prompts: list[str], batch_size: int = 256) -> np.ndarray:
+    """Each prompt's memorization score, in input order."""
     return np.concatenate(
         [scanner.score(prompts[i : i + batch_size]).score for i in range(0, len(prompts), batch_size)]
     )
@@ -77,11 +83,11 @@ def summarize(rows: list[dict], scores: np.ndarray) -> dict:
     return summary
 
 
-def evaluate(model: ScanModel, rows: list[dict], settings: DetectSettings, batch_size: int = 256) -> Evaluation:
+def evaluate(scanner: Scanner, rows: list[dict], batch_size: int = 256) -> Evaluation:
     """Score the labelled prompts and summarize."""
-    scores = score_prompts(model, [row["prompt"] for row in rows], settings, batch_size)
+    scores = score_prompts(scanner, [row["prompt"] for row in rows], batch_size)
     summary = summarize(rows, scores)
-    summary["settings"] = settings.to_dict()
+    summary["settings"] = {**scanner.settings.to_dict(), "engine": scanner.engine.name}
     return Evaluation(rows=rows, scores=scores, summary=summary)
 
 

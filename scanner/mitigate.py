@@ -6,7 +6,8 @@ encoder output) on the very initial latents that will be generated from, minimiz
 over generations puts `L` on the scale of `memscan scan` scores, so that a target picked
 from normal prompts' scores applies) with AdamW (lr 0.05), at most 10 iterations, stopping
 once `L <= target`. Position 0 (BOS) is not a parameter, so it stays exactly as encoded;
-the other positions move. Prompts already at or under the target are left untouched.
+the other positions move. Prompts already at or under the trigger (default: the target) are
+left untouched.
 
 Baselines (Somepalli et al. 2023) change the prompt or the embedding at random instead.
 """
@@ -19,9 +20,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .detect import Scanner
+from .generate import generate_images, seed_latents
 
 METHODS = ("embed", "rand-token", "rand-number", "embed-noise")
 # Baseline strengths (documented in the README): how much randomness each one adds.
@@ -32,11 +35,18 @@ EMBED_NOISE_STD = 0.1  # std of Gaussian noise added to every prompt position of
 
 @dataclass(frozen=True)
 class MitigationSettings:
-    """The paper's settings; `target` must come from the model's normal-prompt scores."""
+    """The paper's settings; `target` must come from the model's normal-prompt scores.
+
+    `trigger` (default: `target`) decides which prompts are optimized at all: those with
+    `L > trigger`. With a calibration it is the flagging threshold, so unflagged prompts stay
+    untouched while flagged ones are moved all the way down to `target`, a typical normal
+    score (see the README's mitigation table for why one number cannot do both).
+    """
 
     target: float
     learning_rate: float = 0.05
     max_iterations: int = 10
+    trigger: float | None = None
 
 
 @dataclass
@@ -87,7 +97,8 @@ def optimize_embedding(
         loss = first_step_magnitude(scanner, embedding(), latents, uncond)
         before = after = loss.item()
         iterations = 0
-        while after > settings.target and iterations < settings.max_iterations:
+        trigger = settings.target if settings.trigger is None else settings.trigger
+        while after > (trigger if iterations == 0 else settings.target) and iterations < settings.max_iterations:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -151,3 +162,27 @@ def mitigate(
     if method == "embed":
         return optimize_embedding(scanner, prompt, latents, settings)
     return baseline(scanner, prompt, method, latents, seed)
+
+
+@dataclass
+class MitigatedGeneration:
+    """A mitigation and the generations before `[S, H, W, 3]` and after it (uint8, same seeds)."""
+
+    result: Mitigated
+    before: np.ndarray
+    after: np.ndarray
+
+
+def mitigate_and_generate(
+    scanner: Scanner, pipeline, prompt: str, method: str, seeds: list[int], settings: MitigationSettings,
+    steps: int = 50, guidance: float = 7.5,
+) -> MitigatedGeneration:
+    """Mitigate `prompt` on the latents of `seeds`, then generate from the original and the mitigated embedding."""
+    latents = seed_latents(scanner.model, seeds)
+    result = mitigate(scanner, prompt, method, latents, settings, seed=seeds[0])
+    empty = scanner.encoder.empty_embedding()
+    with torch.no_grad():
+        original = scanner.encoder.encode([prompt]).embeddings
+    before = generate_images(pipeline, original, empty, latents, steps, guidance)
+    after = generate_images(pipeline, result.embedding, empty, latents, steps, guidance)
+    return MitigatedGeneration(result, before, after)

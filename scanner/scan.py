@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from .detect import Scanner
+import torch
+
+from .detect import DetectSettings, PromptScores, Scanner
 from .encode import TokenizedPrompts
 from .io import InputRow, ScanJournal, check_inputs, read_prompts, rejects_path
 from .prefetch import prefetch
@@ -57,10 +59,93 @@ def tokenized_batches(
         yield group, scanner.encoder.tokenize(prompts) if prompts else None
 
 
-def settings_record(scanner: Scanner) -> str:
+def settings_fields(settings: DetectSettings, dtype: torch.dtype, engine: str) -> dict:
+    """What makes a score what it is: the detection settings, the dtype and the engine."""
+    return {**settings.to_dict(), "dtype": str(dtype).removeprefix("torch."), "engine": engine}
+
+
+def scanner_settings(scanner: Scanner) -> dict:
+    """`settings_fields` of a loaded scanner."""
+    return settings_fields(scanner.settings, scanner.model.dtype, scanner.engine.name)
+
+
+def settings_record(settings: DetectSettings, dtype: torch.dtype, engine: str) -> str:
     """The settings string stored in every result row."""
-    record = {**scanner.settings.to_dict(), "dtype": str(scanner.model.dtype).removeprefix("torch."), "engine": scanner.engine.name}
-    return json.dumps(record, sort_keys=True)
+    return json.dumps(settings_fields(settings, dtype, engine), sort_keys=True)
+
+
+def run_key(paths: Sequence[Path], field: str | None, model: str, settings: str, threshold: float | None) -> dict:
+    """What identifies a scan's output: a re-run with the same key resumes it, any other is refused."""
+    return {"inputs": [str(p) for p in paths], "field": field, "model": model, "settings": settings, "threshold": threshold}
+
+
+def result_rows(
+    rows: Sequence[InputRow], scores: PromptScores, model: str, settings: str, threshold: float | None
+) -> list[dict]:
+    """The output rows (`RESULT_SCHEMA`) of the scored prompts `rows`."""
+    means = scores.score  # a property computing the mean: once per batch, not per row
+    return [
+        {
+            "id": row.id,
+            "prompt": row.prompt,
+            "score": float(means[i]),
+            "scores": [float(s) for s in scores.per_generation[i]],
+            "flagged": None if threshold is None else float(means[i]) >= threshold,
+            "n_tokens": scores.n_tokens[i],
+            "truncated": scores.truncated[i],
+            "model": model,
+            "settings": settings,
+        }
+        for i, row in enumerate(rows)
+    ]
+
+
+class ScanOutput:
+    """A scan's output while it runs: rows arrive in input order and are committed to the
+    journal every `commit_rows` rows or `commit_seconds`, so an interrupted run resumes."""
+
+    def __init__(
+        self, out: str | Path, key: dict, *, overwrite: bool = False, commit_rows: int = 2048, commit_seconds: float = 30.0
+    ):
+        self.journal = ScanJournal(out, key, overwrite=overwrite)
+        self.resumed = self.end = self._start = self.journal.committed_rows
+        self.scored = 0
+        self.commit_rows, self.commit_seconds = commit_rows, commit_seconds
+        self._results: list[dict] = []
+        self._rejects: list[dict] = []
+        self._started = time.perf_counter()
+        self._last_commit = time.monotonic()
+
+    def add(self, results: list[dict], rejects: list[dict], end: int) -> None:
+        """Rows of the next input rows, up to row `end` (exclusive); commits when due."""
+        self._results.extend(results)
+        self._rejects.extend(rejects)
+        self.scored += len(results)
+        self.end = end
+        pending = len(self._results) + len(self._rejects)
+        if pending >= self.commit_rows or time.monotonic() - self._last_commit >= self.commit_seconds:
+            self._commit()
+
+    def _commit(self) -> None:
+        self.journal.commit(self._start, self.end, self._results, self._rejects)
+        self._start, self._results, self._rejects = self.end, [], []
+        self._last_commit = time.monotonic()
+
+    def finish(self) -> ScanSummary:
+        """Commit what is pending, merge the parts into the output; what this run did."""
+        if self.end > self._start or self.journal.committed_rows == 0:
+            self._commit()
+        totals = self.journal.finalize()
+        return ScanSummary(
+            scored=self.scored,
+            resumed=self.resumed,
+            rows=totals.rows,
+            flagged=totals.flagged,
+            rejected=totals.rejected,
+            seconds=time.perf_counter() - self._started,
+            out=self.journal.out,
+            rejects=rejects_path(self.journal.out),
+        )
 
 
 def run_scan(
@@ -78,64 +163,22 @@ def run_scan(
 ) -> ScanSummary:
     """Score every prompt of `inputs` into `out` (.parquet or .jsonl), resuming an interrupted run."""
     paths = check_inputs(inputs, field)
-    settings = settings_record(scanner)
-    run_key = {
-        "inputs": [str(p) for p in paths],
-        "field": field,
-        "model": scanner.model.fingerprint,
-        "settings": settings,
-        "threshold": threshold,
-    }
-    journal = ScanJournal(out, run_key, overwrite=overwrite)
-    resumed = journal.committed_rows
-    started = time.perf_counter()
-    scored = 0
-    part_start = end = resumed
-    results, rejects = [], []
-    last_commit = time.monotonic()
-    rows = islice(read_prompts(paths, field), resumed, None)
+    model = scanner.model.fingerprint
+    settings = settings_record(scanner.settings, scanner.model.dtype, scanner.engine.name)
+    key = run_key(paths, field, model, settings, threshold)
+    output = ScanOutput(out, key, overwrite=overwrite, commit_rows=commit_rows, commit_seconds=commit_seconds)
+    rows = islice(read_prompts(paths, field), output.resumed, None)
     # The empty prompt's embedding first: from here on only the prefetch thread tokenizes
     # (a fast tokenizer must not be entered from two threads at once).
     scanner.encoder.empty_embedding()
     for group, tokens in prefetch(tokenized_batches(scanner, batch_rows(rows, batch_size))):
         prompts = [r for r in group if r.error is None]
+        results = []
         if prompts:
-            batch = scanner.score([r.prompt for r in prompts], [r.index for r in prompts], tokens)
-            scores = batch.score  # a property computing the mean: once per batch, not per row
-            for i, row in enumerate(prompts):
-                score = float(scores[i])
-                results.append(
-                    {
-                        "id": row.id,
-                        "prompt": row.prompt,
-                        "score": score,
-                        "scores": [float(s) for s in batch.per_generation[i]],
-                        "flagged": None if threshold is None else score >= threshold,
-                        "n_tokens": batch.n_tokens[i],
-                        "truncated": batch.truncated[i],
-                        "model": scanner.model.fingerprint,
-                        "settings": settings,
-                    }
-                )
-        rejects.extend({"id": r.id, "reason": r.error} for r in group if r.error is not None)
-        scored += len(prompts)
-        end = group[-1].index + 1
-        if len(results) + len(rejects) >= commit_rows or time.monotonic() - last_commit >= commit_seconds:
-            journal.commit(part_start, end, results, rejects)
-            part_start, results, rejects = end, [], []
-            last_commit = time.monotonic()
+            scores = scanner.score([r.prompt for r in prompts], [r.index for r in prompts], tokens)
+            results = result_rows(prompts, scores, model, settings, threshold)
+        rejects = [{"id": r.id, "reason": r.error} for r in group if r.error is not None]
+        output.add(results, rejects, group[-1].index + 1)
         if progress is not None:
             progress(len(group))
-    if end > part_start or journal.committed_rows == 0:
-        journal.commit(part_start, end, results, rejects)
-    totals = journal.finalize()
-    return ScanSummary(
-        scored=scored,
-        resumed=resumed,
-        rows=totals.rows,
-        flagged=totals.flagged,
-        rejected=totals.rejected,
-        seconds=time.perf_counter() - started,
-        out=journal.out,
-        rejects=rejects_path(journal.out),
-    )
+    return output.finish()

@@ -4,31 +4,21 @@ from __future__ import annotations
 
 from .explain import Explanation
 
-# Background colours (xterm-256) from faint to strong; a word's level is its share
-# relative to the largest share, so the most significant word is always the strongest.
+# Background colours (xterm-256) of the significance levels 0..4 (explanation.segments).
 LEVELS = (None, 229, 221, 208, 196)
 RESET = "\033[0m"
 
 
-def _level(share: float, top: float) -> int:
-    return 0 if top <= 0 or share <= 0 else 1 + min(3, int(4 * share / top - 1e-9))
-
-
 def highlight(explanation: Explanation, color: bool) -> str:
     """The prompt with each word coloured by significance, or marked `word[NN%]` without colour."""
-    top = max((w.share for w in explanation.words), default=0.0)
-    out, cursor = [], 0
-    for word in explanation.words:
-        out.append(explanation.prompt[cursor : word.start])
-        level = _level(word.share, top)
-        if not color:
-            out.append(f"{word.word}[{100 * word.share:.0f}%]" if level else word.word)
-        elif LEVELS[level] is None:
-            out.append(word.word)
+    out = []
+    for text, share, level in explanation.segments():
+        if not level:
+            out.append(text)
+        elif color:
+            out.append(f"\033[30;48;5;{LEVELS[level]}m{text}{RESET}")
         else:
-            out.append(f"\033[30;48;5;{LEVELS[level]}m{word.word}{RESET}")
-        cursor = word.end
-    out.append(explanation.prompt[cursor:])
+            out.append(f"{text}[{100 * share:.0f}%]")
     return "".join(out)
 
 

@@ -13,6 +13,7 @@ from scanner.engines import ENGINES, EngineUnavailable, create_engine
 from scanner.engines.compile_engine import bucket_for, pad_rows
 from scanner.engines.onnx_export import MODEL_FILE
 from scanner.model import load_model
+from scanner.testbed import default_model_path
 
 SETTINGS = {"first step": DetectSettings(seed=5), "3-step window, 2 generations": DetectSettings(end_step=3, generations=2, seed=5)}
 
@@ -22,9 +23,10 @@ def _prompts(rng: np.random.Generator, count: int) -> list[str]:
     return [" ".join(rng.choice(words, size=rng.integers(1, 12))) + f" {i}" for i in range(count)]
 
 
-@pytest.fixture(scope="module", params=["sd1", "sd2"])
+@pytest.fixture(scope="module", params=["sd1", "sd2", "testbed"])
 def model(request, tiny_sd1, tiny_sd2):
-    return load_model({"sd1": tiny_sd1, "sd2": tiny_sd2}[request.param], device="cpu")
+    """Random SD 1.x- and 2.x-shaped models and the bundled testbed (trained, fp16 weights loaded as fp32)."""
+    return load_model({"sd1": tiny_sd1, "sd2": tiny_sd2, "testbed": default_model_path()}[request.param], device="cpu")
 
 
 def _assert_same_scores(model, engine, settings: DetectSettings) -> None:

@@ -57,6 +57,11 @@ def test_early_stop_and_untouched_prompts(scanner):
     target = (full.score_before + full.score_after) / 2
     stopped = optimize_embedding(scanner, PROMPT, latents, MitigationSettings(target=target))
     assert 1 <= stopped.iterations < 10 and stopped.score_after <= target
+    # A trigger above the score leaves the prompt alone whatever the target; one below lets it run to the target.
+    spared = optimize_embedding(scanner, PROMPT, latents, MitigationSettings(target=0.0, trigger=full.score_before * 1.01))
+    assert spared.iterations == 0
+    driven = optimize_embedding(scanner, PROMPT, latents, MitigationSettings(target=target, trigger=full.score_before * 0.99))
+    assert driven.iterations == stopped.iterations and driven.score_after == pytest.approx(stopped.score_after)
 
 
 @pytest.mark.parametrize("method", ["rand-token", "rand-number", "embed-noise"])
@@ -93,4 +98,19 @@ def test_mitigate_command(tmp_path, tiny_sd1, capsys):
     grid = Image.open(out / report["images"][0])
     assert grid.size == (2 * 16 + 2, 2 * 16 + 2)  # 2 seeds x (before, after) of 16 x 16 images
     assert main(["mitigate", PROMPT, "--model", str(tiny_sd1), "--out", str(out)]) == 2
-    assert "--target is required" in capsys.readouterr().err
+    assert "needs a target" in capsys.readouterr().err
+
+
+def test_mitigate_takes_its_target_from_a_calibration(tmp_path, tiny_sd1, capsys):
+    from scanner.calibration import load_calibration
+    from scanner.testbed import default_model_path
+
+    shipped = default_model_path() / "calibration.json"
+    args = [PROMPT, "--out", str(tmp_path), "--seeds", "0", "--json"]  # the calibration is for 50 steps
+    # The bundled testbed's own calibration is the default there.
+    assert main(["mitigate", *args]) == 0
+    report, calibration = json.loads(capsys.readouterr().out), load_calibration(shipped)
+    assert (report["trigger"], report["target"]) == (calibration.threshold, calibration.normal_median)
+    # A calibration made for another model is refused.
+    assert main(["mitigate", *args, "--model", str(tiny_sd1), "--calibration", str(shipped)]) == 2
+    assert "calibration is for model" in capsys.readouterr().err

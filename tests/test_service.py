@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import random
 import threading
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -16,7 +19,9 @@ from scanner.detect import DetectSettings, Scanner
 from scanner.explain import explain
 from scanner.model import load_model
 from scanner.service import MAX_CHARS, MAX_PROMPTS, create_app
-from scanner.service.app import MAX_BODY_BYTES
+from scanner.generate import build_pipeline
+from scanner.mitigate import MitigationSettings, mitigate_and_generate
+from scanner.service.app import MAX_BODY_BYTES, MAX_SEEDS
 from scanner.service.batcher import MicroBatcher
 
 PROMPT = "a cat, sitting on a red sofa"
@@ -73,6 +78,31 @@ def test_explain_matches_the_library(client, scanner, method):
     assert body["suggestions"] == ranked[:3] and body["suggestions"]
 
 
+def _png_pixels(data_url: str) -> np.ndarray:
+    from PIL import Image
+
+    assert data_url.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))))
+
+
+@pytest.mark.parametrize("method", ["embed", "rand-number"])
+def test_mitigate_matches_the_library(client, scanner, threshold, method):
+    seeds = random.sample(range(1000), 2)
+    response = client.post("/v1/mitigate", json={"prompt": PROMPT, "method": method, "seeds": seeds})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    fresh = Scanner(scanner.model, scanner.settings)
+    expected = mitigate_and_generate(fresh, build_pipeline(scanner.model), PROMPT, method, seeds, MitigationSettings(threshold))
+    assert body["target"] == threshold and body["iterations"] == expected.result.iterations
+    assert body["score_before"] == pytest.approx(expected.result.score_before, rel=1e-5)
+    assert body["score_after"] == pytest.approx(expected.result.score_after, rel=1e-5)
+    assert body["mitigated_prompt"] == expected.result.prompt
+    for urls, images in ((body["images_before"], expected.before), (body["images_after"], expected.after)):
+        assert len(urls) == len(seeds)
+        for url, image in zip(urls, images):
+            assert np.abs(_png_pixels(url).astype(int) - image).max() <= 1
+
+
 def test_healthz_and_page(client, scanner):
     assert client.get("/healthz").json()["model"] == scanner.model.fingerprint
     page = client.get("/")
@@ -103,6 +133,12 @@ BAD_REQUESTS = {
     "explain prompt a number": ("/v1/explain", _json({"prompt": 5}), 422),
     "explain unknown method": ("/v1/explain", _json({"prompt": "a", "method": "saliency"}), 422),
     "explain prompt too long": ("/v1/explain", _json({"prompt": "a" * (MAX_CHARS + 1)}), 422),
+    "mitigate unknown method": ("/v1/mitigate", _json({"prompt": "a", "method": "erase"}), 422),
+    "mitigate no seeds": ("/v1/mitigate", _json({"prompt": "a", "seeds": []}), 422),
+    "mitigate too many seeds": ("/v1/mitigate", _json({"prompt": "a", "seeds": list(range(MAX_SEEDS + 1))}), 422),
+    "mitigate negative seed": ("/v1/mitigate", _json({"prompt": "a", "seeds": [-1]}), 422),
+    "mitigate seed a string": ("/v1/mitigate", _json({"prompt": "a", "seeds": ["1"]}), 422),
+    "mitigate prompt too long": ("/v1/mitigate", _json({"prompt": "a" * (MAX_CHARS + 1)}), 422),
 }
 
 
@@ -216,8 +252,13 @@ def test_without_a_threshold_there_is_no_verdict(scanner):
     with TestClient(create_app(scanner)) as client:
         scored = client.post("/v1/score", json={"prompts": [PROMPT]}).json()
         explained = client.post("/v1/explain", json={"prompt": PROMPT}).json()
+        # Nothing to mitigate down to: the embedding method needs the threshold, the baselines do not.
+        refused = client.post("/v1/mitigate", json={"prompt": PROMPT, "seeds": [0]})
+        baseline = client.post("/v1/mitigate", json={"prompt": PROMPT, "method": "rand-token", "seeds": [0]})
     assert scored["threshold"] is None and scored["results"][0]["flagged"] is None
     assert explained["threshold"] is None and explained["flagged"] is None
+    assert refused.status_code == 422 and "--threshold" in refused.json()["error"]
+    assert baseline.status_code == 200 and baseline.json()["target"] is None
 
 
 def test_a_failed_batch_fails_its_requests_and_the_next_batch_runs():

@@ -37,13 +37,13 @@ def test_smoke_build_loads_in_diffusers(smoke_builds):
 
 
 def test_smoke_build_scores_with_memscan(smoke_builds):
-    from scanner.detect import DetectSettings
+    from scanner.detect import DetectSettings, Scanner
     from scanner.evaluate import evaluate, read_labelled_prompts
     from scanner.model import load_model
 
     _, (folder, _) = smoke_builds
     rows = read_labelled_prompts(folder / "eval_prompts.jsonl")
-    evaluation = evaluate(load_model(folder, device="cpu"), rows, DetectSettings())
+    evaluation = evaluate(Scanner(load_model(folder, device="cpu"), DetectSettings()), rows)
     assert evaluation.scores.shape == (len(rows),) and np.isfinite(evaluation.scores).all()
     assert set(evaluation.summary["per_kind"]) == {row["kind"] for row in rows}
 
@@ -129,7 +129,6 @@ def test_bundled_testbed_fits_and_has_labels():
 
 
 @bundled
-@pytest.mark.xfail(strict=True, reason="acceptance not met: the shipped testbed reproduces 80% of planted images (90% required)")
 def test_bundled_testbed_reproduces_planted_images():
     stats = json.loads((default_model_path() / "testbed_stats.json").read_text())
     assert stats["groundtruth"]["planted_reproduced"] >= 0.9
@@ -164,3 +163,31 @@ def test_demo_scans_the_bundled_testbed(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path)]) == 0
     assert {p.name for p in tmp_path.iterdir()} == {"scores.jsonl", "summary.json", "roc.png"}
     assert "top 10 prompts" in capsys.readouterr().out
+
+
+def test_eval_mitigation_command_on_a_smoke_build(smoke_builds, tmp_path, capsys):
+    from scanner.cli import main
+
+    stats, (folder, _) = smoke_builds
+    out = tmp_path / "mitigation.json"
+    # A target above every score: the paper's method leaves every prompt untouched; the baselines never do.
+    code = main(["eval-mitigation", "--model", str(folder), "--json", str(out), "--markdown", str(tmp_path / "t.md"),
+                 "--target", "1e9", "--normal", "2", "--seeds", "0", "--methods", "embed,rand-number", "--device", "cpu"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    rows = {row["method"]: row for row in report["methods"]}
+    assert set(rows) == {"none", "embed", "rand-number"}
+    assert rows["embed"]["normal_untouched"] == 1.0 and rows["embed"]["normal_fidelity_ncc"] == pytest.approx(1.0)
+    assert rows["embed"]["planted_memorized"] == rows["none"]["planted_memorized"]
+    assert rows["rand-number"]["normal_untouched"] == 0.0
+    # Unmitigated, the rate is the ground truth's (the same seed and sampler, measured by the build).
+    assert rows["none"]["planted_memorized"] == pytest.approx(stats[0]["groundtruth"]["planted_reproduced"])
+    assert report["n_planted"] == SMOKE_CONFIG.num_planted and report["n_normal"] == 4
+    assert "| embed |" in (tmp_path / "t.md").read_text() and "| rand-number |" in capsys.readouterr().out
+
+
+def test_eval_mitigation_refuses_a_model_that_is_not_a_testbed(tiny_sd1, capsys):
+    from scanner.cli import EXIT_USAGE, main
+
+    assert main(["eval-mitigation", "--model", str(tiny_sd1), "--json", "x.json", "--target", "1"]) == EXIT_USAGE
+    assert "not a testbed" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from .gradient import token_significance
 from .words import split_words
 
 METHODS = ("grad", "ablation")
+SIGNIFICANCE_LEVELS = 4
 
 
 @dataclass
@@ -45,6 +46,19 @@ class Explanation:
         """Whether the score reaches `threshold`; None when there is no threshold."""
         return None if threshold is None else bool(self.score >= threshold)
 
+    def segments(self) -> list[tuple[str, float, int]]:
+        """The prompt as `(text, share, level)` pieces: words with their `significance_level`, gaps at 0."""
+        top = max((w.share for w in self.words), default=0.0)
+        pieces, cursor = [], 0
+        for word in self.words:
+            if word.start > cursor:
+                pieces.append((self.prompt[cursor : word.start], 0.0, 0))
+            pieces.append((word.word, word.share, significance_level(word.share, top)))
+            cursor = word.end
+        if cursor < len(self.prompt):
+            pieces.append((self.prompt[cursor:], 0.0, 0))
+        return pieces
+
     def to_dict(self, threshold: float | None = None) -> dict:
         """The machine-readable form (`memscan explain --json`, `/v1/explain`)."""
         return {
@@ -56,6 +70,12 @@ class Explanation:
             "truncated": self.truncated,
             "words": [asdict(w) for w in self.words],
         }
+
+
+def significance_level(share: float, top: float) -> int:
+    """A word's display level, 0 (none) to SIGNIFICANCE_LEVELS, from its share relative to the top share."""
+    # Relative to the top share, so the most significant word always gets the strongest level.
+    return 0 if top <= 0 or share <= 0 else 1 + min(SIGNIFICANCE_LEVELS - 1, int(SIGNIFICANCE_LEVELS * share / top - 1e-9))
 
 
 def shares(scores: np.ndarray) -> np.ndarray:

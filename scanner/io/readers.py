@@ -8,6 +8,7 @@ unreadable, unknown format, no prompt column) raise `MemscanError` before any wo
 from __future__ import annotations
 
 import csv
+import glob
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,13 +30,29 @@ class InputRow:
     error: str | None = None
 
 
+def _expand_globs(paths: Sequence[str | Path]) -> list[Path]:
+    """Inputs with glob patterns (`logs/*.jsonl`, `**`) replaced by their files, sorted."""
+    expanded = []
+    for raw in paths:
+        pattern = str(raw)
+        # A quoted glob reaches us unexpanded (the shell leaves it, or it names files on a
+        # cluster's shared storage); an existing file whose name has brackets stays a file.
+        if Path(pattern).exists() or not any(c in pattern for c in "*?["):
+            expanded.append(Path(pattern))
+            continue
+        matches = sorted(glob.glob(pattern, recursive=True))
+        if not matches:
+            raise MemscanError(f"{pattern}: no file matches")
+        expanded.extend(Path(m) for m in matches)
+    return expanded
+
+
 def check_inputs(paths: Sequence[str | Path], field: str | None = None) -> list[Path]:
-    """Validate every input up front: exists, readable, supported, has a prompt column."""
+    """Validate every input (globs expanded) up front: exists, readable, supported, has a prompt column."""
     if not paths:
         raise MemscanError("no input files given")
     checked = []
-    for raw in paths:
-        path = Path(raw)
+    for path in _expand_globs(paths):
         if path.suffix.lower() not in SUPPORTED_SUFFIXES:
             raise MemscanError(f"{path}: unsupported input type (use {', '.join(SUPPORTED_SUFFIXES)})")
         if not path.is_file():
@@ -74,16 +91,38 @@ def _column(path: Path, columns: list[str], field: str | None) -> str:
     raise MemscanError(f"{path}: no prompt, caption or text column; choose one with --field")
 
 
-def read_prompts(paths: Sequence[Path], field: str | None = None) -> Iterator[InputRow]:
-    """All rows of all inputs in order, streamed; memory does not grow with the input."""
-    index = 0
+def read_prompts(
+    paths: Sequence[Path], field: str | None = None, first_index: int = 0, base: Path | None = None
+) -> Iterator[InputRow]:
+    """All rows of all inputs in order, streamed; indices count from `first_index`.
+
+    Relative paths are opened under `base` (default: the working folder); ids keep them as given.
+    """
+    index = first_index
     for path in paths:
         reader = _READERS[path.suffix.lower()]
-        for number, prompt, error in reader(path, field):
+        for number, prompt, error in reader(base / path if base else path, field):
             if error is None and not prompt.strip():
                 prompt, error = None, "empty prompt"
             yield InputRow(f"{path}:{number}", index, prompt if error is None else None, error)
             index += 1
+
+
+def count_rows(path: Path, field: str | None = None) -> int:
+    """How many rows `read_prompts` yields for `path` (a checked input), without decoding prompts."""
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".jsonl"):  # one row per line, as iterating the binary file splits them
+        lines, last = 0, b"\n"
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                lines += block.count(b"\n")
+                last = block[-1:]
+        return lines + (last != b"\n")
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    return sum(1 for _ in _read_csv(path, field))  # quoted fields may span lines: parse
 
 
 def _read_txt(path: Path, field: str | None) -> Iterator[tuple[int, str | None, str | None]]:
@@ -147,7 +186,14 @@ def _read_parquet(path: Path, field: str | None) -> Iterator[tuple[int, str | No
         parquet.schema_arrow.field(column).type
     )
     number = 0
-    for batch in parquet.iter_batches(columns=[column], batch_size=8192):
+    # Row group by row group: batches would span groups, so a corrupt group would also lose
+    # the good rows read with it in one batch.
+    batches = (
+        batch
+        for group in range(parquet.num_row_groups)
+        for batch in parquet.iter_batches(columns=[column], batch_size=8192, row_groups=[group])
+    )
+    for batch in batches:
         for value in batch.column(0).to_pylist():
             number += 1
             if value is None:

@@ -1,4 +1,4 @@
-"""The HTTP face: `/v1/score`, `/v1/explain`, `/healthz`, and the prompt page at `/`.
+"""The HTTP face: `/v1/score`, `/v1/explain`, `/v1/mitigate`, `/healthz`, and the prompt page at `/`.
 
 Every model call runs on one worker thread; concurrent score requests are merged by the
 micro-batcher. Bad input always gets a 4xx with a JSON reason (see LIMITS), never a 500.
@@ -7,6 +7,8 @@ micro-batcher. Bad input always gets a 4xx with a JSON reason (see LIMITS), neve
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -23,12 +25,15 @@ from .. import __version__
 from ..detect import Scanner
 from ..errors import MemscanError
 from ..explain import METHODS, explain
+from ..mitigate import METHODS as MITIGATION_METHODS
+from ..mitigate import MitigationSettings, mitigate_and_generate
 from .batcher import MicroBatcher
 
 MAX_PROMPTS = 256  # prompts per /v1/score request
 MAX_CHARS = 10_000  # characters per prompt (longer token sequences are truncated, and said so)
 MAX_BODY_BYTES = 4 * MAX_PROMPTS * MAX_CHARS + 65_536  # UTF-8 worst case of a full request
 SUGGESTIONS = 3
+MAX_SEEDS = 8  # generations per /v1/mitigate request (each is a full sampling run, twice)
 
 
 def _utf8(text: str) -> str:
@@ -99,6 +104,39 @@ class ExplainResponse(BaseModel):
     truncated: bool
     words: list[WordResult]
     suggestions: list[int]
+
+
+class MitigateRequest(BaseModel):
+    """One prompt, the mitigation method, and the seeds of the generations (1 to MAX_SEEDS)."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: Prompt
+    method: Literal[MITIGATION_METHODS] = "embed"  # type: ignore[valid-type]
+    seeds: list[Annotated[int, Field(strict=True, ge=0, lt=2**63)]] = Field(
+        default=[0, 1, 2, 3], min_length=1, max_length=MAX_SEEDS)
+
+
+class MitigateResponse(BaseModel):
+    """Scores before and after (the mean first-step magnitude over the seeds), and PNG data URLs per seed."""
+
+    prompt: str
+    method: str
+    mitigated_prompt: str
+    score_before: float
+    score_after: float
+    target: float | None
+    iterations: int
+    seconds: float
+    images_before: list[str]
+    images_after: list[str]
+
+
+def _png_data_url(image) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _error(status: int, reason: str, detail=None) -> JSONResponse:
@@ -183,6 +221,36 @@ def create_app(scanner: Scanner, threshold: float | None = None, batch_size: int
         (explanation,) = await loop.run_in_executor(worker, explain, scanner, [request.prompt], request.method)
         ranked = sorted((i for i, w in enumerate(explanation.words) if w.score > 0), key=lambda i: -explanation.words[i].score)
         return ExplainResponse(**explanation.to_dict(threshold), suggestions=ranked[:SUGGESTIONS])
+
+    pipelines = []  # built on the first mitigation: scoring alone never needs the VAE
+
+    def mitigate_prompt(request: MitigateRequest) -> MitigateResponse:
+        from ..generate import build_pipeline
+
+        if request.method == "embed" and threshold is None:
+            raise MemscanError("the embed method mitigates down to the threshold: start memscan serve with --threshold")
+        if not pipelines:
+            pipelines.append(build_pipeline(scanner.model))
+        settings = scanner.settings
+        target = MitigationSettings(target=threshold if threshold is not None else float("inf"))
+        done = mitigate_and_generate(
+            scanner, pipelines[0], request.prompt, request.method, request.seeds, target,
+            settings.num_inference_steps, settings.guidance_scale,
+        )
+        result = done.result
+        return MitigateResponse(
+            prompt=request.prompt, method=result.method, mitigated_prompt=result.prompt,
+            score_before=result.score_before, score_after=result.score_after, target=threshold,
+            iterations=result.iterations, seconds=result.seconds,
+            images_before=[_png_data_url(image) for image in done.before],
+            images_after=[_png_data_url(image) for image in done.after],
+        )
+
+    @app.post("/v1/mitigate")
+    async def mitigate(request: MitigateRequest) -> MitigateResponse:
+        """Mitigate one prompt (down to the service's threshold) and generate before and after, per seed."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(worker, mitigate_prompt, request)
 
     static = resources.files("scanner.service").joinpath("static")
     app.mount("/static", StaticFiles(directory=str(static)), name="static")

@@ -1,0 +1,58 @@
+"""The `memscan calibrate` subcommand (part of the CLI face).
+
+Registered by `scanner.cli.build_parser`; like the rest of the CLI it only parses, calls the
+library and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Score labelled prompts and write the threshold that meets the target false-positive rate."""
+    import numpy as np
+
+    from .calibration import check_target_fpr, fit_calibration
+    from .cli import _scanner
+    from .evaluate import read_labelled_prompts, score_prompts
+    from .scan import scanner_settings
+
+    check_target_fpr(args.target_fpr)  # option and label errors before the slow model load
+    rows = read_labelled_prompts(args.labels)
+    scanner = _scanner(args)
+    scores = score_prompts(scanner, [row["prompt"] for row in rows], args.batch_size)
+    calibration = fit_calibration(
+        np.array([row["label"] for row in rows]),
+        scores,
+        args.target_fpr,
+        model=scanner.model.fingerprint,
+        settings=scanner_settings(scanner),
+        labels_file=args.labels,
+    )
+    calibration.save(args.out)
+    print(
+        f"threshold {calibration.threshold:.6g}: TPR {calibration.tpr:.3f}, FPR {calibration.fpr:.4f} "
+        f"(target {calibration.target_fpr:g}) on {calibration.n_pos} memorized and {calibration.n_neg} normal prompts, "
+        f"AUC {calibration.auc:.3f} -> {args.out}"
+    )
+    return 0
+
+
+def add_calibrate_command(commands, add_command) -> None:
+    """Register `calibrate` on the `memscan` subparsers."""
+    calibrate = add_command(
+        commands,
+        "calibrate",
+        cmd_calibrate,
+        help="fit the flagging threshold for a target FPR on labelled prompts",
+        description=(
+            "Score labelled prompts (JSONL: prompt, label 1 memorized / 0 normal) and write the threshold with\n"
+            "the highest true-positive rate whose false-positive rate is <= --target-fpr (flagged: score >=\n"
+            "threshold), with the model fingerprint and detection settings it is valid for. scan, sweep and\n"
+            "serve take it with --calibration FILE and refuse it for another model or other settings."
+        ),
+    )
+    calibrate.add_argument("--labels", required=True, metavar="FILE", help="labelled prompts, e.g. scanner/data/testbed/eval_prompts.jsonl")
+    calibrate.add_argument("--target-fpr", type=float, default=0.01, help="largest false-positive rate allowed (default: 0.01)")
+    calibrate.add_argument("--out", required=True, metavar="FILE", help="where to write the calibration (JSON)")

@@ -1,0 +1,80 @@
+"""The `memscan sweep` subcommand (part of the CLI face).
+
+Registered by `scanner.cli.build_parser`; like the rest of the CLI it only parses, calls the
+library and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import MemscanError
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Score the prompts new to the store, add them, and report."""
+    from tqdm import tqdm
+
+    from .cli import EXIT_FLAGGED, EXIT_OK, _scanner_and_threshold
+    from .sweep import SweepStore, prepare_report_dir, run_sweep, usable_inputs, write_report
+
+    if args.checkpoint_rows < 1 or args.top < 0:
+        raise MemscanError("--checkpoint-rows must be >= 1 and --top >= 0")
+    # Everything that can fail on the user's side fails here, before the slow model load.
+    paths, rejected_files = usable_inputs(args.inputs, args.field)
+    report_dir = prepare_report_dir(args.report) if args.report else None
+    with SweepStore(args.store, wait_s=args.wait) as store:
+        scanner, threshold = _scanner_and_threshold(args)
+        with tqdm(desc="sweeping", unit=" prompts", disable=None, dynamic_ncols=True) as bar:
+            summary = run_sweep(
+                scanner,
+                store,
+                paths,
+                rejected_files,
+                field=args.field,
+                batch_size=args.batch_size,
+                threshold=threshold,
+                progress=bar.update,
+                commit_rows=args.checkpoint_rows,
+            )
+        report = None
+        if report_dir is not None:
+            source = f"calibration {args.calibration}" if args.calibration else "--threshold" if threshold is not None else None
+            report = write_report(store, summary, scanner, report_dir, threshold_source=source, top=args.top)
+    flagged = "n/a (no threshold)" if summary.flagged is None else summary.flagged
+    print(
+        f"sweep {summary.sweep}{' (resumed)' if summary.resumed else ''}: {summary.rows} rows, {summary.new} new, "
+        f"{summary.known} already known, {summary.rejected} rejected, flagged {flagged}; "
+        f"{summary.prompts_per_s:.1f} prompts/s"
+        + (f" -> {report_dir / report['files']['html']}" if report else "")
+    )
+    for row in rejected_files:
+        print(f"memscan: rejected {row.id}: {row.error}", file=sys.stderr)
+    return EXIT_FLAGGED if args.fail_on_flagged and summary.flagged else EXIT_OK
+
+
+def add_sweep_command(commands, add_command, add_threshold_options) -> None:
+    """Register `sweep` on the `memscan` subparsers."""
+    sweep = add_command(
+        commands,
+        "sweep",
+        cmd_sweep,
+        help="score only the prompts a store has not seen, keep them, report the sweep",
+        description=(
+            "Score the prompts of the inputs that the SQLite --store does not hold yet for this model and\n"
+            "settings (prompts normalized: Unicode NFC, whitespace runs made one space, stripped), add them,\n"
+            "and write a dated HTML and JSON report into --report. A killed sweep resumes when the same\n"
+            "command is re-run; a file that cannot be read is rejected with its reason, the others are swept.\n"
+            "One sweep writes to a store at a time: another waits up to --wait seconds, then exits 2."
+        ),
+    )
+    sweep.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt (a prompt a line), .jsonl, .csv or .parquet")
+    sweep.add_argument("--store", required=True, metavar="DB", help="SQLite store of scored prompts (created if missing)")
+    sweep.add_argument("--report", metavar="DIR", help="folder for sweep-ID-DATE.html, .json and .rejects.jsonl")
+    sweep.add_argument("--field", help="jsonl/csv/parquet field holding the prompt (default: prompt, caption or text)")
+    add_threshold_options(sweep, "")
+    sweep.add_argument("--fail-on-flagged", action="store_true", help="exit with code 3 when a new prompt is flagged")
+    sweep.add_argument("--top", type=int, default=10, help="flagged prompts explained word by word in the report (default: 10)")
+    sweep.add_argument("--wait", type=float, default=60.0, help="seconds to wait for another sweep's store lock (default: 60)")
+    sweep.add_argument("--checkpoint-rows", type=int, default=2048, help="commit to the store at least every N prompts (and every 30 s)")

@@ -1,0 +1,220 @@
+"""A sweep's report: one self-contained HTML page (plots as base64 PNG, no external assets), a JSON
+summary and the rejects as JSON lines, side by side in the report folder, named by sweep and date."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import tempfile
+from pathlib import Path
+
+from ..detect import Scanner
+from ..errors import MemscanError
+from ..explain import explain
+from ..scan import scanner_settings
+from .run import SweepSummary
+from .store import SweepStore
+
+HISTOGRAM_BINS = 60
+REJECTS_SHOWN = 20
+# Backgrounds of the significance levels 0..4 (Explanation.segments), faint to strong.
+LEVEL_COLOURS = (None, "#fff3b0", "#ffd166", "#f8961e", "#f3722c")
+
+
+def prepare_report_dir(folder: str | Path) -> Path:
+    """Create the report folder and prove it writable now, before any model work."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise MemscanError(f"{folder}: report folder is not writable ({exc.strerror})") from exc
+    return folder
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: figures only ever become PNG bytes
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    _pyplot().close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _histogram_png(store: SweepStore, summary: SweepSummary) -> str | None:
+    """Scores of all prompts stored for this model and settings, and of this sweep's new ones."""
+    import numpy as np
+
+    span = store.score_range("config", summary.config)
+    if span is None:
+        return None
+    low, high = span
+    if summary.threshold is not None:
+        low, high = min(low, summary.threshold), max(high, summary.threshold)
+    edges = np.linspace(low, high, HISTOGRAM_BINS + 1) if high > low else np.array([low - 0.5, high + 0.5])
+    bins = len(edges) - 1
+    fig, ax = _pyplot().subplots(figsize=(8, 3.5))
+    for by, value, label in (("config", summary.config, "all stored"), ("sweep", summary.sweep, "new in this sweep")):
+        counts = store.histogram(by, value, edges[0], edges[-1], bins)
+        ax.stairs(counts, edges, fill=by == "config", alpha=0.5 if by == "config" else 1.0, label=f"{label} ({sum(counts)})")
+    if summary.threshold is not None:
+        ax.axvline(summary.threshold, color="crimson", ls="--", label=f"threshold {summary.threshold:.4g}")
+    # Log counts: a handful of flagged prompts in the tail stays visible next to millions of normal ones.
+    ax.set(xlabel="memorization score", ylabel="prompts", yscale="log", title="score histogram")
+    ax.yaxis.set_major_formatter(lambda value, _: f"{value:g}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _trend_png(history: list[dict]) -> str | None:
+    """New prompts per past sweep (bars) and the flagged share of them (line)."""
+    if not history:
+        return None
+    labels = [f"#{h['id']}\n{h['started'][:10]}" for h in history]
+    fig, ax = _pyplot().subplots(figsize=(8, 3.5))
+    bars = ax.bar(range(len(history)), [h["new"] for h in history], color="#8ecae6", label="new prompts")
+    ax.set(ylabel="new prompts", title="past sweeps of this model and settings")
+    ax.set_xticks(range(len(history)), labels, fontsize=7)
+    share = ax.twinx()
+    flagged = [h["flagged"] / h["new"] if h["flagged"] is not None and h["new"] else float("nan") for h in history]
+    (line,) = share.plot(range(len(history)), flagged, color="crimson", marker="o", label="flagged share of new")
+    share.set(ylabel="flagged share of new", ylim=(0, 1.05))
+    ax.set_ylim(0, 1.3 * max(1, max(h["new"] for h in history)))  # headroom for the legend
+    ax.legend(handles=[bars, line], loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _highlighted(explanation) -> str:
+    out = []
+    for text, share, level in explanation.segments():
+        if level:
+            out.append(f'<mark style="background:{LEVEL_COLOURS[level]}" title="{100 * share:.0f}%">{html.escape(text)}</mark>')
+        else:
+            out.append(html.escape(text))
+    return "".join(out)
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape('' if row[c] is None else str(row[c]))}</td>" for c in columns) + "</tr>" for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _image(png: str | None, alt: str) -> str:
+    return f'<img alt="{alt}" src="data:image/png;base64,{png}">' if png else f"<p>{alt}: no data yet.</p>"
+
+
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; }
+table { border-collapse: collapse; margin: .5em 0 1.5em; }
+td, th { border: 1px solid #ccc; padding: .2em .6em; text-align: left; vertical-align: top; }
+.prompt { font-size: 1.05em; } mark { border-radius: 3px; padding: 0 1px; }
+.flagged { color: crimson; font-weight: bold; } code { word-break: break-all; }
+"""
+
+
+def write_report(
+    store: SweepStore, summary: SweepSummary, scanner: Scanner, folder: Path, *, threshold_source: str | None, top: int = 10
+) -> dict:
+    """Write `sweep-ID-DATE.html`, `.json` and `.rejects.jsonl` into `folder`; returns the JSON summary."""
+    info = store.sweep_info(summary.sweep)
+    stem = f"sweep-{summary.sweep}-{info['started'].replace(':', '').replace('-', '')}"
+    paths = {kind: folder / f"{stem}.{kind}" for kind in ("html", "json", "rejects.jsonl")}
+    candidates = store.top(summary.sweep, top)
+    if summary.threshold is not None:
+        candidates = [row for row in candidates if row["score"] >= summary.threshold]
+    explanations = explain(scanner, [row["prompt"] for row in candidates]) if candidates else []
+    history = store.history(summary.config)
+    report = {
+        "sweep": summary.sweep,
+        "resumed": summary.resumed,
+        "started": info["started"],
+        "finished": info["finished"],
+        "seconds": round(summary.seconds, 3),
+        "model": {"source": scanner.model.source, "fingerprint": scanner.model.fingerprint},
+        "settings": scanner_settings(scanner),
+        "threshold": summary.threshold,
+        "threshold_source": threshold_source,
+        "store": str(store.path),
+        "inputs": json.loads(info["inputs"]),
+        "counts": {k: getattr(summary, k) for k in ("rows", "new", "known", "rejected", "flagged")},
+        "scored_by_this_run": summary.scored,
+        "prompts_per_s": round(summary.prompts_per_s, 3),
+        "rows_per_s": round(summary.rows_per_s, 3),
+        "top": [
+            {**e.to_dict(summary.threshold), "source": row["source"]} for e, row in zip(explanations, candidates)
+        ],
+        "history": history,
+        "files": {kind: path.name for kind, path in paths.items()},
+    }
+    with paths["rejects.jsonl"].open("w", encoding="utf-8") as f:
+        shown = []
+        for source, reason in store.rejects(summary.sweep):
+            f.write(json.dumps({"id": source, "reason": reason}, ensure_ascii=False) + "\n")
+            if len(shown) < REJECTS_SHOWN:
+                shown.append({"id": source, "reason": reason})
+    paths["json"].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    paths["html"].write_text(
+        _page(report, shown, history, _histogram_png(store, summary), _trend_png(history), explanations), encoding="utf-8"
+    )
+    return report
+
+
+def _page(report: dict, rejects: list[dict], history: list[dict], histogram: str | None, trend: str | None, explanations) -> str:
+    counts = report["counts"]
+    flagged = "n/a (no threshold)" if counts["flagged"] is None else counts["flagged"]
+    meta = [
+        ("model", report["model"]["source"]),
+        ("fingerprint", report["model"]["fingerprint"]),
+        ("settings", json.dumps(report["settings"], sort_keys=True)),
+        ("threshold", f"{report['threshold']} ({report['threshold_source'] or 'none'})"),
+        ("store", report["store"]),
+        ("inputs", ", ".join(report["inputs"])),
+        ("started / finished (UTC)", f"{report['started']} / {report['finished']}" + (" (resumed)" if report["resumed"] else "")),
+        ("duration", f"{report['seconds']:.1f} s"),
+        ("rows", f"{counts['rows']}: {counts['new']} new, {counts['known']} already known, {counts['rejected']} rejected"),
+        ("flagged (new)", flagged),
+        ("throughput", f"{report['prompts_per_s']:.1f} prompts/s scored ({report['scored_by_this_run']} by this run), "
+                       f"{report['rows_per_s']:.1f} rows/s swept"),
+    ]
+    meta_rows = "".join(f"<tr><th>{html.escape(k)}</th><td><code>{html.escape(str(v))}</code></td></tr>" for k, v in meta)
+    title = "top flagged prompts" if report["threshold"] is not None else "top-scoring new prompts (no threshold: no verdict)"
+    items = []
+    for entry, explanation in zip(report["top"], explanations):
+        verdict = '<span class="flagged">FLAGGED</span> ' if entry["flagged"] else ""
+        items.append(
+            f'<li>{verdict}score {entry["score"]:.4f} <small>({html.escape(entry["source"])})</small>'
+            f'<div class="prompt">{_highlighted(explanation)}</div></li>'
+        )
+    top = f"<ol>{''.join(items)}</ol><p><small>Words highlighted by gradient significance (darker: larger share).</small></p>"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>memscan sweep #{report['sweep']}</title><style>{STYLE}</style></head>
+<body>
+<h1>memscan sweep #{report['sweep']}, {html.escape(report['started'][:10])}</h1>
+<table>{meta_rows}</table>
+<h2>Scores</h2>
+{_image(histogram, "score histogram")}
+<h2>Trend</h2>
+{_image(trend, "trend over past sweeps")}
+{_table(history[-20:], ["id", "started", "rows", "new", "known", "rejected", "flagged", "threshold"])}
+<h2>{title}</h2>
+{top if items else "<p>None.</p>"}
+<h2>Rejected ({counts['rejected']})</h2>
+{_table(rejects, ["id", "reason"]) if rejects else "<p>None.</p>"}
+<p><small>All rejects: {html.escape(report['files']['rejects.jsonl'])}. Summary: {html.escape(report['files']['json'])}.</small></p>
+</body></html>
+"""
