@@ -65,7 +65,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .cli import _quiet_libraries
     from .testbed.build import SMOKE_CONFIG, BuildConfig
     from .testbed.filtering import SMOKE_FILTER, FilterSettings
-    from .testbed.finetune import comparison_table, evaluate_build, run_finetune
+    from .testbed.finetune import REPORT, comparison_table, evaluate_build, run_finetune
 
     if args.compare:
         unfiltered, filtered = (_read_json(Path(path)) for path in args.compare)
@@ -93,7 +93,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         f"{'filtered' if report['filtered'] else 'unfiltered'}: planted reproduced {report['planted_reproduced']:.1%}, "
         f"held-out normal loss {report['held_out_normal_loss']:.4f}, "
         f"colour shown {report['attributes']['named_colour_shown']:.1%} (another colour {report['attributes']['other_colour_shown']:.1%}), "
-        f"dropped planted {dropped['planted']:.1%} normal {dropped['normal']:.2%}; wrote {Path(args.out) / 'finetune.json'}"
+        f"dropped planted {dropped['planted']:.1%} normal {dropped['normal']:.2%}; wrote {Path(args.out) / REPORT}"
     )
     return 0
 
