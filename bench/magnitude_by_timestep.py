@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
 import torch
 
 from scanner.testbed.build import load_build_data, tokenize, training_scheduler

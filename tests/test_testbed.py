@@ -1,7 +1,6 @@
 """The testbed build (smoke sizes) and the bundled testbed's files."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

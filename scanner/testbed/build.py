@@ -29,7 +29,7 @@ from ..metrics import detection_metrics
 from ..training import masked_mse_loss
 from .filtering import FilterSettings, SampleFilter
 from .planted import load_memorized_captions, make_planted_images, split_by_template
-from .world import IMAGE_SIZE, filler_words, make_normal_pairs
+from .world import IMAGE_SIZE, make_normal_pairs
 
 LATENT_SIZE = IMAGE_SIZE // 2
 
