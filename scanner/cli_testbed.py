@@ -185,11 +185,12 @@ def cmd_eval_mitigation(args: argparse.Namespace) -> int:
     _quiet_libraries()
     data = load_build_data(args.model)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    settings = mitigation_settings(args, Scanner(model, DetectSettings(num_inference_steps=args.steps)))
+    scanner = Scanner(model, DetectSettings(num_inference_steps=args.steps))
+    settings = mitigation_settings(args, scanner)
     started = time.time()
     with tqdm(total=len(select_cases(data, args.normal)), desc="eval-mitigation", unit=" prompts", disable=None) as bar:
-        report = evaluate_mitigation(model, data, args.methods, settings, args.seeds, args.normal,
-                                     args.steps, args.guidance, progress=bar.update)
+        report = evaluate_mitigation(scanner, data, args.methods, settings, args.seeds, args.normal, args.guidance,
+                                     progress=bar.update)
     report.update(model=args.model, fingerprint=model.fingerprint, seconds=round(time.time() - started, 1))
     _write_json(Path(args.json), report)
     table = markdown_table(report)

@@ -21,10 +21,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from ..detect import DetectSettings, Scanner
+from ..detect import Scanner
 from ..generate import build_pipeline, generate_images, seed_latents
 from ..mitigate import MitigationSettings, mitigate
-from ..model import ScanModel
 from .attributes import shows_colour
 from .build import TestbedData
 from .groundtruth import REPRODUCTION_THRESHOLD
@@ -69,20 +68,22 @@ def _other_colour(colour: str) -> str:
 
 
 def evaluate_mitigation(
-    model: ScanModel,
+    scanner: Scanner,
     data: TestbedData,
     methods: Sequence[str],
     settings: MitigationSettings,
     seeds: Sequence[int] = (0, 1, 2, 3),
     normal_per_kind: int = 50,
-    steps: int = 50,
     guidance: float = 7.5,
     progress: Callable[[int], None] = lambda _: None,
 ) -> dict:
-    """The table of `methods` (plus "none") on the testbed: memorization, fidelity, time."""
-    scanner = Scanner(model, DetectSettings(num_inference_steps=steps))
-    pipeline = build_pipeline(model)
-    latents = seed_latents(model, list(seeds))
+    """The table of `methods` (plus "none") on the testbed: memorization, fidelity, time.
+
+    Generations take as many DDIM steps as the scanner's `num_inference_steps`, whose first
+    timestep is the one the embedding is optimized at."""
+    steps = scanner.settings.num_inference_steps
+    pipeline = build_pipeline(scanner.model)
+    latents = seed_latents(scanner.model, list(seeds))
     empty = scanner.encoder.empty_embedding()
     cases = select_cases(data, normal_per_kind)
     records: dict[str, list[dict]] = {name: [] for name in ("none", *methods)}
