@@ -163,14 +163,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .terminal import highlight, top_words, verdict
 
     prompts = _explain_inputs(args)  # input errors before the slow model load
-    scanner = _scanner(args)
+    scanner, threshold = _scanner_and_threshold(args)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     for start in range(0, len(prompts), args.batch_size):
         for explanation in explain(scanner, prompts[start : start + args.batch_size], args.method):
             if args.json:
-                print(json.dumps(explanation.to_dict(args.threshold), ensure_ascii=False), flush=True)
+                print(json.dumps(explanation.to_dict(threshold), ensure_ascii=False), flush=True)
                 continue
-            print(verdict(explanation, args.threshold) + ("  (prompt truncated)" if explanation.truncated else ""))
+            print(verdict(explanation, threshold) + ("  (prompt truncated)" if explanation.truncated else ""))
             print("  " + highlight(explanation, color))
             print(f"  most significant ({args.method}): {top_words(explanation)}", flush=True)
     return EXIT_OK
@@ -548,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--color", choices=("auto", "always", "never"), default="auto", help="colour words (auto: when stdout is a terminal)"
     )
-    explain.add_argument("--threshold", type=float, help="flag prompts whose score is >= this")
+    _add_threshold_options(explain, " (the verdict printed with each prompt)")
 
     serve = _add_command(
         commands,

@@ -57,3 +57,20 @@ def test_usage_errors(tiny_sd1, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["explain", "--help"])
     assert exc.value.code == 0 and "exit codes" in capsys.readouterr().out
+
+
+def test_the_verdict_can_come_from_a_calibration(tiny_sd1, capsys):
+    from scanner.calibration import load_calibration
+    from scanner.testbed import default_labels_path, default_model_path
+
+    shipped = default_model_path() / "calibration.json"
+    rows = [json.loads(line) for line in default_labels_path().read_text().splitlines()]
+    planted = next(r["prompt"] for r in rows if r["kind"] == "planted")
+    normal = next(r["prompt"] for r in rows if r["kind"] == "normal_unseen")
+    assert main(["explain", planted, normal, "--calibration", str(shipped), "--json"]) == EXIT_OK
+    explained = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    threshold = load_calibration(shipped).threshold
+    assert [r["flagged"] for r in explained] == [r["score"] >= threshold for r in explained] == [True, False]
+    # Refused for another model, before anything is explained.
+    assert main(["explain", PROMPT, "--model", str(tiny_sd1), "--calibration", str(shipped)]) == EXIT_USAGE
+    assert "calibration is for model" in capsys.readouterr().err
