@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from scanner.testbed import default_labels_path, default_model_path
-from scanner.testbed.attributes import shows_colour
+from scanner.testbed.attributes import another_colour, shows_colour
 from scanner.testbed.build import SMOKE_CONFIG, build_testbed, load_build_data
 from scanner.testbed.planted import content_bigrams, load_memorized_captions, make_planted_images, split_by_template
 from scanner.testbed.similarity import normalized_cross_correlation
@@ -82,10 +82,15 @@ def test_attribute_check_sees_the_named_colour():
     assert all(colours[i] in captions[i] for i in named)
     shown = np.mean([shows_colour(images[i : i + 1], colours[i])[0] for i in named])
     # Another colour is shown only where one of the picture's other shapes or its noise has it.
-    names = list(COLOURS)
-    other = np.mean([shows_colour(images[i : i + 1], names[(names.index(colours[i]) + int(rng.integers(1, 8))) % 8])[0]
-                     for i in named])
+    other = np.mean([shows_colour(images[i : i + 1], another_colour(colours[i], rng))[0] for i in named])
     assert shown >= 0.9 and other <= 0.3
+
+
+def test_another_colour_draws_every_other_colour_and_never_the_same():
+    rng = np.random.default_rng()
+    for colour in COLOURS:
+        drawn = {another_colour(colour, rng) for _ in range(400)}
+        assert drawn == set(COLOURS) - {colour}
 
 
 class _Tokenizer:
@@ -178,6 +183,8 @@ def test_eval_mitigation_command_on_a_smoke_build(smoke_builds, tmp_path, capsys
     assert set(rows) == {"none", "embed", "rand-number"}
     assert rows["embed"]["normal_untouched"] == 1.0 and rows["embed"]["normal_fidelity_ncc"] == pytest.approx(1.0)
     assert rows["embed"]["planted_memorized"] == rows["none"]["planted_memorized"]
+    assert (rows["embed"]["planted_iterations"], rows["embed"]["planted_reached_target"]) == (0, 1.0)
+    assert rows["none"]["planted_reached_target"] is None
     assert rows["rand-number"]["normal_untouched"] == 0.0
     # Unmitigated, the rate is the ground truth's (the same seed and sampler, measured by the build).
     assert rows["none"]["planted_memorized"] == pytest.approx(stats[0]["groundtruth"]["planted_reproduced"])

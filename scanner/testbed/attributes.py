@@ -25,3 +25,9 @@ def colour_pixels(images: np.ndarray, colour: str, tolerance: float = COLOUR_TOL
 def shows_colour(images: np.ndarray, colour: str, min_pixels: int = MIN_PIXELS) -> np.ndarray:
     """Per image [n, 3, H, W] in [-1, 1]: True where at least `min_pixels` pixels have the named colour."""
     return colour_pixels(images, colour) >= min_pixels
+
+
+def another_colour(colour: str, rng: np.random.Generator) -> str:
+    """A colour other than `colour`, drawn uniformly: the chance baseline of `shows_colour`."""
+    names = list(COLOURS)
+    return names[(names.index(colour) + int(rng.integers(1, len(names)))) % len(names)]

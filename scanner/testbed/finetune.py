@@ -20,12 +20,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from ..errors import MemscanError
-from .attributes import shows_colour
+from .attributes import another_colour, shows_colour
 from .build import BuildConfig, TestbedData, encode_images, load_build_data, tokenize, train_testbed, training_scheduler
 from .filtering import FilterSettings
 from .groundtruth import generate, load_pipeline, reproduction_summary
 from .planted import load_memorized_captions
-from .world import COLOURS, make_normal_pairs
+from .world import make_normal_pairs
 
 # Held-out normal pairs, their noise and timesteps, and the attribute check's "other colour":
 # fixed, so that every run is measured on the same draws.
@@ -57,8 +57,7 @@ def held_out_loss(pipe: StableDiffusionPipeline, cfg: BuildConfig, pairs: int = 
 def attribute_check(images: np.ndarray, colours: list[str]) -> dict:
     """Share of generations [n, seeds, 3, H, W] showing their prompt's colour, and (chance) another colour."""
     rng = np.random.default_rng(EVAL_SEED)
-    names = list(COLOURS)
-    others = [names[(names.index(c) + int(rng.integers(1, len(names)))) % len(names)] for c in colours]
+    others = [another_colour(c, rng) for c in colours]
     return {
         "prompts": len(colours),
         "generations": int(images.shape[0] * images.shape[1]),

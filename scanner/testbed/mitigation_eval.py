@@ -9,7 +9,9 @@ without mitigation and after each method, then measure
   of each mitigated generation with the unmitigated one of the same seed, and the share of
   generations that show the colour the caption names (`attributes.shows_colour`), beside
   the rate at which they show another colour (chance);
-- time: seconds per prompt for the mitigation itself (generation excluded).
+- time: seconds per prompt for the mitigation itself (generation excluded);
+- the optimization's budget: iterations used on planted prompts, and the share whose
+  magnitude ends at or under the target.
 """
 
 from __future__ import annotations
@@ -24,47 +26,44 @@ import torch
 from ..detect import Scanner
 from ..generate import build_pipeline, generate_images, seed_latents
 from ..mitigate import MitigationSettings, mitigate
-from .attributes import shows_colour
+from .attributes import another_colour, shows_colour
 from .build import TestbedData
 from .groundtruth import REPRODUCTION_THRESHOLD
 from .similarity import normalized_cross_correlation
-from .world import COLOURS
 
 NORMAL_KINDS = ("normal_seen", "normal_unseen")
+CHANCE_SEED = 1_000_003  # draws each normal prompt's "another colour" (the chance baseline)
 
 
 @dataclass
 class Case:
-    """One evaluation prompt: its kind, its own training image (planted only) and named colour (normal only)."""
+    """One evaluation prompt: its kind, its own training image (planted only), named and chance colour (normal only)."""
 
     prompt: str
     kind: str
     image_index: int | None
     colour: str | None
+    other_colour: str | None
 
 
 def select_cases(data: TestbedData, normal_per_kind: int) -> list[Case]:
     """Every planted prompt, then the first `normal_per_kind` prompts of each normal kind."""
     caption_index = {caption: i for i, caption in enumerate(data.captions)}
+    rng = np.random.default_rng(CHANCE_SEED)
     cases, counts = [], dict.fromkeys(NORMAL_KINDS, 0)
     for row, colour in zip(data.eval_prompts, data.eval_colours):
         kind = row["kind"]
         if kind == "planted":
-            cases.append(Case(row["prompt"], kind, caption_index[row["prompt"]], None))
+            cases.append(Case(row["prompt"], kind, caption_index[row["prompt"]], None, None))
         elif kind in counts and counts[kind] < normal_per_kind:
             counts[kind] += 1
-            cases.append(Case(row["prompt"], kind, None, colour))
+            cases.append(Case(row["prompt"], kind, None, colour, None if colour is None else another_colour(colour, rng)))
     return cases
 
 
 def _pixels(images: np.ndarray) -> np.ndarray:
     """uint8 `[S, H, W, 3]` -> float `[S, 3, H, W]` in [-1, 1], the training images' layout."""
     return images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1
-
-
-def _other_colour(colour: str) -> str:
-    names = list(COLOURS)
-    return names[(names.index(colour) + 1) % len(names)]
 
 
 def evaluate_mitigation(
@@ -91,12 +90,13 @@ def evaluate_mitigation(
         with torch.no_grad():
             original = scanner.encoder.encode([case.prompt]).embeddings
         before = _pixels(generate_images(pipeline, original, empty, latents, steps, guidance))
-        records["none"].append(_measure(case, data, before, before, untouched=True, seconds=0.0))
+        records["none"].append(_measure(case, data, before, before, untouched=True))
         for method in methods:
             result = mitigate(scanner, case.prompt, method, latents, settings, seed=seeds[0])
             after = _pixels(generate_images(pipeline, result.embedding, empty, latents, steps, guidance))
             untouched = result.prompt == case.prompt and torch.equal(result.embedding, original)
-            records[method].append(_measure(case, data, before, after, untouched, result.seconds))
+            reached = result.score_after <= settings.target
+            records[method].append(_measure(case, data, before, after, untouched, result.seconds, result.iterations, reached))
         progress(1)
     rows = [_summarize(name, entries) for name, entries in records.items()]
     normal = [r for r in records["none"] if r["colour"] is not None]
@@ -113,9 +113,15 @@ def evaluate_mitigation(
     }
 
 
-def _measure(case: Case, data: TestbedData, before: np.ndarray, after: np.ndarray, untouched: bool, seconds: float) -> dict:
-    """One prompt's figures for one method."""
-    record: dict = {"kind": case.kind, "colour": case.colour, "seconds": seconds, "untouched": untouched}
+def _measure(
+    case: Case, data: TestbedData, before: np.ndarray, after: np.ndarray, untouched: bool,
+    seconds: float = 0.0, iterations: int = 0, reached_target: bool | None = None,
+) -> dict:
+    """One prompt's figures for one method (the defaults: no mitigation)."""
+    record: dict = {
+        "kind": case.kind, "colour": case.colour, "seconds": seconds, "untouched": untouched,
+        "iterations": iterations, "reached_target": reached_target,
+    }
     if case.image_index is not None:
         own = normalized_cross_correlation(after, data.images[case.image_index : case.image_index + 1])[:, 0]
         record["reproduced"] = own >= REPRODUCTION_THRESHOLD
@@ -123,7 +129,7 @@ def _measure(case: Case, data: TestbedData, before: np.ndarray, after: np.ndarra
         record["fidelity_ncc"] = float(np.diag(normalized_cross_correlation(after, before)).mean())
         if case.colour is not None:
             record["colour_rate"] = float(shows_colour(after, case.colour).mean())
-            record["other_colour_rate"] = float(shows_colour(after, _other_colour(case.colour)).mean())
+            record["other_colour_rate"] = float(shows_colour(after, case.other_colour).mean())
     return record
 
 
@@ -145,6 +151,8 @@ def _summarize(method: str, entries: list[dict]) -> dict:
         "normal_attribute_rate": mean([e["colour_rate"] for e in coloured]),
         "seconds_per_prompt": mean([e["seconds"] for e in entries]),
         "planted_seconds_per_prompt": mean([e["seconds"] for e in planted]),
+        "planted_iterations": mean([e["iterations"] for e in planted]),
+        "planted_reached_target": mean([e["reached_target"] for e in planted if e["reached_target"] is not None]),
     }
 
 
@@ -156,13 +164,15 @@ def markdown_table(report: dict) -> str:
     lines = [
         "| method | planted memorized (any of "
         f"{len(report['seeds'])} seeds) | planted generations memorized | normal untouched | "
-        "normal fidelity (NCC to unmitigated) | normal named colour shown | s / prompt |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "normal fidelity (NCC to unmitigated) | normal named colour shown | s / prompt | "
+        "planted: iterations, share at target |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in report["methods"]:
         lines.append(
             f"| {row['method']} | {cell(row['planted_memorized'], '.1%')} | {cell(row['planted_memorized_generations'], '.1%')} "
             f"| {cell(row['normal_untouched'], '.1%')} | {cell(row['normal_fidelity_ncc'], '.3f')} "
-            f"| {cell(row['normal_attribute_rate'], '.1%')} | {cell(row['seconds_per_prompt'], '.3f')} |"
+            f"| {cell(row['normal_attribute_rate'], '.1%')} | {cell(row['seconds_per_prompt'], '.3f')} "
+            f"| {cell(row['planted_iterations'], '.1f')}, {cell(row['planted_reached_target'], '.0%')} |"
         )
     return "\n".join(lines)
