@@ -176,6 +176,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve_mitigation(args: argparse.Namespace, scanner, threshold: float | None):
+    """What `POST /v1/mitigate` aims for: as `memscan mitigate` with the service's calibration, else its threshold."""
+    from .calibration import load_calibration
+    from .mitigate import MitigationSettings
+
+    if threshold is None:
+        return None
+    target, trigger = _calibrated_targets(load_calibration(args.calibration), scanner) if args.calibration else (threshold, None)
+    return MitigationSettings(target=target, trigger=trigger, **_mitigation_budget(args))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the score/explain API and the prompt page until interrupted."""
     try:
@@ -188,7 +199,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise MemscanError(f"--port must be in 0..65535, got {args.port}")
     scanner, threshold = _scanner_and_threshold(args)
-    app = create_app(scanner, threshold=threshold, batch_size=args.batch_size)
+    app = create_app(scanner, threshold=threshold, mitigation=_serve_mitigation(args, scanner, threshold), batch_size=args.batch_size)
     print(f"memscan: serving {scanner.model.source} on http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return EXIT_OK
@@ -349,7 +360,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _add_mitigation_options(parser: argparse.ArgumentParser) -> None:
-    """The embedding optimization's target and budget (defaults: the paper's)."""
+    """The embedding optimization's target and budget (defaults: the model folder's, else the paper's)."""
     group = parser.add_argument_group("mitigation (the embed method)")
     target = group.add_mutually_exclusive_group()
     target.add_argument("--target", type=float, help="stop once the magnitude is <= this")
@@ -359,13 +370,33 @@ def _add_mitigation_options(parser: argparse.ArgumentParser) -> None:
         help="optimize prompts scoring >= the threshold of `memscan calibrate`'s FILE down to its normal prompts' "
         "median score (default: the model folder's calibration.json, which the bundled testbed has)",
     )
-    group.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate (default: 0.05, the paper's)")
-    group.add_argument("--iterations", type=int, default=10, help="at most this many steps (default: 10, the paper's)")
+    group.add_argument(
+        "--lr", type=float,
+        help="AdamW learning rate (default: the model folder's mitigation.json, which sets 0.1 for the bundled testbed; "
+        "else 0.05, the paper's)",
+    )
+    group.add_argument(
+        "--iterations", type=int, help="at most this many steps (default: the model folder's mitigation.json, else 10, the paper's)"
+    )
 
 
 def _check_mitigation_options(args: argparse.Namespace) -> None:
-    if args.lr <= 0 or args.iterations < 0:
+    if (args.lr is not None and not args.lr > 0) or (args.iterations is not None and args.iterations < 0):
         raise MemscanError("--lr must be > 0 and --iterations >= 0")
+
+
+def _calibrated_targets(calibration, scanner) -> tuple[float, float]:
+    """(target, trigger) from a calibration: flagged prompts (score >= threshold) go down to the normal median."""
+    trigger = calibration.threshold_for(scanner)
+    return (trigger if calibration.normal_median is None else calibration.normal_median), trigger
+
+
+def _mitigation_budget(args: argparse.Namespace) -> dict:
+    """`--lr`/`--iterations` where given, else the model folder's `mitigation.json`, else the paper's."""
+    from .mitigate import model_budget
+
+    given = {"learning_rate": getattr(args, "lr", None), "max_iterations": getattr(args, "iterations", None)}
+    return {**model_budget(args.model), **{key: value for key, value in given.items() if value is not None}}
 
 
 def mitigation_settings(args: argparse.Namespace, scanner):
@@ -379,19 +410,13 @@ def mitigation_settings(args: argparse.Namespace, scanner):
     if target is None and calibration is None and (Path(args.model) / "calibration.json").is_file():
         calibration = Path(args.model) / "calibration.json"
     if target is None and calibration is not None:
-        # Flagged prompts (score >= threshold) are optimized down to the normal prompts' median.
-        fitted = load_calibration(calibration)
-        trigger = fitted.threshold_for(scanner)
-        target = trigger if fitted.normal_median is None else fitted.normal_median
+        target, trigger = _calibrated_targets(load_calibration(calibration), scanner)
     if target is None and "embed" in getattr(args, "methods", [getattr(args, "method", "embed")]):
         raise MemscanError(
             "the embed method needs a target: --target X, or --calibration FILE from `memscan calibrate` "
             "(the threshold for normal prompts' scores)"
         )
-    return MitigationSettings(
-        target=float("inf") if target is None else target, learning_rate=args.lr, max_iterations=args.iterations,
-        trigger=trigger,
-    )
+    return MitigationSettings(target=float("inf") if target is None else target, trigger=trigger, **_mitigation_budget(args))
 
 
 def cmd_mitigate(args: argparse.Namespace) -> int:
@@ -427,6 +452,8 @@ def cmd_mitigate(args: argparse.Namespace) -> int:
         "score_after": result.score_after,
         "target": None if math.isinf(settings.target) else settings.target,
         "trigger": settings.trigger,
+        "learning_rate": settings.learning_rate,
+        "max_iterations": settings.max_iterations,
         "iterations": result.iterations,
         "seconds": result.seconds,
         "seeds": args.seeds,

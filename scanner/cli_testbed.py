@@ -197,7 +197,8 @@ def cmd_eval_mitigation(args: argparse.Namespace) -> int:
     if args.markdown:
         Path(args.markdown).write_text(table + "\n", encoding="utf-8")
     print(table)
-    print(f"named colour shown by chance (another colour): {report['chance_attribute_rate']:.1%}; target {settings.target:.4f}")
+    print(f"named colour shown by chance (another colour): {report['chance_attribute_rate']:.1%}; target {settings.target:.4f}, "
+          f"lr {settings.learning_rate}, at most {settings.max_iterations} iterations")
     return 0
 
 

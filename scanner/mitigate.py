@@ -7,23 +7,27 @@ over generations puts `L` on the scale of `memscan scan` scores, so that a targe
 from normal prompts' scores applies) with AdamW (lr 0.05), at most 10 iterations, stopping
 once `L <= target`. Position 0 (BOS) is not a parameter, so it stays exactly as encoded;
 the other positions move. Prompts already at or under the trigger (default: the target) are
-left untouched.
+left untouched. A model folder may set its own budget in `mitigation.json` (`model_budget`):
+the paper's was chosen for SD v1.4, as its target was.
 
 Baselines (Somepalli et al. 2023) change the prompt or the embedding at random instead.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .detect import Scanner
+from .errors import MemscanError
 from .generate import generate_images, seed_latents
 
 METHODS = ("embed", "rand-token", "rand-number", "embed-noise")
@@ -31,6 +35,7 @@ METHODS = ("embed", "rand-token", "rand-number", "embed-noise")
 RANDOM_TOKENS = 4  # decoded random CLIP tokens inserted at random word positions
 RANDOM_NUMBERS = 4  # random integers in [0, 10^6) inserted at random word positions
 EMBED_NOISE_STD = 0.1  # std of Gaussian noise added to every prompt position of the embedding
+BUDGET_FILE = "mitigation.json"  # in a model folder: {"learning_rate": ..., "max_iterations": ...}
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,24 @@ class MitigationSettings:
     learning_rate: float = 0.05
     max_iterations: int = 10
     trigger: float | None = None
+
+
+def model_budget(model: str | Path) -> dict[str, float | int]:
+    """The optimization budget a model folder's `mitigation.json` sets, as `MitigationSettings` fields ({} if none)."""
+    path = Path(model) / BUDGET_FILE
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MemscanError(f"{path}: not a readable JSON file ({exc})") from exc
+    budget = {key: config[key] for key in ("learning_rate", "max_iterations") if isinstance(config, dict) and key in config}
+    learning_rate, iterations = budget.get("learning_rate", 1.0), budget.get("max_iterations", 0)
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
+        raise MemscanError(f"{path}: learning_rate must be a number > 0, got {learning_rate!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise MemscanError(f"{path}: max_iterations must be an integer >= 0, got {iterations!r}")
+    return budget
 
 
 @dataclass

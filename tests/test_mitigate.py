@@ -111,6 +111,46 @@ def test_mitigate_takes_its_target_from_a_calibration(tmp_path, tiny_sd1, capsys
     assert main(["mitigate", *args]) == 0
     report, calibration = json.loads(capsys.readouterr().out), load_calibration(shipped)
     assert (report["trigger"], report["target"]) == (calibration.threshold, calibration.normal_median)
+    assert report["learning_rate"] == json.loads((default_model_path() / "mitigation.json").read_text())["learning_rate"]
     # A calibration made for another model is refused.
     assert main(["mitigate", *args, "--model", str(tiny_sd1), "--calibration", str(shipped)]) == 2
     assert "calibration is for model" in capsys.readouterr().err
+
+
+def test_model_budget_reads_a_model_folders_mitigation_json(tmp_path):
+    from scanner.errors import MemscanError
+    from scanner.mitigate import BUDGET_FILE, model_budget
+
+    assert model_budget(tmp_path) == {} and model_budget("org/not-a-folder") == {}
+    lr = float(torch.rand(()) + 0.01)
+    (tmp_path / BUDGET_FILE).write_text(json.dumps({"learning_rate": lr, "max_iterations": 3, "why": "measured"}))
+    assert model_budget(tmp_path) == {"learning_rate": lr, "max_iterations": 3}
+    for bad in ({"learning_rate": 0}, {"learning_rate": "0.1"}, {"max_iterations": 2.5}, {"max_iterations": True}):
+        (tmp_path / BUDGET_FILE).write_text(json.dumps(bad))
+        with pytest.raises(MemscanError, match=BUDGET_FILE):
+            model_budget(tmp_path)
+    (tmp_path / BUDGET_FILE).write_text("{")
+    with pytest.raises(MemscanError, match="not a readable JSON"):
+        model_budget(tmp_path)
+
+
+def test_mitigate_command_takes_its_budget_from_the_model_folder(tmp_path, tiny_sd1, capsys):
+    import shutil
+
+    from scanner.generate import build_pipeline
+    from scanner.mitigate import BUDGET_FILE, mitigate_and_generate
+
+    folder = shutil.copytree(tiny_sd1, tmp_path / "model")
+    lr = float(torch.empty(()).uniform_(0.02, 0.2))
+    (folder / BUDGET_FILE).write_text(json.dumps({"learning_rate": lr, "max_iterations": 3}))
+    args = [PROMPT, "--model", str(folder), "--out", str(tmp_path / "m"), "--target", "0", "--seeds", "0", "--json"]
+    assert main(["mitigate", *args]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["learning_rate"], report["max_iterations"], report["iterations"]) == (lr, 3, 3)
+    scanner = Scanner(load_model(folder, device="cpu"), DetectSettings())
+    expected = mitigate_and_generate(scanner, build_pipeline(scanner.model), PROMPT, "embed", [0], MitigationSettings(0, lr, 3))
+    assert report["score_after"] == pytest.approx(expected.result.score_after, rel=1e-5)
+    # The options override the folder's budget.
+    assert main(["mitigate", *args, "--lr", "0.05", "--iterations", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["learning_rate"], report["iterations"]) == (0.05, 1)

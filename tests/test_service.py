@@ -103,6 +103,38 @@ def test_mitigate_matches_the_library(client, scanner, threshold, method):
             assert np.abs(_png_pixels(url).astype(int) - image).max() <= 1
 
 
+def test_mitigate_aims_for_the_services_mitigation_settings(scanner, threshold):
+    # Not the threshold: a target and budget of its own (as `memscan serve --calibration` sets them).
+    settings = MitigationSettings(target=0.0, learning_rate=float(np.random.uniform(0.02, 0.2)), max_iterations=2)
+    with TestClient(create_app(scanner, threshold=threshold, mitigation=settings)) as client:
+        body = client.post("/v1/mitigate", json={"prompt": PROMPT, "seeds": [0]}).json()
+    expected = mitigate_and_generate(Scanner(scanner.model, scanner.settings), build_pipeline(scanner.model), PROMPT,
+                                     "embed", [0], settings)
+    assert (body["target"], body["iterations"]) == (0.0, 2)
+    assert body["score_after"] == pytest.approx(expected.result.score_after, rel=1e-5)
+
+
+def test_serve_mitigates_as_memscan_mitigate_does_with_a_calibration():
+    from argparse import Namespace
+
+    from scanner.calibration import load_calibration
+    from scanner.cli import _serve_mitigation
+    from scanner.mitigate import model_budget
+    from scanner.testbed import default_model_path
+
+    folder = default_model_path()
+    calibration = load_calibration(folder / "calibration.json")
+    testbed = Scanner(load_model(folder, device="cpu"), DetectSettings())
+    settings = _serve_mitigation(Namespace(model=str(folder), calibration=str(folder / "calibration.json")), testbed,
+                                 calibration.threshold)
+    assert (settings.target, settings.trigger) == (calibration.normal_median, calibration.threshold)
+    assert settings.learning_rate == model_budget(folder)["learning_rate"]
+    # With --threshold alone there is one target, the threshold; with neither, nothing to aim for.
+    plain = _serve_mitigation(Namespace(model=str(folder), calibration=None), testbed, 0.5)
+    assert (plain.target, plain.trigger) == (0.5, None)
+    assert _serve_mitigation(Namespace(model=str(folder), calibration=None), testbed, None) is None
+
+
 def test_healthz_and_page(client, scanner):
     assert client.get("/healthz").json()["model"] == scanner.model.fingerprint
     page = client.get("/")

@@ -143,8 +143,15 @@ def _error(status: int, reason: str, detail=None) -> JSONResponse:
     return JSONResponse({"error": reason, "detail": detail}, status_code=status)
 
 
-def create_app(scanner: Scanner, threshold: float | None = None, batch_size: int = 16, window_s: float = 0.005) -> FastAPI:
-    """The service for one loaded Scanner; `threshold` (optional) turns scores into verdicts."""
+def create_app(
+    scanner: Scanner, threshold: float | None = None, mitigation: MitigationSettings | None = None,
+    batch_size: int = 16, window_s: float = 0.005,
+) -> FastAPI:
+    """The service for one loaded Scanner; `threshold` (optional) turns scores into verdicts.
+
+    `mitigation` is what `POST /v1/mitigate` aims for (default: the threshold, with the paper's budget)."""
+    if mitigation is None and threshold is not None:
+        mitigation = MitigationSettings(target=threshold)
     if scanner.settings.noise != "shared":
         raise MemscanError("the service scores each prompt on its own; use --noise shared")
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memscan-model")
@@ -227,20 +234,21 @@ def create_app(scanner: Scanner, threshold: float | None = None, batch_size: int
     def mitigate_prompt(request: MitigateRequest) -> MitigateResponse:
         from ..generate import build_pipeline
 
-        if request.method == "embed" and threshold is None:
-            raise MemscanError("the embed method mitigates down to the threshold: start memscan serve with --threshold")
+        if request.method == "embed" and mitigation is None:
+            raise MemscanError(
+                "the embed method needs a target: start memscan serve with --threshold or --calibration"
+            )
         if not pipelines:
             pipelines.append(build_pipeline(scanner.model))
         settings = scanner.settings
-        target = MitigationSettings(target=threshold if threshold is not None else float("inf"))
         done = mitigate_and_generate(
-            scanner, pipelines[0], request.prompt, request.method, request.seeds, target,
-            settings.num_inference_steps, settings.guidance_scale,
+            scanner, pipelines[0], request.prompt, request.method, request.seeds,
+            mitigation or MitigationSettings(target=float("inf")), settings.num_inference_steps, settings.guidance_scale,
         )
         result = done.result
         return MitigateResponse(
             prompt=request.prompt, method=result.method, mitigated_prompt=result.prompt,
-            score_before=result.score_before, score_after=result.score_after, target=threshold,
+            score_before=result.score_before, score_after=result.score_after, target=None if mitigation is None else mitigation.target,
             iterations=result.iterations, seconds=result.seconds,
             images_before=[_png_data_url(image) for image in done.before],
             images_after=[_png_data_url(image) for image in done.after],
@@ -248,7 +256,7 @@ def create_app(scanner: Scanner, threshold: float | None = None, batch_size: int
 
     @app.post("/v1/mitigate")
     async def mitigate(request: MitigateRequest) -> MitigateResponse:
-        """Mitigate one prompt (down to the service's threshold) and generate before and after, per seed."""
+        """Mitigate one prompt (down to the service's target) and generate before and after, per seed."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(worker, mitigate_prompt, request)
 
