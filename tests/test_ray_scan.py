@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ from scanner.cli import main
 from scanner.detect import DetectSettings, Scanner, ScannerSpec
 from scanner.errors import MemscanError
 from scanner.io import check_inputs, count_rows, read_prompts
+from scanner.io.readers import CSV_FIELD_LIMIT
 from scanner.testbed import default_model_path
 
 
@@ -185,6 +188,54 @@ def test_row_counts_and_globs_agree_with_the_readers(tmp_path):
     assert [r.index for r in read_prompts(paths[1:2], first_index=7)] == list(range(7, 12))
     with pytest.raises(MemscanError, match="no file matches"):
         check_inputs([str(tmp_path / "*.csvx")])
+
+
+def _random_words(rng: random.Random, count: int) -> str:
+    return " ".join(rng.choices(["a", "red", "cube", "on", "the", "table", "café", "harbour", "at", "dusk"], k=count))
+
+
+def test_a_runaway_csv_quote_stops_the_file_after_the_good_rows(tmp_path, capsys):
+    """Prompts over Python's 128 KiB field default are read; a field over CSV_FIELD_LIMIT exits 2 with one line."""
+    rng = random.Random()
+    short, long = _random_words(rng, 6), _random_words(rng, 40_000)
+    assert len(long) > 131_072
+    # Row 3 opens a quote that never closes: every later line becomes part of its field.
+    later = "".join(f"{4 + i},{_random_words(rng, 8)}\n" for i in range(CSV_FIELD_LIMIT // 40))
+    assert len(later) > CSV_FIELD_LIMIT
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text(f'id,prompt\n1,{short}\n2,"{long}"\n3,"an unclosed quote\n{later}', encoding="utf-8")
+
+    assert check_inputs([csv_path]) == [csv_path]  # only the header is read up front
+    rows = read_prompts([csv_path])
+    assert [next(rows).prompt, next(rows).prompt] == [short, long]
+    message = f"{csv_path}: unreadable after row 2: field larger than field limit ({CSV_FIELD_LIMIT})"
+    with pytest.raises(MemscanError) as error:
+        next(rows)
+    assert str(error.value) == message
+    with pytest.raises(MemscanError) as error:
+        count_rows(csv_path)
+    assert str(error.value) == message
+    err = _one_line_error(capsys, main(["scan", str(csv_path), "--out", str(tmp_path / "o.jsonl")]))
+    assert err == f"memscan: error: {message}"
+
+
+def test_a_corrupt_parquet_row_group_stops_the_file_after_the_good_ones(tmp_path):
+    rng = random.Random()
+    prompts = [_random_words(rng, rng.randint(3, 12)) for _ in range(60)]
+    parquet = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": prompts}), parquet, row_group_size=20)
+    chunk = pq.ParquetFile(parquet).metadata.row_group(1).column(0)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    data = parquet.read_bytes()
+    parquet.write_bytes(data[: start + 10] + data[start + 60 :])  # 50 bytes cut from group 2's first page header
+
+    assert check_inputs([parquet]) == [parquet]  # the footer and schema are intact
+    assert count_rows(parquet) == 60  # as the footer says
+    rows = read_prompts([parquet])
+    assert [next(rows).prompt for _ in range(20)] == prompts[:20]
+    with pytest.raises(MemscanError, match=rf"^{re.escape(str(parquet))}: unreadable after row 20: \S") as error:
+        next(rows)
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.slow

@@ -68,17 +68,15 @@ def usable_inputs(inputs: Sequence[str | Path], field: str | None = None) -> tup
 def _readable_rows(paths: Sequence[Path], field: str | None) -> Iterator[InputRow]:
     """The rows of each file; a file that breaks while being read is rejected from there on."""
     for path in paths:
-        read = 0
         rows = read_prompts([path], field)
         while True:
             try:
                 row = next(rows)
             except StopIteration:
                 break
-            except OSError as exc:  # pyarrow and the file system raise OSError for corrupt or vanished data
-                yield InputRow(str(path), -1, None, f"unreadable after row {read}: {one_line(exc)}")
+            except MemscanError as exc:  # the readers' "unreadable after row N" for corrupt or vanished data
+                yield InputRow(str(path), -1, None, str(exc).removeprefix(f"{path}: "))
                 break
-            read += 1
             yield row
 
 
