@@ -47,8 +47,8 @@ def read_labelled_prompts(path: str | Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise MemscanError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or "prompt" not in row or row.get("label") not in (0, 1):
-            raise MemscanError(f"{path}:{number}: each row needs 'prompt' and 'label' (0 or 1)")
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or row.get("label") not in (0, 1):
+            raise MemscanError(f"{path}:{number}: each row needs 'prompt' (a string) and 'label' (0 or 1)")
         rows.append({"prompt": row["prompt"], "label": int(row["label"]), "kind": row.get("kind", "")})
     labels = {row["label"] for row in rows}
     if labels != {0, 1}:

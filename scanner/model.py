@@ -106,7 +106,9 @@ def check_layout(path: Path) -> None:
     """Refuse folders that are not a supported text-to-image UNet pipeline, with the reason."""
     index_file = path / "model_index.json"
     if index_file.is_file():
-        pipeline = json.loads(index_file.read_text()).get("_class_name", "")
+        index = _read_json(index_file)
+        # Only read to name unsupported pipelines: components load one by one without it.
+        pipeline = index.get("_class_name", "") if isinstance(index, dict) else ""
         if pipeline in UNSUPPORTED_PIPELINES:
             raise MemscanError(f"{path}: {pipeline} is not supported: {UNSUPPORTED_PIPELINES[pipeline]}")
     missing = [c for c in REQUIRED_COMPONENTS if not (path / c).is_dir()]

@@ -14,6 +14,7 @@ from scanner.calibration import Calibration, fit_calibration, fit_threshold, loa
 from scanner.cli import main
 from scanner.detect import DetectSettings, Scanner
 from scanner.errors import MemscanError
+from scanner.evaluate import read_labelled_prompts
 from scanner.model import fingerprint, load_model
 from scanner.scan import scanner_settings
 
@@ -63,6 +64,27 @@ def test_bad_target_or_one_sided_labels_are_refused():
         fit_calibration(np.arange(10) % 2, scores, 1.0, model="m", settings=SETTINGS)
     with pytest.raises(MemscanError, match="both"):
         fit_calibration(np.ones(10), scores, 0.01, model="m", settings=SETTINGS)
+
+
+def test_labelled_prompts_with_a_bad_row_are_refused_at_that_row(tmp_path):
+    rng = random.Random()
+    good = [{"prompt": f"a photo of thing {rng.randrange(10**6)}", "label": i % 2} for i in range(rng.randint(2, 8))]
+    path = tmp_path / "labels.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in good))
+    assert [(r["prompt"], r["label"]) for r in read_labelled_prompts(path)] == [(r["prompt"], r["label"]) for r in good]
+    bad_rows = (
+        {"prompt": None, "label": 0},
+        {"prompt": 7, "label": 1},
+        {"prompt": ["a cat"], "label": 0},
+        {"label": 1},
+        {"prompt": "a cat", "label": 2},
+        ["a cat", 1],
+    )
+    for bad in bad_rows:
+        path.write_text("".join(json.dumps(row) + "\n" for row in [*good, bad]))
+        with pytest.raises(MemscanError) as refused:
+            read_labelled_prompts(path)
+        assert str(refused.value) == f"{path}:{len(good) + 1}: each row needs 'prompt' (a string) and 'label' (0 or 1)"
 
 
 def _calibration(model: str = "sha256:0123456789abcdef", settings: dict = SETTINGS) -> Calibration:

@@ -43,6 +43,14 @@ def test_refuses_unsupported_pipelines(tmp_path, tiny_sd1):
     with pytest.raises(MemscanError, match="text-conditioned UNet2DConditionModel"):
         load_model(unconditional, device="cpu")
 
+    broken_index = tmp_path / "broken_index"
+    shutil.copytree(tiny_sd1, broken_index)
+    (broken_index / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline",')
+    with pytest.raises(MemscanError, match=r"model_index\.json is not valid JSON"):
+        load_model(broken_index, device="cpu")
+    (broken_index / "model_index.json").write_text('["StableDiffusionXLPipeline"]')  # not an object: names no pipeline
+    assert load_model(broken_index, device="cpu").fingerprint == fingerprint(tiny_sd1)
+
     no_tokenizer = tmp_path / "partial"
     shutil.copytree(tiny_sd1, no_tokenizer)
     shutil.rmtree(no_tokenizer / "tokenizer")
