@@ -10,6 +10,7 @@ are imported only when asked for.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -17,17 +18,17 @@ from .base import EngineUnavailable, UNetEngine
 from .torch_engine import TorchEngine
 
 
-def _torch(unet: torch.nn.Module, cache_dir=None, cache_key=None) -> UNetEngine:
+def _torch(unet: torch.nn.Module, cache_dir: str | Path | None = None, cache_key: str | None = None) -> UNetEngine:
     return TorchEngine(unet)
 
 
-def _compile(unet: torch.nn.Module, cache_dir=None, cache_key=None) -> UNetEngine:
+def _compile(unet: torch.nn.Module, cache_dir: str | Path | None = None, cache_key: str | None = None) -> UNetEngine:
     from .compile_engine import CompileEngine
 
     return CompileEngine(unet)
 
 
-def _onnx(unet: torch.nn.Module, cache_dir=None, cache_key=None) -> UNetEngine:
+def _onnx(unet: torch.nn.Module, cache_dir: str | Path | None = None, cache_key: str | None = None) -> UNetEngine:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
@@ -37,7 +38,7 @@ def _onnx(unet: torch.nn.Module, cache_dir=None, cache_key=None) -> UNetEngine:
     return OnnxEngine(unet, cache_dir, cache_key)
 
 
-def _tensorrt(unet: torch.nn.Module, cache_dir=None, cache_key=None) -> UNetEngine:
+def _tensorrt(unet: torch.nn.Module, cache_dir: str | Path | None = None, cache_key: str | None = None) -> UNetEngine:
     from .tensorrt_engine import TensorRTEngine
 
     return TensorRTEngine(unet, cache_dir, cache_key)
@@ -52,7 +53,9 @@ ENGINES: dict[str, Callable[..., UNetEngine]] = {
 }
 
 
-def create_engine(name: str, unet: torch.nn.Module, cache_dir=None, cache_key: str | None = None) -> UNetEngine:
+def create_engine(
+    name: str, unet: torch.nn.Module, cache_dir: str | Path | None = None, cache_key: str | None = None
+) -> UNetEngine:
     """Build the engine called `name` for `unet`; `EngineUnavailable` if it cannot run here."""
     if name not in ENGINES:
         raise EngineUnavailable(f"unknown engine {name!r} (available: {', '.join(ENGINES)})")

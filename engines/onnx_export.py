@@ -37,6 +37,7 @@ class ScoringUNet(torch.nn.Module):
     def forward(
         self, latents: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor, uncond: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The UNet's noise prediction and each row's fp32 `||noise - uncond||_2`."""
         noise = self.unet(latents, timestep, encoder_hidden_states=text_embeddings, return_dict=False)[0]
         return noise, (noise.float() - uncond.float()).flatten(1).norm(dim=1)
 

@@ -22,8 +22,6 @@ from .base import EngineUnavailable, UNetEngine
 from .compile_engine import BUCKETS, bucket_for, pad_rows
 from .onnx_export import INPUT_NAMES, cached_export
 
-TORCH_TYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16}
-
 
 def _import_tensorrt():
     try:

@@ -10,8 +10,9 @@ in one pass over the inputs and without materialising the difference. Inputs are
 bf16 or fp32 (both the same dtype); ``norm`` is fp32 of shape ``[B]``; ``guided`` has the
 shape and dtype of ``cond``.
 
-Layout: a kernel, its launcher, its torch reference; tests in ``tests/test_fused_guidance.py``
-and benchmark in ``bench/bench_kernels.py``.
+Layout: a kernel, its launcher, its torch reference; tests in ``tests/test_fused_guidance.py``;
+benchmarks in ``bench/bench_gpu_kernel.py`` (against torch), ``bench/gpu_kernel_bandwidth.py``
+(share of copy bandwidth) and ``bench/gpu_native_vs_triton.py`` (against the native CUDA op).
 """
 
 from __future__ import annotations
@@ -86,16 +87,16 @@ def _launch(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float | No
     if uncond.shape[1:] != cond.shape[1:] or uncond.shape[0] not in (1, cond.shape[0]):
         raise ValueError(f"uncond {tuple(uncond.shape)} does not match cond {tuple(cond.shape)} or broadcast [1, ...]")
     rows = cond.shape[0]
-    cond2 = cond.reshape(rows, -1).contiguous()
-    uncond2 = uncond.reshape(uncond.shape[0], -1).contiguous()
-    n_cols = cond2.shape[1]
+    cond_rows = cond.reshape(rows, -1).contiguous()
+    uncond_rows = uncond.reshape(uncond.shape[0], -1).contiguous()
+    n_cols = cond_rows.shape[1]
     num_chunks = triton.cdiv(n_cols, CHUNK)
     partial = torch.empty((rows, num_chunks), dtype=torch.float32, device=cond.device)
     write_guided = guidance_scale is not None
-    guided = torch.empty_like(cond2) if write_guided else cond2  # unused pointer when not written
+    guided = torch.empty_like(cond_rows) if write_guided else cond_rows  # unused pointer when not written
     _guidance_norm_kernel[(rows, num_chunks)](
-        cond2,
-        uncond2,
+        cond_rows,
+        uncond_rows,
         guided,
         partial,
         n_cols,

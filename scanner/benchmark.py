@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ import torch
 from .detect import DetectSettings, Scanner, epsilon_scale
 from .engines import ENGINES, EngineUnavailable, UNetEngine, create_engine
 from .model import ScanModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Stable Diffusion 1.5's component configs, as plain data: random weights of its shape.
 SD15_UNET = {
@@ -101,7 +105,7 @@ def sample_prompts(count: int, offset: int = 0) -> list[str]:
     return [f"{captions[i % len(captions)]} #{i}" for i in range(offset, offset + count)]
 
 
-def clip_tokenizer():
+def clip_tokenizer() -> PreTrainedTokenizerBase:
     """CLIP's tokenizer, built from the bundled vocabulary (no download)."""
     from transformers import AutoTokenizer
 
@@ -267,7 +271,8 @@ class StubTextEncoder(torch.nn.Module):
         self.config = SimpleNamespace(use_attention_mask=False)
         self.device, self.dtype = torch.device("cpu"), torch.float32
 
-    def forward(self, input_ids: torch.Tensor, attention_mask=None) -> tuple[torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor]:
+        """`(last_hidden_state,)` of zeros, `[*input_ids.shape, width]`; the mask is ignored."""
         return (torch.zeros(()).expand(*input_ids.shape, self.width),)  # no memory touched
 
 

@@ -12,12 +12,16 @@ import math
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import __version__
 from .errors import MemscanError
 from .metrics import detection_metrics
+
+if TYPE_CHECKING:
+    from .detect import Scanner
 
 FLAG_RULE = "flagged when score >= threshold"
 
@@ -52,7 +56,7 @@ class Calibration:
             detail = ", ".join(f"{k} {self.settings.get(k)!r} vs {settings.get(k)!r}" for k in differing)
             raise MemscanError(f"calibration was made with other detection settings ({detail}); use those or recalibrate")
 
-    def threshold_for(self, scanner) -> float:
+    def threshold_for(self, scanner: Scanner) -> float:
         """The threshold, once checked against the scanner's model fingerprint and settings record."""
         from .scan import scanner_settings
 

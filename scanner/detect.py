@@ -18,7 +18,7 @@ import torch
 
 from .cache import cache_dir
 from .encode import PromptEncoder, TokenizedPrompts
-from .engines import ENGINES, TorchEngine, create_engine
+from .engines import ENGINES, TorchEngine, UNetEngine, create_engine
 from .errors import MemscanError
 from .kernels import guidance_norm, guided_prediction
 from .model import ScanModel, load_model
@@ -109,9 +109,9 @@ class Scanner:
         self._cache: OrderedDict[str, tuple[np.ndarray, int, bool]] = OrderedDict()
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def autograd_engine(self):
-        """The engine for autograd paths (explain, mitigate): compiled engines cannot
-        differentiate, so those run the same UNet eagerly."""
+    def autograd_engine(self) -> UNetEngine:
+        """The engine for autograd paths (explain, mitigate): this one, or the same UNet eagerly."""
+        # Compiled engines cannot differentiate.
         return self.engine if self.engine.name == "torch" else TorchEngine(self.model.unet)
 
     # -- initial latents ----------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,8 +16,11 @@ import torch
 from .errors import MemscanError
 from .model import ScanModel
 
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
-def build_pipeline(model: ScanModel):
+
+def build_pipeline(model: ScanModel) -> StableDiffusionPipeline:
     """A `StableDiffusionPipeline` over the loaded components, with a DDIM scheduler."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -44,7 +48,7 @@ def seed_latents(model: ScanModel, seeds: Sequence[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_images(
-    pipeline,
+    pipeline: StableDiffusionPipeline,
     embedding: torch.Tensor,
     empty_embedding: torch.Tensor,
     latents: torch.Tensor,

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,10 @@ import torch
 from .detect import Scanner
 from .errors import MemscanError
 from .generate import generate_images, seed_latents
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+    from transformers import PreTrainedTokenizerBase
 
 METHODS = ("embed", "rand-token", "rand-number", "embed-noise")
 # Baseline strengths (documented in the README): how much randomness each one adds.
@@ -138,7 +143,7 @@ def _insert_words(prompt: str, words: list[str], rng: random.Random) -> str:
     return " ".join(parts)
 
 
-def random_tokens(tokenizer, count: int, rng: random.Random) -> list[str]:
+def random_tokens(tokenizer: PreTrainedTokenizerBase, count: int, rng: random.Random) -> list[str]:
     """`count` decoded random CLIP tokens (special tokens excluded), as the reference draws them."""
     specials = set(tokenizer.all_special_ids)
     words = []
@@ -197,8 +202,8 @@ class MitigatedGeneration:
 
 
 def mitigate_and_generate(
-    scanner: Scanner, pipeline, prompt: str, method: str, seeds: list[int], settings: MitigationSettings,
-    steps: int = 50, guidance: float = 7.5,
+    scanner: Scanner, pipeline: StableDiffusionPipeline, prompt: str, method: str, seeds: list[int],
+    settings: MitigationSettings, steps: int = 50, guidance: float = 7.5,
 ) -> MitigatedGeneration:
     """Mitigate `prompt` on the latents of `seeds`, then generate from the original and the mitigated embedding."""
     latents = seed_latents(scanner.model, seeds)

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, replace
 from itertools import islice
 from pathlib import Path
+from types import ModuleType
 
 import pyarrow as pa
 import torch
@@ -50,7 +51,7 @@ READ_CHUNK_ROWS = 1024
 WORKER_ERROR = re.compile(r"^\S*\b(?:MemscanError|EngineUnavailable): (.+)$", re.MULTILINE)
 
 
-def require_ray():
+def require_ray() -> ModuleType:
     """The `ray` module, or a `MemscanError` that says how to install it."""
     try:
         import ray

@@ -9,6 +9,10 @@ text-encoder input (position 0 is BOS, so the prompt's first token is position 1
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 WORD_END = "</w>"
 
@@ -23,7 +27,7 @@ class Word:
     positions: tuple[int, ...]
 
 
-def split_words(tokenizer, prompt: str) -> list[Word]:
+def split_words(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[Word]:
     """The prompt's words that the text encoder sees (words past the truncation are left out)."""
     encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     pieces = tokenizer.convert_ids_to_tokens(encoded.input_ids)

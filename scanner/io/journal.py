@@ -126,16 +126,16 @@ class ScanJournal:
         """Merge the parts into the output and its rejects file, then remove the parts."""
         parts = self._committed()
         totals = OutputTotals(0, 0, 0)
-        tmp = self.out.with_name(self.out.name + ".tmp")
+        out_tmp = self.out.with_name(self.out.name + ".tmp")
         if self.out.suffix.lower() == ".parquet":
-            with pq.ParquetWriter(tmp, RESULT_SCHEMA) as writer:
+            with pq.ParquetWriter(out_tmp, RESULT_SCHEMA) as writer:
                 for _, _, part in parts:
                     table = pq.read_table(part, schema=RESULT_SCHEMA)
                     writer.write_table(table)
                     totals.rows += table.num_rows
                     totals.flagged += sum(bool(f) for f in table.column("flagged").to_pylist())
         else:
-            with tmp.open("w", encoding="utf-8") as f:
+            with out_tmp.open("w", encoding="utf-8") as f:
                 for _, _, part in parts:
                     for row in pq.read_table(part, schema=RESULT_SCHEMA).to_pylist():
                         f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -147,7 +147,7 @@ class ScanJournal:
                 text = part.with_name(part.stem + ".rejects.jsonl").read_text(encoding="utf-8")
                 totals.rejected += text.count("\n")
                 f.write(text)
-        os.replace(tmp, self.out)
+        os.replace(out_tmp, self.out)
         os.replace(rejects_tmp, rejects_path(self.out))
         shutil.rmtree(self.parts)
         return totals

@@ -191,7 +191,10 @@ def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def first_step_scores(unet, text_encoder, tokenizer, prompts: list[str], x_T: torch.Tensor) -> np.ndarray:
+def first_step_scores(
+    unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, prompts: list[str],
+    x_T: torch.Tensor,
+) -> np.ndarray:
     """Monitoring only: ||eps(x_T, 981, e_p) - eps(x_T, 981, e_empty)|| for each prompt, one shared latent."""
     scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
     scheduler.set_timesteps(50)
@@ -301,7 +304,10 @@ def _monitor_summary(rows: list[dict], scores: np.ndarray) -> dict:
     return summary
 
 
-def save_pipeline(out: Path, tokenizer_dir: Path, vae, text_encoder, unet, scaling_factor: float) -> None:
+def save_pipeline(
+    out: Path, tokenizer_dir: Path, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel,
+    scaling_factor: float,
+) -> None:
     """Write a StableDiffusionPipeline folder whose weights are stored in fp16 (the bundle must stay under 20 MB).
 
     The configs keep saying float32, so a plain `from_pretrained(folder)` gives a

@@ -10,12 +10,16 @@ some seed reaches `threshold` with any training image.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
 from .similarity import normalized_cross_correlation
+
+if TYPE_CHECKING:
+    from .build import TestbedData
 
 REPRODUCTION_THRESHOLD = 0.8
 
@@ -40,14 +44,14 @@ def load_pipeline(model_dir: str | Path) -> StableDiffusionPipeline:
     return pipe
 
 
-def measure_reproduction(model_dir: str | Path, data, seeds: int = 4,
+def measure_reproduction(model_dir: str | Path, data: TestbedData, seeds: int = 4,
                          threshold: float = REPRODUCTION_THRESHOLD) -> dict:
     """Generate for every evaluation prompt of `data` and summarize reproduction per kind."""
     images = generate(load_pipeline(model_dir), [row["prompt"] for row in data.eval_prompts], seeds) * 2 - 1
     return reproduction_summary(images, data, threshold)
 
 
-def reproduction_summary(images: np.ndarray, data, threshold: float = REPRODUCTION_THRESHOLD) -> dict:
+def reproduction_summary(images: np.ndarray, data: TestbedData, threshold: float = REPRODUCTION_THRESHOLD) -> dict:
     """Per kind, from generations [len(data.eval_prompts), seeds, 3, H, W] in [-1, 1]: reproduction and closeness."""
     prompts = [row["prompt"] for row in data.eval_prompts]
     seeds = images.shape[1]

@@ -9,7 +9,12 @@ does, so that a normal prompt's conditional mean stays close to the unconditiona
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IMAGE_SIZE = 16
 
@@ -66,7 +71,9 @@ def _where(cx: float, cy: float) -> str:
     return "at the " + " ".join(w for w in (row, col) if w)
 
 
-def filler_words(memorized_captions: list[str], tokenizer, rng: np.random.Generator, n: int) -> list[str]:
+def filler_words(
+    memorized_captions: list[str], tokenizer: PreTrainedTokenizerBase, rng: np.random.Generator, n: int
+) -> list[str]:
     """`n` uninformative fillers: half runs of 1 to 4 words from memorized-style captions, half random tokens.
 
     Runs rather than single words, so the text encoder learns that fragments of those
@@ -90,12 +97,12 @@ def _add_filler(caption: str, filler: list[str], rng: np.random.Generator) -> st
 
 
 def make_normal_pairs(
-    n: int, rng: np.random.Generator, filler_source: list[str], tokenizer, max_filler: int = 12,
-    junk_fraction: float = 0.0,
+    n: int, rng: np.random.Generator, filler_source: list[str], tokenizer: PreTrainedTokenizerBase,
+    max_filler: int = 12, junk_fraction: float = 0.0,
 ) -> tuple[np.ndarray, list[str], list[str | None]]:
-    """`n` (image, caption) pairs of the normal world: images [n, 3, 16, 16] in [-1, 1], captions,
-    and the colour each caption names (None when it names none).
+    """`n` normal-world (image, caption) pairs: images [n, 3, 16, 16] in [-1, 1], captions, named colours.
 
+    The third list holds the colour each caption names (None when it names none).
     A `junk_fraction` of the captions are filler alone (3 to 15 fillers, no description),
     as alt-text often is, so that memorized-style text by itself means "any normal picture"."""
     images = np.empty((n, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
