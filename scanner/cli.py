@@ -1,4 +1,4 @@
-"""`memscan`: the command-line face. Only this module parses arguments, prints and exits.
+"""`memscan`: the command-line face. Only the `cli*` modules parse arguments, print and exit.
 
 Exit codes: 0 success; 1 internal error (a bug: please report it); 2 a usage or input
 problem (bad option, missing file, bad model path, unwritable output), reported in one line;
@@ -11,10 +11,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .engines import ENGINES, EngineUnavailable
 from .errors import MemscanError
+
+if TYPE_CHECKING:
+    from .calibration import Calibration
+    from .detect import Scanner
+    from .mitigate import MitigationSettings
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FLAGGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES_HELP = """exit codes:
@@ -23,6 +32,27 @@ EXIT_CODES_HELP = """exit codes:
   2    usage or input error (bad option, missing file, bad model, unwritable output)
   3    prompts flagged and --fail-on-flagged given
   130  interrupted (re-run the same command to resume)"""
+
+
+def output_file(path: str, suffixes: Sequence[str] = ()) -> Path:
+    """`path` as a file to write at the end of long work, checked now: its folder is made, a folder is refused."""
+    target = Path(path)
+    if suffixes and target.suffix.lower() not in suffixes:
+        raise MemscanError(f"{target}: the file name must end in one of {', '.join(suffixes)}")
+    if target.is_dir():
+        raise MemscanError(f"{target} is a folder, not a file")
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn a failure to write `path` into a one-line `MemscanError`."""
+    try:
+        yield
+    except OSError as exc:
+        raise MemscanError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def _quiet_libraries() -> None:
@@ -47,14 +77,16 @@ def _default_model() -> str:
 ENGINE_HELP = f"UNet backend: {', '.join(ENGINES)} (default: torch)"
 
 
-def _add_model_options(parser: argparse.ArgumentParser, engine_help: str = ENGINE_HELP) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, engine_help: str | None = ENGINE_HELP) -> None:
+    """--model, --device, --dtype and (unless `engine_help` is None: commands that need autograd) --engine."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model", default=_default_model(), help="diffusers pipeline folder, or a hub id in the local HF cache (default: the bundled testbed)"
     )
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N (default: auto)")
     group.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
-    group.add_argument("--engine", default="torch", help=engine_help)
+    if engine_help is not None:
+        group.add_argument("--engine", default="torch", help=engine_help)
 
 
 def _add_detect_options(parser: argparse.ArgumentParser) -> None:
@@ -114,6 +146,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from .scan import run_scan
 
     check_inputs(args.inputs, args.field)  # input errors before the slow model load
+    if args.checkpoint_rows < 1:
+        raise MemscanError(f"--checkpoint-rows must be >= 1, got {args.checkpoint_rows}")
     if check_ray_options(args):  # the workers load the model; a calibration is checked against their settings
         from .calibration import load_calibration
 
@@ -176,7 +210,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _serve_mitigation(args: argparse.Namespace, scanner, threshold: float | None):
+def _serve_mitigation(args: argparse.Namespace, scanner: Scanner, threshold: float | None) -> MitigationSettings | None:
     """What `POST /v1/mitigate` aims for: as `memscan mitigate` with the service's calibration, else its threshold."""
     from .calibration import load_calibration
     from .mitigate import MitigationSettings
@@ -245,10 +279,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Time first-step detection side by side (modes a-d), or the orchestrator with no-op models."""
     import json
     import tempfile
-    from pathlib import Path
 
     from . import benchmark
 
+    if args.batch_size < 1 or (args.prompts is not None and args.prompts < 1):
+        raise MemscanError("--batch-size and --prompts must be >= 1")
+    json_out = output_file(args.json) if args.json else None  # before the timing, not after it
     if args.orchestrator:
         count = args.prompts or (100_000 if args.quick else 1_000_000)
         with tempfile.TemporaryDirectory() as folder:
@@ -257,8 +293,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"orchestrator, no-op model: {result.prompts} prompts, batch {args.batch_size}: {result.prompts_per_s:,.0f} prompts/s; "
             f"RSS {result.rss_tenth_mb:.0f} MB at 10%, {result.rss_end_mb:.0f} MB at the end, peak {result.peak_rss_mb:.0f} MB"
         )
-        if args.json:
-            Path(args.json).write_text(json.dumps([{"name": "orchestrator (no-op model)", **vars(result)}], indent=2) + "\n")
+        if json_out:
+            with writing(json_out):
+                json_out.write_text(json.dumps([{"name": "orchestrator (no-op model)", **vars(result)}], indent=2) + "\n")
         return EXIT_OK
     model = _bench_model(args)
     count = args.prompts or (2 if args.sd15 else 16) * (1 if args.quick else 4)
@@ -278,8 +315,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     print(f"{model.source}: {count} prompts, batch {args.batch_size}, {model.device}, {model.dtype}, {torch_threads()} threads")
     print(benchmark.format_table(results))
-    if args.json:
-        benchmark.write_json(results, args.json)
+    if json_out:
+        with writing(json_out):
+            benchmark.write_json(results, json_out)
     return EXIT_OK
 
 
@@ -307,10 +345,8 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
 
 
-def _output_folder(args: argparse.Namespace):
+def _output_folder(args: argparse.Namespace) -> Path:
     """Check `--out` (a folder, created later) and `--steps` of the generating commands."""
-    from pathlib import Path
-
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise MemscanError(f"{out} exists and is not a folder")
@@ -385,7 +421,7 @@ def _check_mitigation_options(args: argparse.Namespace) -> None:
         raise MemscanError("--lr must be > 0 and --iterations >= 0")
 
 
-def _calibrated_targets(calibration, scanner) -> tuple[float, float]:
+def _calibrated_targets(calibration: Calibration, scanner: Scanner) -> tuple[float, float]:
     """(target, trigger) from a calibration: flagged prompts (score >= threshold) go down to the normal median."""
     trigger = calibration.threshold_for(scanner)
     return (trigger if calibration.normal_median is None else calibration.normal_median), trigger
@@ -399,10 +435,8 @@ def _mitigation_budget(args: argparse.Namespace) -> dict:
     return {**model_budget(args.model), **{key: value for key, value in given.items() if value is not None}}
 
 
-def mitigation_settings(args: argparse.Namespace, scanner):
+def mitigation_settings(args: argparse.Namespace, scanner: Scanner) -> MitigationSettings:
     """`MitigationSettings` from the options: the target is `--target`, else a calibration's threshold."""
-    from pathlib import Path
-
     from .calibration import load_calibration
     from .mitigate import MitigationSettings
 
@@ -493,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         engine_help=f"{ENGINE_HELP}; or ray: score on a Ray cluster, each worker running --worker-engine",
     )
     scan.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt (a prompt a line), .jsonl, .csv or .parquet; or a quoted glob")
-    scan.add_argument("--out", required=True, help="output file, .parquet or .jsonl (rejects go to OUT.rejects.jsonl)")
+    scan.add_argument("--out", required=True, help="output file, .parquet or .jsonl (rejects go to STEM.rejects.jsonl beside it)")
     scan.add_argument("--field", help="jsonl/csv/parquet field holding the prompt (default: prompt, caption or text)")
     _add_threshold_options(scan, "")
     scan.add_argument("--fail-on-flagged", action="store_true", help="exit with code 3 when any prompt is flagged")
@@ -510,15 +544,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure first-step throughput: reference-style loop vs scanner vs engines",
         description="Prompts/s of first-step detection, side by side on the same prompts and model, as ratios "
         "to a reference-style loop; or, with --orchestrator, of reading/tokenizing/writing alone.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench.add_argument("--model", default=_default_model(), help="diffusers pipeline folder (default: the bundled testbed)")
     bench.add_argument("--sd15", action="store_true", help="an SD 1.5-shaped model with random weights instead")
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     bench.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
     bench.add_argument("--engines", help=f"comma-separated engines for mode (d) (default: all of {', '.join(ENGINES)} but torch)")
-    bench.add_argument("--prompts", type=int, help="prompts to time (default: 64; 8 with --sd15; 1,000,000 with --orchestrator)")
+    bench.add_argument(
+        "--prompts", type=int,
+        help="prompts to time (default: 64, 16 with --quick; 8, 2 with --sd15; 1,000,000, 100,000 with --orchestrator)",
+    )
     bench.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default: 16)")
-    bench.add_argument("--quick", action="store_true", help="a quarter of the prompts; on the CPU, skip compile")
+    bench.add_argument("--quick", action="store_true", help="fewer prompts (see --prompts); on the CPU, skip compile")
     bench.add_argument("--orchestrator", action="store_true", help="time a scan with no-op UNet and text encoder")
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.set_defaults(handler=cmd_bench)
@@ -533,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt", help="the prompt")
     generate.add_argument("--out", required=True, help="output folder for seed-N.png and generation.json")
     _add_generation_options(generate)
-    _add_model_options(generate)
+    _add_model_options(generate, engine_help=None)  # the pipeline runs the torch UNet
     generate.set_defaults(handler=cmd_generate)
 
     from .mitigate import METHODS
@@ -552,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mitigation_options(mitigate)
     _add_generation_options(mitigate)
     mitigate.add_argument("--json", action="store_true", help="print the report as JSON")
-    _add_model_options(mitigate)
+    _add_model_options(mitigate, engine_help=None)  # the optimization needs autograd: torch
     mitigate.set_defaults(handler=cmd_mitigate)
 
     explain = _add_command(
@@ -583,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_serve,
         help="HTTP API and interactive prompt page",
         description=(
-            "Serve POST /v1/score, POST /v1/explain, GET /healthz and the prompt page at /, "
+            "Serve POST /v1/score, POST /v1/explain, POST /v1/mitigate, GET /healthz and the prompt page at /, "
             "with the model loaded once. API schema: /docs and /openapi.json."
         ),
     )
@@ -614,6 +653,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("memscan: interrupted; re-run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception:  # a bug: say so under the traceback instead of leaving a bare one
+        traceback.print_exc()
+        print("memscan: internal error (a bug): please report it with the traceback above", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ library and prints.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -39,7 +40,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_calibrate_command(commands, add_command) -> None:
+def add_calibrate_command(commands: argparse._SubParsersAction, add_command: Callable[..., argparse.ArgumentParser]) -> None:
     """Register `calibrate` on the `memscan` subparsers."""
     calibrate = add_command(
         commands,

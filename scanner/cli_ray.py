@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .engines import ENGINES
 from .errors import MemscanError
@@ -40,7 +40,7 @@ def check_ray_options(args: argparse.Namespace) -> bool:
     return args.engine == "ray"
 
 
-def scan_on_ray(args: argparse.Namespace, **options) -> ScanSummary:
+def scan_on_ray(args: argparse.Namespace, **options: Any) -> ScanSummary:
     """The scan of `args` scored by a pool of Ray workers; `options` as for `run_scan`."""
     from .cli import _detect_settings, _quiet_libraries
     from .detect import ScannerSpec

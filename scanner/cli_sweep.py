@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from .errors import MemscanError
 
@@ -54,7 +55,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return EXIT_FLAGGED if args.fail_on_flagged and summary.flagged else EXIT_OK
 
 
-def add_sweep_command(commands, add_command, add_threshold_options) -> None:
+def add_sweep_command(
+    commands: argparse._SubParsersAction, add_command: Callable[..., argparse.ArgumentParser],
+    add_threshold_options: Callable[[argparse.ArgumentParser, str], None],
+) -> None:
     """Register `sweep` on the `memscan` subparsers."""
     sweep = add_command(
         commands,

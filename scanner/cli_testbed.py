@@ -11,11 +11,13 @@ import argparse
 import json
 import shlex
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import MemscanError
 
 DEMO_TOP = 10
+AddOptions = Callable[..., None]  # one of scanner.cli's option-group adders
 
 
 def _method_list(text: str) -> list[str]:
@@ -29,11 +31,41 @@ def _method_list(text: str) -> list[str]:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    try:
+    from .cli import writing
+
+    with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise MemscanError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def _plot_file(path: str | None) -> Path | None:
+    """`--plot`, checked before the scoring: a format matplotlib writes, in a writable folder."""
+    if path is None:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from .cli import output_file
+
+    return output_file(path, tuple(f".{ext}" for ext in FigureCanvasAgg.get_supported_filetypes()))
+
+
+def _positive(value: int | None, option: str) -> int | None:
+    """An optional count option: None (not given) or >= 1."""
+    if value is not None and value < 1:
+        raise MemscanError(f"{option} must be >= 1, got {value}")
+    return value
+
+
+def _output_folder(path: str) -> Path:
+    """Make `--out` now, before hours of training, or say in one line why it cannot be."""
+    from .cli import writing
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise MemscanError(f"{out} exists and is not a folder")
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def cmd_testbed_build(args: argparse.Namespace) -> int:
@@ -45,10 +77,11 @@ def cmd_testbed_build(args: argparse.Namespace) -> int:
 
     _quiet_libraries()  # the ground truth's pipeline would log every truncated random-token prompt
     cfg = SMOKE_CONFIG if args.smoke else BuildConfig()
-    if args.threads:
+    if _positive(args.threads, "--threads") is not None:
         cfg = replace(cfg, threads=args.threads)
+    _output_folder(args.out)
     command = f"memscan testbed build --out {shlex.quote(args.out)} --seed {args.seed}"
-    command += " --smoke" * args.smoke + (f" --threads {args.threads}" if args.threads else "")
+    command += " --smoke" * args.smoke + (f" --threads {args.threads}" if args.threads is not None else "")
     stats = build_testbed(args.out, seed=args.seed, cfg=cfg, log=lambda line: print(line, flush=True), command=command)
     gt = stats["groundtruth"]
     print(
@@ -65,10 +98,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .cli import _quiet_libraries
     from .testbed.build import SMOKE_CONFIG, BuildConfig
     from .testbed.filtering import SMOKE_FILTER, FilterSettings
-    from .testbed.finetune import REPORT, comparison_table, evaluate_build, run_finetune
+    from .testbed.finetune import REPORT, REPORT_KEYS, comparison_table, evaluate_build, run_finetune
 
     if args.compare:
         unfiltered, filtered = (_read_json(Path(path)) for path in args.compare)
+        if not all(isinstance(r, dict) and REPORT_KEYS <= set(r) for r in (unfiltered, filtered)) or \
+                unfiltered["filtered"] or not filtered["filtered"]:
+            raise MemscanError(f"--compare takes UNFILTERED FILTERED: the {REPORT} of a --no-filter run, then of a filtered one")
         print(comparison_table(unfiltered, filtered, args.overhead and _read_json(Path(args.overhead))))
         return 0
     if not args.out:
@@ -78,7 +114,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if not 0.0 < args.quantile <= 1.0:
         raise MemscanError(f"--quantile must be in (0, 1], got {args.quantile}")
     cfg = SMOKE_CONFIG if args.smoke else BuildConfig()
-    cfg = replace(cfg, **{k: v for k, v in (("train_steps", args.steps), ("threads", args.threads)) if v})
+    given = {"train_steps": _positive(args.steps, "--steps"), "threads": _positive(args.threads, "--threads")}
+    cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    _output_folder(args.out)
     filtering = None if args.no_filter else replace(SMOKE_FILTER if args.smoke else FilterSettings(),
                                                     quantile=args.quantile, seed=args.seed)
     _quiet_libraries()
@@ -103,7 +141,7 @@ def _finetune_command(args: argparse.Namespace) -> str:
     words = ["memscan", "finetune", "--out", args.out, "--seed", str(args.seed)]
     words += ["--no-filter"] if args.no_filter else ["--quantile", str(args.quantile)]
     words += ["--smoke"] * args.smoke + ["--from-build", args.from_build] * bool(args.from_build)
-    words += [w for opt in ("steps", "threads") if getattr(args, opt) for w in (f"--{opt}", str(getattr(args, opt)))]
+    words += [w for opt in ("steps", "threads") if getattr(args, opt) is not None for w in (f"--{opt}", str(getattr(args, opt)))]
     return shlex.join(words)
 
 
@@ -137,23 +175,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import plot_evaluation
     from .testbed import default_labels_path
 
+    from .cli import output_file, writing
+
     labels = args.labels or str(default_labels_path())
+    json_path, plot = output_file(args.json), _plot_file(args.plot)  # before the scoring, not after it
     started = time.time()
     evaluation = _evaluate(args, labels)
     evaluation.summary.update(model=args.model, labels=labels, seconds=round(time.time() - started, 1))
-    _write_json(Path(args.json), evaluation.summary)
-    if args.plot:
-        plot_evaluation(evaluation, args.plot)
+    _write_json(json_path, evaluation.summary)
+    if plot:
+        with writing(plot):
+            plot_evaluation(evaluation, plot)
     _print_summary(evaluation.summary)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Scan the bundled testbed's evaluation prompts with the bundled model."""
+    from .cli import writing
     from .evaluate import plot_evaluation, write_scores
     from .testbed import default_labels_path, default_model_path
 
-    out = Path(args.out)
+    out = _output_folder(args.out)
     args.model = str(default_model_path())
     started = time.time()
     evaluation = _evaluate(args, str(default_labels_path()))
@@ -163,8 +206,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for row, score in evaluation.top(DEMO_TOP):
         print(f"  {score:7.3f}  label {row['label']}  {row['prompt'][:70]}")
     _write_json(out / "summary.json", evaluation.summary)
-    write_scores(evaluation, out / "scores.jsonl")
-    plot_evaluation(evaluation, out / "roc.png")
+    with writing(out):
+        write_scores(evaluation, out / "scores.jsonl")
+        plot_evaluation(evaluation, out / "roc.png")
     print(f"wrote {out / 'scores.jsonl'}, {out / 'summary.json'}, {out / 'roc.png'}")
     return 0
 
@@ -173,7 +217,7 @@ def cmd_eval_mitigation(args: argparse.Namespace) -> int:
     """Mitigate planted and normal testbed prompts with each method and tabulate the outcome."""
     from tqdm import tqdm
 
-    from .cli import _check_mitigation_options, _quiet_libraries, mitigation_settings
+    from .cli import _check_mitigation_options, _quiet_libraries, mitigation_settings, output_file, writing
     from .detect import DetectSettings, Scanner
     from .model import load_model
     from .testbed.build import load_build_data
@@ -181,6 +225,8 @@ def cmd_eval_mitigation(args: argparse.Namespace) -> int:
 
     if args.normal < 0 or args.steps < 1:
         raise MemscanError("--normal must be >= 0 and --steps >= 1")
+    json_path = output_file(args.json)  # both before the evaluation, which takes minutes to hours
+    markdown = output_file(args.markdown) if args.markdown else None
     _check_mitigation_options(args)
     _quiet_libraries()
     data = load_build_data(args.model)
@@ -192,30 +238,36 @@ def cmd_eval_mitigation(args: argparse.Namespace) -> int:
         report = evaluate_mitigation(scanner, data, args.methods, settings, args.seeds, args.normal, args.guidance,
                                      progress=bar.update)
     report.update(model=args.model, fingerprint=model.fingerprint, seconds=round(time.time() - started, 1))
-    _write_json(Path(args.json), report)
+    _write_json(json_path, report)
     table = markdown_table(report)
-    if args.markdown:
-        Path(args.markdown).write_text(table + "\n", encoding="utf-8")
+    if markdown:
+        with writing(markdown):
+            markdown.write_text(table + "\n", encoding="utf-8")
     print(table)
     print(f"named colour shown by chance (another colour): {report['chance_attribute_rate']:.1%}; target {settings.target:.4f}, "
           f"lr {settings.learning_rate}, at most {settings.max_iterations} iterations")
     return 0
 
 
-def add_testbed_commands(commands, add_model_options, add_detect_options, add_generation_options,
-                         add_mitigation_options) -> None:
+def add_testbed_commands(
+    commands: argparse._SubParsersAction, add_model_options: AddOptions, add_detect_options: AddOptions,
+    add_generation_options: AddOptions, add_mitigation_options: AddOptions,
+) -> None:
     """Register `testbed build`, `finetune`, `eval`, `eval-mitigation` and `demo` on the `memscan` subparsers."""
-    testbed = commands.add_parser("testbed", help="the bundled test model with planted memorization")
+    from .cli import EXIT_CODES_HELP
+    from .mitigate import METHODS
+
+    documented = {"epilog": EXIT_CODES_HELP, "formatter_class": argparse.RawDescriptionHelpFormatter}
+    testbed = commands.add_parser("testbed", help="the bundled test model with planted memorization", **documented)
     testbed_commands = testbed.add_subparsers(dest="testbed_command", required=True, metavar="COMMAND")
-    build = testbed_commands.add_parser("build", help="train the testbed model (deterministic for a seed and device)")
+    build = testbed_commands.add_parser(
+        "build", help="train the testbed model (deterministic for a seed and device)", **documented
+    )
     build.add_argument("--out", required=True, help="output folder (a StableDiffusionPipeline layout)")
     build.add_argument("--seed", type=int, default=0, help="seed of data, initialization and training (default: 0)")
     build.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (for CI)")
     build.add_argument("--threads", type=int, help="torch CPU threads (default: the build config's)")
     build.set_defaults(handler=cmd_testbed_build)
-
-    from .cli import EXIT_CODES_HELP
-    from .mitigate import METHODS
 
     finetune = commands.add_parser(
         "finetune", help="train the testbed recipe with the memorization filter (or without) and measure it",
@@ -227,7 +279,7 @@ def add_testbed_commands(commands, add_model_options, add_detect_options, add_ge
             "--out/finetune.json: planted reproduction rate, held-out normal loss, colour attribute check,\n"
             "samples dropped, wall time."
         ),
-        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        **documented,
     )
     finetune.add_argument("--out", help="output folder (pipeline and finetune.json)")
     finetune.add_argument("--no-filter", action="store_true", help="train without the filter (the testbed build)")
@@ -245,7 +297,7 @@ def add_testbed_commands(commands, add_model_options, add_detect_options, add_ge
                           help="with --compare: add the timing row from bench/finetune_overhead.py --json")
     finetune.set_defaults(handler=cmd_finetune)
 
-    evaluate = commands.add_parser("eval", help="AUC / TPR@1%%FPR of the detector on labelled prompts")
+    evaluate = commands.add_parser("eval", help="AUC / TPR@1%%FPR of the detector on labelled prompts", **documented)
     evaluate.add_argument("--labels", help="JSONL with prompt, label (1 memorized, 0 normal), kind (default: the testbed's)")
     evaluate.add_argument("--json", required=True, help="where to write the metrics")
     evaluate.add_argument("--plot", help="PNG with the ROC curve and score histograms")
@@ -255,7 +307,7 @@ def add_testbed_commands(commands, add_model_options, add_detect_options, add_ge
 
     mitigation = commands.add_parser(
         "eval-mitigation", help="memorization rate, fidelity and time of each mitigation method on the testbed",
-        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        **documented,
     )
     mitigation.add_argument("--methods", type=_method_list, default=list(METHODS),
                             help=f"comma-separated methods (default: {','.join(METHODS)})")
@@ -264,10 +316,12 @@ def add_testbed_commands(commands, add_model_options, add_detect_options, add_ge
     mitigation.add_argument("--json", required=True, help="where to write the report")
     mitigation.add_argument("--markdown", help="where to write the table (markdown)")
     add_generation_options(mitigation)
-    add_model_options(mitigation)
+    add_model_options(mitigation, engine_help=None)  # the optimization needs autograd: torch
     mitigation.set_defaults(handler=cmd_eval_mitigation)
 
-    demo = commands.add_parser("demo", help="scan the bundled evaluation prompts with the bundled testbed model")
+    demo = commands.add_parser(
+        "demo", help="scan the bundled evaluation prompts with the bundled testbed model", **documented
+    )
     demo.add_argument("--out", default="memscan-demo", help="folder for scores.jsonl, summary.json, roc.png")
     add_detect_options(demo)
     demo.set_defaults(handler=cmd_demo, device="auto", dtype="auto", engine="torch")

@@ -196,3 +196,14 @@ def test_help_for_every_command():
     for argv in (["--help"], ["scan", "--help"]):
         proc = subprocess.run([sys.executable, "-m", "scanner.cli", *argv], capture_output=True, text=True)
         assert proc.returncode == 0 and "exit codes" in proc.stdout
+    # Every subcommand, nested ones included, documents its exit codes.
+    from scanner.cli import build_parser
+
+    pending, seen = [("memscan", build_parser())], []
+    while pending:
+        name, parser = pending.pop()
+        seen.append(name)
+        assert "exit codes" in parser.format_help(), name
+        for action in parser._subparsers._group_actions if parser._subparsers else []:
+            pending += [(f"{name} {sub}", child) for sub, child in action.choices.items()]
+    assert {"memscan bench", "memscan testbed build", "memscan demo", "memscan eval-mitigation"} <= set(seen)

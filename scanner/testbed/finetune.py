@@ -33,6 +33,7 @@ EVAL_SEED = 1_000_003
 HELD_OUT_PAIRS = 2048
 CHUNK = 256
 REPORT = "finetune.json"
+REPORT_KEYS = {"filtered", "filter", "planted_reproduced", "held_out_normal_loss", "attributes"}  # what --compare reads
 
 
 @torch.no_grad()
