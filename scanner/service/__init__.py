@@ -1,4 +1,4 @@
-"""The HTTP service: score and explain API plus the interactive prompt page."""
+"""The HTTP service: score, explain and mitigate API plus the interactive prompt page."""
 
 from .app import MAX_CHARS, MAX_PROMPTS, create_app
 
