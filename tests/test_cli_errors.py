@@ -15,11 +15,21 @@ def _one_line_error(capsys, code: int) -> str:
     return err
 
 
-def test_outputs_are_checked_before_the_work(tmp_path, tiny_sd1, capsys):
+def test_outputs_are_checked_before_the_work(tmp_path, tiny_sd1, capsys, monkeypatch):
+    import scanner.cli
+    import scanner.model
+    import scanner.testbed.build
+    import scanner.testbed.finetune
+
+    def work_started(*args, **kwargs):
+        raise AssertionError("the long work started before the outputs were checked")  # exit 1, not 2
+
+    for module, name in ((scanner.cli, "_scanner"), (scanner.cli, "_bench_model"), (scanner.model, "load_model"),
+                         (scanner.testbed.build, "build_testbed"), (scanner.testbed.finetune, "run_finetune")):
+        monkeypatch.setattr(module, name, work_started)
     folder = tmp_path / "a-folder"
     folder.mkdir()
     model = ["--model", str(tiny_sd1), "--device", "cpu"]
-    # Were these checked only at the end, each would first score, time or train, then fail.
     assert "not a file" in _one_line_error(capsys, main(["eval", *model, "--json", str(folder)]))
     err = _one_line_error(capsys, main(["eval", *model, "--json", str(tmp_path / "m.json"), "--plot", str(tmp_path / "roc.xyz")]))
     assert "must end in" in err and ".png" in err

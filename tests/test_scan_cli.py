@@ -207,3 +207,41 @@ def test_help_for_every_command():
         for action in parser._subparsers._group_actions if parser._subparsers else []:
             pending += [(f"{name} {sub}", child) for sub, child in action.choices.items()]
     assert {"memscan bench", "memscan testbed build", "memscan demo", "memscan eval-mitigation"} <= set(seen)
+
+
+def test_field_and_recursive_globs_pick_the_prompts(tmp_path, tiny_sd1, scanner):
+    # --field chooses a column over the defaults; "**" reaches subfolders, in sorted order.
+    (tmp_path / "logs" / "b").mkdir(parents=True)
+    first, second = tmp_path / "logs" / "a.jsonl", tmp_path / "logs" / "b" / "c.jsonl"
+    first.write_text(json.dumps({"prompt": "not this one", "query": "a red cube"}) + "\n")
+    second.write_text(json.dumps({"prompt": "nor this", "query": "a blue ball"}) + "\n")
+    csv_path = tmp_path / "logs" / "b" / "d.csv"
+    csv_path.write_text("prompt,query\nnot this,a green cone\n")
+    out = tmp_path / "o.jsonl"
+    assert main(["scan", str(tmp_path / "logs" / "**" / "*.*"), "--field", "query", "--model", str(tiny_sd1), "--out", str(out)]) == 0
+    rows = _read_output(out)
+    assert [(r["id"], r["prompt"]) for r in rows] == [
+        (f"{first}:1", "a red cube"), (f"{second}:1", "a blue ball"), (f"{csv_path}:1", "a green cone")
+    ]
+    assert [r["score"] for r in rows] == pytest.approx(scanner.score([r["prompt"] for r in rows]).score.tolist(), rel=1e-5)
+
+
+def test_identical_prompts_are_scored_once(tmp_path, tiny_sd1, monkeypatch):
+    computed: list[int] = []
+    original = Scanner._compute
+
+    def counting(self, tokens, *args, **kwargs):
+        computed.append(len(tokens.n_tokens))
+        return original(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(Scanner, "_compute", counting)
+    prompts = [f"a photo of item {i % 5}" for i in range(17)]  # 5 distinct prompts, repeated across batches
+    inp = tmp_path / "p.txt"
+    inp.write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "o.jsonl"
+    assert main(["scan", str(inp), "--model", str(tiny_sd1), "--out", str(out), "--batch-size", "4"]) == 0
+    assert sum(computed) == 5
+    scores = {}
+    for row in _read_output(out):
+        scores.setdefault(row["prompt"], set()).add(row["score"])
+    assert len(scores) == 5 and all(len(s) == 1 for s in scores.values())
