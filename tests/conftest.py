@@ -11,6 +11,25 @@ import pytest  # noqa: E402
 from tiny_pipeline import build_tiny_pipeline  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def fresh_random_state(request):
+    """Reseed torch's and numpy's global RNGs from entropy before every test.
+
+    A fixture or library call that seeds the global generator with a constant would otherwise
+    make every later "random" input the same in each run. The seed is recorded in the test's
+    user properties (in the JUnit XML) and printed, so a failing test's captured output shows it;
+    reproduce with ``torch.manual_seed(seed); numpy.random.seed(seed % 2**32)``.
+    """
+    import numpy as np
+    import torch
+
+    seed = torch.seed()
+    np.random.seed(seed % 2**32)
+    request.node.user_properties.append(("torch_seed", seed))
+    print(f"global RNG seed of this test: {seed} (torch.manual_seed; numpy.random.seed(seed % 2**32))")
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_sd1(tmp_path_factory) -> Path:
     """A saved SD 1.x-style (epsilon) pipeline with random weights."""

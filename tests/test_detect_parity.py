@@ -8,6 +8,7 @@ of the scanner's code.
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -26,11 +27,18 @@ PROMPTS = [
     "¿Qué? café — naïve résumé 東京",
 ]
 STEPS = 50
-SEED = 3
+# Any seed must map to the same latents as diffusers' (the shared generator, or torch.manual_seed(i + seed)
+# per prompt): a fresh one each run, shown in the failure messages.
+SEED = random.randrange(2**31)
+# A guidance scale in [1.5, 12] other than the default, and at least 1.5 away from it: it shapes
+# every step after the first.
+OTHER_GUIDANCE = random.choice([random.uniform(1.5, 6.0), random.uniform(9.0, 12.0)])
 LAST_STEP = 4  # the longest window below ends here; the pipeline is stopped after it
 
 
-def _pipeline_norms(pipe, prompt: str, n: int, latents: torch.Tensor | None, index_seed: int | None) -> np.ndarray:
+def _pipeline_norms(
+    pipe, prompt: str, n: int, latents: torch.Tensor | None, index_seed: int | None, guidance_scale: float
+) -> np.ndarray:
     """Per-step, per-generation ||eps_c - eps_u|| (float64) from the pipeline's own UNet calls."""
     captured = []
     hook = pipe.unet.register_forward_hook(
@@ -43,17 +51,18 @@ def _pipeline_norms(pipe, prompt: str, n: int, latents: torch.Tensor | None, ind
         return callback_kwargs
 
     try:
-        if index_seed is not None:  # the reference's seeding: torch.manual_seed(i + gen_seed)
-            torch.manual_seed(index_seed)
-        pipe(
-            prompt,
-            num_images_per_prompt=n,
-            num_inference_steps=STEPS,
-            guidance_scale=7.5,
-            latents=latents,
-            output_type="latent",
-            callback_on_step_end=stop_after_window,
-        )
+        with torch.random.fork_rng(devices=[]):  # the global seeding below is undone afterwards
+            if index_seed is not None:  # the reference's seeding: torch.manual_seed(i + gen_seed)
+                torch.manual_seed(index_seed)
+            pipe(
+                prompt,
+                num_images_per_prompt=n,
+                num_inference_steps=STEPS,
+                guidance_scale=guidance_scale,
+                latents=latents,
+                output_type="latent",
+                callback_on_step_end=stop_after_window,
+            )
     finally:
         hook.remove()
     alphas = pipe.scheduler.alphas_cumprod.double()
@@ -89,19 +98,20 @@ def pipe(model_dir):
 
 @pytest.fixture(scope="module")
 def pipeline_norms(pipe):
-    """Captured norms `[LAST_STEP, n]` per (noise mode, generations, prompt), computed once."""
+    """Captured norms `[LAST_STEP, n]` per (noise mode, generations, prompt, guidance scale), computed once."""
     cache = {}
 
-    def get(noise: str, generations: int, i: int) -> np.ndarray:
-        if (noise, generations, i) not in cache:
+    def get(noise: str, generations: int, i: int, guidance_scale: float = 7.5) -> np.ndarray:
+        key = noise, generations, i, guidance_scale
+        if key not in cache:
             if noise == "shared":
                 cfg = pipe.unet.config
                 shape = (generations, cfg.in_channels, cfg.sample_size, cfg.sample_size)
                 latents = torch.randn(shape, generator=torch.Generator().manual_seed(SEED))
-                cache[noise, generations, i] = _pipeline_norms(pipe, PROMPTS[i], generations, latents, None)
+                cache[key] = _pipeline_norms(pipe, PROMPTS[i], generations, latents, None, guidance_scale)
             else:
-                cache[noise, generations, i] = _pipeline_norms(pipe, PROMPTS[i], generations, None, i + SEED)
-        return cache[noise, generations, i]
+                cache[key] = _pipeline_norms(pipe, PROMPTS[i], generations, None, i + SEED, guidance_scale)
+        return cache[key]
 
     return get
 
@@ -123,7 +133,26 @@ def test_scores_match_diffusers_pipeline(scan_model, pipeline_norms, noise, gene
 
     for i in range(len(PROMPTS)):
         expected = pipeline_norms(noise, generations, i)[window[0] : window[1]].mean(axis=0)
-        np.testing.assert_allclose(got[i], expected, rtol=1e-4, err_msg=f"prompt {i}")
+        np.testing.assert_allclose(got[i], expected, rtol=1e-4, err_msg=f"prompt {i}, seed {SEED}")
+
+
+@pytest.mark.parametrize("noise", ["shared", "reference"])
+def test_scores_match_diffusers_pipeline_at_another_guidance_scale(scan_model, pipeline_norms, noise):
+    """Steps after the first start from latents the guided prediction moved: the scale must be the one asked for."""
+    window, generations = (1, 4), 1
+    settings = DetectSettings(
+        num_inference_steps=STEPS, start_step=window[0], end_step=window[1], generations=generations, seed=SEED,
+        noise=noise, guidance_scale=OTHER_GUIDANCE,
+    )
+    got = Scanner(scan_model, settings).score(PROMPTS, list(range(len(PROMPTS)))).per_generation
+    context = f"guidance {OTHER_GUIDANCE}, seed {SEED}"
+    for i in range(len(PROMPTS)):
+        expected = pipeline_norms(noise, generations, i, OTHER_GUIDANCE)[window[0] : window[1]].mean(axis=0)
+        np.testing.assert_allclose(got[i], expected, rtol=1e-4, err_msg=f"prompt {i}, {context}")
+    # The case tells the scales apart: at the default scale the pipeline's norms differ from these by
+    # more than the tolerance above (the random sd2 model's guidance moves them by 5e-4 and up).
+    default = np.stack([pipeline_norms(noise, generations, i)[window[0] : window[1]].mean(axis=0) for i in range(len(PROMPTS))])
+    assert np.abs(got / default - 1).max() > 2e-4, context
 
 
 def test_reference_noise_depends_on_position_shared_does_not(tiny_sd1):
@@ -131,8 +160,8 @@ def test_reference_noise_depends_on_position_shared_does_not(tiny_sd1):
     shared = Scanner(model, DetectSettings(seed=SEED))
     reference = Scanner(model, DetectSettings(seed=SEED, noise="reference"))
     prompt = [PROMPTS[0]]
-    assert shared.score(prompt).score[0] == Scanner(model, DetectSettings(seed=SEED)).score(prompt).score[0]
-    assert reference.score(prompt, [0]).score[0] != reference.score(prompt, [1]).score[0]
+    assert shared.score(prompt).score[0] == Scanner(model, DetectSettings(seed=SEED)).score(prompt).score[0], f"seed {SEED}"
+    assert reference.score(prompt, [0]).score[0] != reference.score(prompt, [1]).score[0], f"seed {SEED}"
 
 
 def test_token_counts_and_truncation(tiny_sd1):

@@ -12,9 +12,10 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -334,14 +335,36 @@ class TrainedTestbed:
     train_seconds: float  # data, VAE and denoiser
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Compute on `count` torch threads inside the block, on the caller's count again after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_testbed(
     out: Path, seed: int, cfg: BuildConfig, log: Callable[[str], None], filtering: FilterSettings | None = None,
 ) -> TrainedTestbed:
-    """Generate the data, train VAE and denoiser, save the pipeline and eval_prompts.jsonl into `out`."""
+    """Generate the data, train VAE and denoiser, save the pipeline and eval_prompts.jsonl into `out`.
+
+    Runs on `cfg.threads` threads with the global torch RNG seeded `seed` (the modules draw their
+    initial weights from it); the caller's thread count and random stream are restored afterwards.
+    """
+    with torch_threads(cfg.threads), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _train_testbed(out, seed, cfg, log, filtering)
+
+
+def _train_testbed(
+    out: Path, seed: int, cfg: BuildConfig, log: Callable[[str], None], filtering: FilterSettings | None,
+) -> TrainedTestbed:
+    """`train_testbed`'s work, with the threads and the global seed already set."""
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     tokenizer_dir = write_clip_tokenizer(out / "tokenizer")
@@ -375,7 +398,8 @@ def build_testbed(
     out = Path(out)
     start = time.time()
     trained = train_testbed(out, seed, cfg, log)
-    groundtruth = measure_reproduction(out, trained.data, seeds=cfg.groundtruth_seeds)
+    with torch_threads(cfg.threads):  # the ground truth on the build's threads too
+        groundtruth = measure_reproduction(out, trained.data, seeds=cfg.groundtruth_seeds)
     stats = {
         "command": command,
         "seed": seed,

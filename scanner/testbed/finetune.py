@@ -21,7 +21,9 @@ from diffusers import StableDiffusionPipeline
 
 from ..errors import MemscanError
 from .attributes import another_colour, shows_colour
-from .build import BuildConfig, TestbedData, encode_images, load_build_data, tokenize, train_testbed, training_scheduler
+from .build import (
+    BuildConfig, TestbedData, encode_images, load_build_data, tokenize, torch_threads, train_testbed, training_scheduler,
+)
 from .filtering import FilterSettings
 from .groundtruth import generate, load_pipeline, reproduction_summary
 from .planted import load_memorized_captions
@@ -69,6 +71,11 @@ def attribute_check(images: np.ndarray, colours: list[str]) -> dict:
 
 def evaluate_model(folder: Path, data: TestbedData, cfg: BuildConfig) -> dict:
     """Planted reproduction, held-out normal loss and the attribute check of a saved testbed pipeline."""
+    with torch_threads(cfg.threads):  # as the build measures its ground truth
+        return _evaluate_model(folder, data, cfg)
+
+
+def _evaluate_model(folder: Path, data: TestbedData, cfg: BuildConfig) -> dict:
     rows = [i for i, row in enumerate(data.eval_prompts) if row["kind"] == "planted" or data.eval_colours[i]]
     subset = replace(data, eval_prompts=[data.eval_prompts[i] for i in rows], eval_colours=[data.eval_colours[i] for i in rows])
     pipe = load_pipeline(folder)
