@@ -33,5 +33,8 @@ def assert_guided_prediction_matches(guided_prediction, cond: torch.Tensor, unco
     expected = uncond.double() + scale * (cond.double() - uncond.double())
     assert guided.dtype == cond.dtype and guided.shape == cond.shape
     tolerance = DTYPES[cond.dtype]
-    torch.testing.assert_close(guided.double(), expected.to(cond.dtype).double(), rtol=tolerance, atol=tolerance * 10)
+    torch.testing.assert_close(
+        guided.double(), expected.to(cond.dtype).double(), rtol=tolerance, atol=tolerance * 10,
+        msg=lambda message: f"{message}\nguidance scale {scale!r}",
+    )
     assert_norm_matches(norm, cond, uncond)

@@ -44,12 +44,13 @@ def test_guided_output_overwrites_poison(monkeypatch):
     assert not torch.isnan(guided).any() and not torch.isnan(norm).any()
 
 
-def test_references_match_float64():
-    cond, uncond = random_case(6, (4, 9, 9), torch.bfloat16, broadcast=True)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_references_match_float64(dtype, broadcast):
+    cond, uncond = random_case(6, (4, 9, 9), dtype, broadcast)
     torch.testing.assert_close(kernels.guidance_norm_reference(cond, uncond).double(), float64_norm(cond, uncond), rtol=1e-6, atol=1e-6)
-    norm, guided = kernels.guided_prediction_reference(cond, uncond, 3.0)
-    torch.testing.assert_close(norm, kernels.guidance_norm_reference(cond, uncond))
-    assert guided.dtype == torch.bfloat16
+    # The guided values (and the norm beside them) against float64, at a random scale.
+    assert_guided_prediction_matches(kernels.guided_prediction_reference, cond, uncond)
 
 
 def test_dispatch_never_runs_triton_on_cpu(monkeypatch):
