@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import random
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from scanner.engines.onnx_export import MODEL_FILE
 from scanner.model import load_model
 from scanner.testbed import default_model_path
 
-SETTINGS = {"first step": DetectSettings(seed=5), "3-step window, 2 generations": DetectSettings(end_step=3, generations=2, seed=5)}
+SETTINGS = {"first step": {}, "3-step window, 2 generations": {"end_step": 3, "generations": 2}}
 
 
 def _prompts(rng: np.random.Generator, count: int) -> list[str]:
@@ -29,17 +30,19 @@ def model(request, tiny_sd1, tiny_sd2):
     return load_model({"sd1": tiny_sd1, "sd2": tiny_sd2, "testbed": default_model_path()}[request.param], device="cpu")
 
 
-def _assert_same_scores(model, engine, settings: DetectSettings) -> None:
+def _assert_same_scores(model, engine, **settings) -> None:
+    """Eager and `engine` agree on random prompts, with latents from a fresh random seed."""
+    settings = DetectSettings(**settings, seed=random.randrange(2**31))
     prompts = _prompts(np.random.default_rng(), 6)
     expected = Scanner(model, settings).score(prompts).per_generation
     got = Scanner(model, settings, engine=engine).score(prompts).per_generation
-    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, err_msg=f"seed {settings.seed}, prompts {prompts}")
 
 
 @pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())
 def test_onnx_scores_match_torch(model, settings, tmp_path):
     engine = create_engine("onnx", model.unet, cache_dir=tmp_path, cache_key=model.fingerprint)
-    _assert_same_scores(model, engine, settings)
+    _assert_same_scores(model, engine, **settings)
 
 
 def test_onnx_norm_head_broadcasts_or_pairs_uncond(tiny_sd1, tmp_path):
@@ -92,7 +95,7 @@ def test_buckets_pad_with_the_last_row_and_cover_every_size():
 @pytest.mark.slow  # torch.compile takes minutes per graph on 2 CPU cores
 def test_compile_scores_match_torch(tiny_sd1):
     model = load_model(tiny_sd1, device="cpu")
-    _assert_same_scores(model, create_engine("compile", model.unet), DetectSettings(seed=5))
+    _assert_same_scores(model, create_engine("compile", model.unet))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="tensorrt is not installed")

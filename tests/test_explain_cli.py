@@ -54,6 +54,7 @@ def test_usage_errors(tiny_sd1, capsys):
     assert main(["explain", "--model", str(tiny_sd1)]) == EXIT_USAGE
     assert "no prompts" in capsys.readouterr().err
     assert main(["explain", "x", "--model", str(tiny_sd1), "--noise", "reference"]) == EXIT_USAGE
+    assert "use the shared initial latents" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["explain", "--help"])
     assert exc.value.code == 0 and "exit codes" in capsys.readouterr().out

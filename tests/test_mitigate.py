@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -37,62 +38,73 @@ def test_magnitude_equals_float64_reference(scanner):
     assert float(got) == pytest.approx(float(expected), rel=1e-4)
 
 
+def _random_seeds(count: int) -> list[int]:
+    """`count` fresh latent seeds for this run; the tests show them in their messages."""
+    return [random.randrange(2**31) for _ in range(count)]
+
+
 def test_optimization_lowers_magnitude_and_keeps_bos(scanner):
-    latents = seed_latents(scanner.model, [0, 1])
+    seeds = _random_seeds(2)
+    latents = seed_latents(scanner.model, seeds)
     result = optimize_embedding(scanner, PROMPT, latents, MitigationSettings(target=0.0))
-    assert result.iterations == 10  # an unreachable target runs every iteration
-    assert result.score_after < result.score_before
+    assert result.iterations == 10, f"seeds {seeds}"  # an unreachable target runs every iteration
+    assert result.score_after < result.score_before, f"seeds {seeds}"
     encoded = scanner.encoder.encode([PROMPT]).embeddings
     assert torch.equal(result.embedding[:, 0], encoded[:, 0])
     assert not torch.allclose(result.embedding[:, 1:], encoded[:, 1:])
 
 
 def test_early_stop_and_untouched_prompts(scanner):
-    latents = seed_latents(scanner.model, [5])
+    seeds = _random_seeds(1)
+    latents = seed_latents(scanner.model, seeds)
     untouched = optimize_embedding(scanner, PROMPT, latents, MitigationSettings(target=1e9))
-    assert untouched.iterations == 0 and untouched.score_after == untouched.score_before
+    assert untouched.iterations == 0 and untouched.score_after == untouched.score_before, f"seeds {seeds}"
     assert torch.equal(untouched.embedding, scanner.encoder.encode([PROMPT]).embeddings)
     full = optimize_embedding(scanner, PROMPT, latents, MitigationSettings(target=0.0))
     # A target between the start and the 10-iteration result stops early, once under it.
     target = (full.score_before + full.score_after) / 2
     stopped = optimize_embedding(scanner, PROMPT, latents, MitigationSettings(target=target))
-    assert 1 <= stopped.iterations < 10 and stopped.score_after <= target
+    assert 1 <= stopped.iterations < 10 and stopped.score_after <= target, f"seeds {seeds}"
     # A trigger above the score leaves the prompt alone whatever the target; one below lets it run to the target.
     spared = optimize_embedding(scanner, PROMPT, latents, MitigationSettings(target=0.0, trigger=full.score_before * 1.01))
-    assert spared.iterations == 0
+    assert spared.iterations == 0, f"seeds {seeds}"
     driven = optimize_embedding(scanner, PROMPT, latents, MitigationSettings(target=target, trigger=full.score_before * 0.99))
-    assert driven.iterations == stopped.iterations and driven.score_after == pytest.approx(stopped.score_after)
+    assert driven.iterations == stopped.iterations, f"seeds {seeds}"
+    assert driven.score_after == pytest.approx(stopped.score_after), f"seeds {seeds}"
 
 
 @pytest.mark.parametrize("method", ["rand-token", "rand-number", "embed-noise"])
 def test_baselines(scanner, method):
-    latents = seed_latents(scanner.model, [0])
-    seed = int(torch.randint(0, 10**6, ()))
+    latent_seeds = _random_seeds(1)
+    latents = seed_latents(scanner.model, latent_seeds)
+    seed = random.randrange(10**6)
+    context = f"baseline seed {seed}, latent seeds {latent_seeds}"
     result = baseline(scanner, PROMPT, method, latents, seed=seed)
     again = baseline(scanner, PROMPT, method, latents, seed=seed)
-    assert result.prompt == again.prompt and torch.equal(result.embedding, again.embedding)  # deterministic per seed
+    assert result.prompt == again.prompt and torch.equal(result.embedding, again.embedding), context  # deterministic per seed
     encoded = scanner.encoder.encode([PROMPT]).embeddings
     if method == "embed-noise":
         assert result.prompt == PROMPT
         assert torch.equal(result.embedding[:, 0], encoded[:, 0])
-        assert 0.05 < float((result.embedding - encoded)[:, 1:].std()) < 0.2
+        assert 0.05 < float((result.embedding - encoded)[:, 1:].std()) < 0.2, context
     else:
         added = len(result.prompt.split()) - len(PROMPT.split())
-        assert added >= 4 and all(word in result.prompt for word in PROMPT.split())
+        assert added >= 4 and all(word in result.prompt for word in PROMPT.split()), context
         if method == "rand-number":
-            assert sum(word.isdigit() for word in result.prompt.split()) == 4
+            assert sum(word.isdigit() for word in result.prompt.split()) == 4, context
     assert result.score_before == pytest.approx(
         float(first_step_magnitude(scanner, encoded, latents, unconditional_first_step(scanner, latents))), rel=1e-6
-    )
+    ), context
 
 
 def test_mitigate_command(tmp_path, tiny_sd1, capsys):
     out = tmp_path / "m"
-    code = main(["mitigate", PROMPT, "--model", str(tiny_sd1), "--out", str(out), "--target", "0", "--seeds", "0,1", "--steps", "4", "--json"])
+    seeds = ",".join(map(str, _random_seeds(2)))
+    code = main(["mitigate", PROMPT, "--model", str(tiny_sd1), "--out", str(out), "--target", "0", "--seeds", seeds, "--steps", "4", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report) >= {"prompt", "method", "score_before", "score_after", "target", "iterations", "seconds", "images"}
-    assert report["iterations"] == 10 and report["score_after"] < report["score_before"]
+    assert report["iterations"] == 10 and report["score_after"] < report["score_before"], f"seeds {seeds}"
     from PIL import Image
 
     grid = Image.open(out / report["images"][0])
@@ -143,13 +155,14 @@ def test_mitigate_command_takes_its_budget_from_the_model_folder(tmp_path, tiny_
     folder = shutil.copytree(tiny_sd1, tmp_path / "model")
     lr = float(torch.empty(()).uniform_(0.02, 0.2))
     (folder / BUDGET_FILE).write_text(json.dumps({"learning_rate": lr, "max_iterations": 3}))
-    args = [PROMPT, "--model", str(folder), "--out", str(tmp_path / "m"), "--target", "0", "--seeds", "0", "--json"]
+    seeds = _random_seeds(1)
+    args = [PROMPT, "--model", str(folder), "--out", str(tmp_path / "m"), "--target", "0", "--seeds", str(seeds[0]), "--json"]
     assert main(["mitigate", *args]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["learning_rate"], report["max_iterations"], report["iterations"]) == (lr, 3, 3)
     scanner = Scanner(load_model(folder, device="cpu"), DetectSettings())
-    expected = mitigate_and_generate(scanner, build_pipeline(scanner.model), PROMPT, "embed", [0], MitigationSettings(0, lr, 3))
-    assert report["score_after"] == pytest.approx(expected.result.score_after, rel=1e-5)
+    expected = mitigate_and_generate(scanner, build_pipeline(scanner.model), PROMPT, "embed", seeds, MitigationSettings(0, lr, 3))
+    assert report["score_after"] == pytest.approx(expected.result.score_after, rel=1e-5), f"seeds {seeds}"
     # The options override the folder's budget.
     assert main(["mitigate", *args, "--lr", "0.05", "--iterations", "1"]) == 0
     report = json.loads(capsys.readouterr().out)
