@@ -112,13 +112,19 @@ def test_loop_skips_steps_where_every_sample_is_dropped(monkeypatch, tmp_path):
         assert torch.equal(value, initial[name]), name
 
 
+FILTERED_QUANTILE = 0.5
+
+
 @pytest.fixture(scope="module")
 def finetune_runs(tmp_path_factory):
-    """Smoke `memscan finetune` with and without the filter, and a smoke `testbed build`, all seed 5."""
+    """Smoke `memscan finetune` with and without the filter, and a smoke `testbed build`, all seed 5.
+
+    The filtered run's threshold is the median of normal pairs' magnitudes (not the default
+    0.99 quantile, which drops nothing in the smoke run's 24 samples), so that it drops some."""
     from scanner.cli import main
 
     root = tmp_path_factory.mktemp("finetune")
-    for name, extra in (("filtered", []), ("unfiltered", ["--no-filter"])):
+    for name, extra in (("filtered", ["--quantile", str(FILTERED_QUANTILE)]), ("unfiltered", ["--no-filter"])):
         assert main(["finetune", "--out", str(root / name), "--smoke", "--seed", "5", *extra]) == 0
     build_testbed(root / "build", seed=5, cfg=SMOKE_CONFIG)
     return root
@@ -135,13 +141,25 @@ def test_finetune_writes_its_report(finetune_runs):
     filtered = json.loads((finetune_runs / "filtered" / "finetune.json").read_text())
     unfiltered = json.loads((finetune_runs / "unfiltered" / "finetune.json").read_text())
     assert filtered["filtered"] and not unfiltered["filtered"] and unfiltered["filter"] is None
-    assert filtered["command"] == f"memscan finetune --out {finetune_runs / 'filtered'} --seed 5 --quantile 0.99 --smoke"
+    assert filtered["command"] == f"memscan finetune --out {finetune_runs / 'filtered'} --seed 5 --quantile {FILTERED_QUANTILE} --smoke"
     stats = filtered["filter"]
     assert sum(stats["seen"].values()) == SMOKE_CONFIG.train_steps * SMOKE_CONFIG.batch_size
     assert stats["calibrations"] and all(len(c["thresholds"]) == stats["settings"]["bins"] for c in stats["calibrations"])
+    assert set(stats["dropped"]) == set(stats["seen"]) == set(stats["dropped_share"]) == {"planted", "normal"}
+    for kind, seen in stats["seen"].items():
+        assert 0 < stats["dropped"][kind] < seen, kind  # a share that 0 / seen would not give
+        assert stats["dropped_share"][kind] == pytest.approx(stats["dropped"][kind] / seen, rel=1e-12), kind
     for report in (filtered, unfiltered):
         assert 0 <= report["planted_reproduced"] <= 1 and report["held_out_normal_loss"] > 0
         assert report["attributes"]["prompts"] > 0 and report["groundtruth"]["per_kind"]["planted"]["n"] == SMOKE_CONFIG.num_planted
+        assert report["planted_reproduced"] == report["groundtruth"]["per_kind"]["planted"]["frac_reproduced"]
+    # The unfiltered run is the build bit for bit (the test above), and both measure planted
+    # reproduction the same way (the build over every evaluation prompt, finetune over the
+    # planted and colour-naming ones, so in other batches): the same figures, to fp32 rounding.
+    build = json.loads((finetune_runs / "build" / "testbed_stats.json").read_text())["groundtruth"]
+    assert unfiltered["planted_reproduced"] == build["planted_reproduced"]
+    for key in ("mean_best_ncc_own", "mean_best_ncc_any"):
+        assert unfiltered["groundtruth"]["per_kind"]["planted"][key] == pytest.approx(build["per_kind"]["planted"][key], abs=1e-5), key
 
 
 def test_finetune_compare_prints_the_table(finetune_runs, tmp_path, capsys):

@@ -5,15 +5,44 @@ import json
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from scanner.testbed import default_labels_path, default_model_path
 from scanner.testbed.attributes import another_colour, shows_colour
 from scanner.testbed.build import SMOKE_CONFIG, build_testbed, load_build_data
+from scanner.testbed.groundtruth import REPRODUCTION_THRESHOLD, generate, load_pipeline
 from scanner.testbed.planted import content_bigrams, load_memorized_captions, make_planted_images, split_by_template
 from scanner.testbed.similarity import normalized_cross_correlation
 from scanner.testbed.world import COLOURS, make_normal_pairs
 
 EVAL_FIELDS = {"prompt", "label", "kind"}
+
+
+def _draw_seed() -> int:
+    """A fresh seed from the OS's entropy (not from a global generator that fixtures may have seeded)."""
+    return int(np.random.default_rng().integers(1 << 31))
+
+
+def _sklearn_metrics(labels, scores) -> dict:
+    """The summary's overall metrics, from scikit-learn, with scanner/metrics.py's conventions:
+    TPR at the last point of sklearn's default ROC curve (drop_intermediate) with FPR < 1%,
+    accuracy the best balanced accuracy over its points."""
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return {
+        "auc": roc_auc_score(labels, scores),
+        "tpr_at_1pct_fpr": tpr[np.where(fpr < 0.01)[0][-1]],
+        "acc": np.max(1 - (fpr + (1 - tpr)) / 2),
+        "n_pos": int((labels == 1).sum()),
+        "n_neg": int((labels == 0).sum()),
+    }
+
+
+def _assert_metrics_match_sklearn(summary: dict, labels, scores, message: str = "") -> None:
+    expected = _sklearn_metrics(labels, scores)
+    assert (summary["n_pos"], summary["n_neg"]) == (expected["n_pos"], expected["n_neg"]), message
+    for key in ("auc", "tpr_at_1pct_fpr", "acc"):
+        assert summary[key] == pytest.approx(expected[key], abs=1e-9), f"{key}: {message}"
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +70,24 @@ def test_smoke_build_scores_with_memscan(smoke_builds):
     from scanner.model import load_model
 
     _, (folder, _) = smoke_builds
+    seed = _draw_seed()
     rows = read_labelled_prompts(folder / "eval_prompts.jsonl")
-    evaluation = evaluate(Scanner(load_model(folder, device="cpu"), DetectSettings()), rows)
+    evaluation = evaluate(Scanner(load_model(folder, device="cpu"), DetectSettings(seed=seed)), rows)
     assert evaluation.scores.shape == (len(rows),) and np.isfinite(evaluation.scores).all()
-    assert set(evaluation.summary["per_kind"]) == {row["kind"] for row in rows}
+    labels = np.array([row["label"] for row in rows])
+    kinds = np.array([row["kind"] for row in rows])
+    summary = evaluation.summary
+    _assert_metrics_match_sklearn(summary, labels, evaluation.scores, f"seed {seed}")
+    assert set(summary["per_kind"]) == set(kinds.tolist())
+    for kind, entry in summary["per_kind"].items():
+        mask = kinds == kind
+        assert (entry["n"], entry["label"]) == (mask.sum(), labels[mask][0]), kind
+        assert entry["mean_score"] == pytest.approx(evaluation.scores[mask].astype(np.float64).mean(), rel=1e-6), kind
+        if entry["label"] == 0:  # this kind against every memorized prompt
+            against = mask | (labels == 1)
+            expected = _sklearn_metrics(labels[against], evaluation.scores[against])
+            assert entry["auc_vs_positives"] == pytest.approx(expected["auc"], abs=1e-9), f"{kind}, seed {seed}"
+            assert entry["tpr_at_1pct_fpr_vs_positives"] == pytest.approx(expected["tpr_at_1pct_fpr"], abs=1e-9), kind
 
 
 def test_smoke_build_is_deterministic(smoke_builds):
@@ -103,20 +146,25 @@ class _Tokenizer:
 
 
 def test_caption_split_keeps_templates_together():
+    seed = _draw_seed()
     captions = load_memorized_captions()
-    planted, held_out = split_by_template(captions, np.random.default_rng(0))
-    assert sorted(planted + held_out) == sorted(captions)
+    planted, held_out = split_by_template(captions, np.random.default_rng(seed))
+    assert sorted(planted + held_out) == sorted(captions), f"seed {seed}"
     shared = set().union(*map(content_bigrams, planted)) & set().union(*map(content_bigrams, held_out))
-    assert not shared
-    assert min(len(planted), len(held_out)) >= 150
+    assert not shared, f"seed {seed}: {sorted(shared)[:5]}"
+    assert min(len(planted), len(held_out)) >= 150, f"seed {seed}: {len(planted)} planted, {len(held_out)} held out"
 
 
 def test_planted_images_are_distinct():
-    images = make_planted_images(30, np.random.default_rng(1))
+    seed = _draw_seed()
+    images = make_planted_images(30, np.random.default_rng(seed))
     ncc = normalized_cross_correlation(images, images, per_channel=False)
-    assert np.abs(ncc[~np.eye(30, dtype=bool)]).max() < 0.3
-    assert np.allclose(np.diag(ncc), 1)
+    assert np.abs(ncc[~np.eye(30, dtype=bool)]).max() < 0.3, f"seed {seed}"
+    assert np.allclose(np.diag(ncc), 1), f"seed {seed}"
 
+
+# A random sample of the bundled testbed's evaluation prompts is generated for (see the test).
+SAMPLE_PLANTED, SAMPLE_NORMAL = 16, 4
 
 bundled = pytest.mark.skipif(not (default_model_path() / "model_index.json").exists(), reason="no bundled testbed")
 
@@ -128,27 +176,79 @@ def test_bundled_testbed_fits_and_has_labels():
     rows = [json.loads(line) for line in default_labels_path().read_text().splitlines()]
     labels = [row["label"] for row in rows]
     assert labels.count(1) >= 100 and labels.count(0) >= 400
+
+
+@bundled
+def test_bundled_testbed_stats_record_a_groundtruth_of_these_prompts():
+    """The recorded figures (the README quotes them) describe these labels, measured as the build measures."""
+    folder = default_model_path()
     stats = json.loads((folder / "testbed_stats.json").read_text())
-    assert stats["groundtruth"]["normal_close_to_training"] <= 0.05
+    gt = stats["groundtruth"]
+    rows = [json.loads(line) for line in default_labels_path().read_text().splitlines()]
+    counts = {kind: sum(row["kind"] == kind for row in rows) for kind in dict.fromkeys(row["kind"] for row in rows)}
+    assert {kind: entry["n"] for kind, entry in gt["per_kind"].items()} == counts
+    assert (gt["seeds"], gt["threshold"]) == (stats["config"]["groundtruth_seeds"], REPRODUCTION_THRESHOLD)
+    assert gt["planted_reproduced"] == gt["per_kind"]["planted"]["frac_reproduced"] >= 0.9
+    assert gt["normal_close_to_training"] <= 0.05
 
 
 @bundled
 def test_bundled_testbed_reproduces_planted_images():
-    stats = json.loads((default_model_path() / "testbed_stats.json").read_text())
-    assert stats["groundtruth"]["planted_reproduced"] >= 0.9
+    """Generate for a random sample of evaluation prompts, as the build measured all of them,
+    and check the sample against the recorded rates."""
+    folder = default_model_path()
+    gt = json.loads((folder / "testbed_stats.json").read_text())["groundtruth"]
+    data = load_build_data(folder)
+    seed = _draw_seed()
+    rng = np.random.default_rng(seed)
+    planted = [i for i, row in enumerate(data.eval_prompts) if row["kind"] == "planted"]
+    normal = [i for i, row in enumerate(data.eval_prompts) if row["label"] == 0]
+    picked_planted = rng.choice(planted, SAMPLE_PLANTED, replace=False).tolist()
+    picked_normal = rng.choice(normal, SAMPLE_NORMAL, replace=False).tolist()
+    prompts = [data.eval_prompts[i]["prompt"] for i in picked_planted + picked_normal]
+
+    # The build's measure: its seeds 0..seeds-1, DDIM 50 steps, guidance 7.5; NCC with the training images.
+    images = generate(load_pipeline(folder), prompts, gt["seeds"]) * 2 - 1
+    ncc = normalized_cross_correlation(images.reshape(-1, *images.shape[2:]), data.images)
+    ncc = ncc.reshape(len(prompts), gt["seeds"], len(data.images))
+    index = {caption: i for i, caption in enumerate(data.captions)}  # planted images come last, after the normal ones
+    own = [index[p] for p in prompts[:SAMPLE_PLANTED]]
+    reproduced = [bool(ncc[j, :, own[j]].max() >= gt["threshold"]) for j in range(SAMPLE_PLANTED)]
+    close = ncc[SAMPLE_PLANTED:].max(axis=(1, 2)) >= gt["threshold"]
+    message = f"seed {seed}: planted {picked_planted} reproduced {reproduced}; normal {picked_normal} close {close.tolist()}"
+
+    # Each prompt's outcome is deterministic (the build's seeds and sampler), so the sample is
+    # a draw without replacement from the build's outcomes: with 92 of 100 planted prompts
+    # reproducing (8 not), the count of failures among 16 is hypergeometric(100, 8, 16), and
+    # 6 or more failures has probability 1.6e-4. Were only half of them to reproduce (50 of
+    # 100), the bound would catch it 91% of the time (hypergeometric(100, 50, 16) >= 6).
+    failures_allowed = 5
+    assert gt["per_kind"]["planted"]["n"] == 100 and gt["planted_reproduced"] >= 0.92  # what the bound is computed for
+    assert reproduced.count(False) <= failures_allowed, message
+    # No normal prompt of the build came as close as the threshold to any training image.
+    assert gt["normal_close_to_training"] == 0.0 and not close.any(), message
 
 
 def test_eval_command_writes_metrics_and_plot(smoke_builds, tmp_path):
     from scanner.cli import main
+    from scanner.detect import DetectSettings, Scanner
+    from scanner.evaluate import evaluate, read_labelled_prompts
+    from scanner.model import load_model
 
     _, (folder, _) = smoke_builds
+    seed = _draw_seed()
     out, plot = tmp_path / "eval.json", tmp_path / "roc.png"
     code = main(["eval", "--model", str(folder), "--labels", str(folder / "eval_prompts.jsonl"), "--json", str(out),
-                 "--plot", str(plot), "--steps", "2", "--generations", "2", "--device", "cpu"])
+                 "--plot", str(plot), "--steps", "2", "--generations", "2", "--seed", str(seed), "--device", "cpu"])
     assert code == 0 and plot.stat().st_size > 0
     summary = json.loads(out.read_text())
     assert {"auc", "tpr_at_1pct_fpr", "acc", "n_pos", "n_neg", "settings", "per_kind"} <= set(summary)
-    assert (summary["settings"]["end_step"], summary["settings"]["generations"]) == (2, 2)
+    assert (summary["settings"]["end_step"], summary["settings"]["generations"], summary["settings"]["seed"]) == (2, 2, seed)
+    # The same scoring through the library (the command's default batch of 16), then the metrics from sklearn.
+    labels = [json.loads(line)["label"] for line in (folder / "eval_prompts.jsonl").read_text().splitlines()]
+    scanner = Scanner(load_model(folder, device="cpu"), DetectSettings(end_step=2, generations=2, seed=seed))
+    scores = evaluate(scanner, read_labelled_prompts(folder / "eval_prompts.jsonl"), batch_size=16).scores
+    _assert_metrics_match_sklearn(summary, labels, scores, f"seed {seed}")
 
 
 def test_testbed_build_command_runs_smoke(tmp_path, capsys):
@@ -166,7 +266,17 @@ def test_demo_scans_the_bundled_testbed(tmp_path, capsys):
 
     assert main(["demo", "--out", str(tmp_path)]) == 0
     assert {p.name for p in tmp_path.iterdir()} == {"scores.jsonl", "summary.json", "roc.png"}
-    assert "top 10 prompts" in capsys.readouterr().out
+    labelled = [json.loads(line) for line in default_labels_path().read_text().splitlines()]
+    scored = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert len(scored) == len(labelled)
+    assert [{k: row[k] for k in EVAL_FIELDS} for row in scored] == [{k: row[k] for k in EVAL_FIELDS} for row in labelled]
+    scores = np.array([row["score"] for row in scored])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    _assert_metrics_match_sklearn(summary, [row["label"] for row in labelled], scores)
+    # The printed top 10: the ten highest scores of the file, highest first.
+    out = capsys.readouterr().out.splitlines()
+    top = out[out.index("top 10 prompts by memorization score (label 1 = planted, memorized):") + 1 :][:10]
+    assert [float(line.split()[0]) for line in top] == pytest.approx(np.sort(scores)[::-1][:10], abs=5e-4)
 
 
 def test_eval_mitigation_command_on_a_smoke_build(smoke_builds, tmp_path, capsys):
