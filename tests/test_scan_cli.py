@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -245,3 +246,35 @@ def test_identical_prompts_are_scored_once(tmp_path, tiny_sd1, monkeypatch):
     for row in _read_output(out):
         scores.setdefault(row["prompt"], set()).add(row["score"])
     assert len(scores) == 5 and all(len(s) == 1 for s in scores.values())
+
+
+@pytest.mark.parametrize("seconds_per_batch", [0.0, 31.0])
+def test_commits_every_30_seconds_whatever_the_row_count(tmp_path, scanner, monkeypatch, seconds_per_batch):
+    inp = tmp_path / "p.txt"
+    inp.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "scan.jsonl"
+    clock = {"now": 0.0}
+
+    def monotonic() -> float:  # each reading is one batch later
+        clock["now"] += seconds_per_batch
+        return clock["now"]
+
+    calls = {"n": 0}
+    real_score = Scanner.score
+
+    def crash_on_fourth_batch(self, prompts, indices=None, tokens=None):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated crash")
+        return real_score(self, prompts, indices, tokens)
+
+    # Only scan.py's clock: the real one keeps running for threads and pytest.
+    monkeypatch.setattr(scan_module, "time", SimpleNamespace(monotonic=monotonic, perf_counter=time.perf_counter))
+    monkeypatch.setattr(Scanner, "score", crash_on_fourth_batch)
+    with pytest.raises(RuntimeError):
+        scan_module.run_scan(scanner, [inp], out, batch_size=3, commit_rows=10**6)
+    monkeypatch.setattr(Scanner, "score", real_score)
+    summary = scan_module.run_scan(scanner, [inp], out, batch_size=3, commit_rows=10**6)
+    # Far from --checkpoint-rows, only the clock commits: each of the 3 scored batches when 30 s pass, else none.
+    assert summary.resumed == (9 if seconds_per_batch > 30 else 0)
+    assert [r["prompt"] for r in _read_output(out)] == PROMPTS
