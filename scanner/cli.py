@@ -46,6 +46,17 @@ def output_file(path: str, suffixes: Sequence[str] = ()) -> Path:
     return target
 
 
+def output_folder(path: str, create: bool = True) -> Path:
+    """`path` as an output folder, checked now: a file there is refused; made unless `create` is False."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise MemscanError(f"{out} exists and is not a folder")
+    if create:
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 @contextmanager
 def writing(path: str | Path) -> Iterator[None]:
     """Turn a failure to write `path` into a one-line `MemscanError`."""
@@ -345,11 +356,9 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
 
 
-def _output_folder(args: argparse.Namespace) -> Path:
+def _generation_folder(args: argparse.Namespace) -> Path:
     """Check `--out` (a folder, created later) and `--steps` of the generating commands."""
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise MemscanError(f"{out} exists and is not a folder")
+    out = output_folder(args.out, create=False)
     if args.steps < 1:
         raise MemscanError(f"--steps must be >= 1, got {args.steps}")
     return out
@@ -365,7 +374,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import build_pipeline, generate_images, save_png, seed_latents
     from .model import load_model
 
-    out = _output_folder(args)
+    out = _generation_folder(args)
     _quiet_libraries()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     pipeline = build_pipeline(model)
@@ -463,7 +472,7 @@ def cmd_mitigate(args: argparse.Namespace) -> int:
     from .mitigate import mitigate_and_generate
     from .model import load_model
 
-    out = _output_folder(args)
+    out = _generation_folder(args)
     _check_mitigation_options(args)
     _quiet_libraries()
     model = load_model(args.model, device=args.device, dtype=args.dtype)

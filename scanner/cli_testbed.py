@@ -56,30 +56,18 @@ def _positive(value: int | None, option: str) -> int | None:
     return value
 
 
-def _output_folder(path: str) -> Path:
-    """Make `--out` now, before hours of training, or say in one line why it cannot be."""
-    from .cli import writing
-
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise MemscanError(f"{out} exists and is not a folder")
-    with writing(out):
-        out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def cmd_testbed_build(args: argparse.Namespace) -> int:
     """Train the testbed model into --out."""
     from dataclasses import replace
 
-    from .cli import _quiet_libraries
+    from .cli import _quiet_libraries, output_folder
     from .testbed.build import SMOKE_CONFIG, BuildConfig, build_testbed
 
     _quiet_libraries()  # the ground truth's pipeline would log every truncated random-token prompt
     cfg = SMOKE_CONFIG if args.smoke else BuildConfig()
     if _positive(args.threads, "--threads") is not None:
         cfg = replace(cfg, threads=args.threads)
-    _output_folder(args.out)
+    output_folder(args.out)
     command = f"memscan testbed build --out {shlex.quote(args.out)} --seed {args.seed}"
     command += " --smoke" * args.smoke + (f" --threads {args.threads}" if args.threads is not None else "")
     stats = build_testbed(args.out, seed=args.seed, cfg=cfg, log=lambda line: print(line, flush=True), command=command)
@@ -95,7 +83,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     """Train the testbed recipe with or without the memorization filter (or compare two runs)."""
     from dataclasses import replace
 
-    from .cli import _quiet_libraries
+    from .cli import _quiet_libraries, output_folder
     from .testbed.build import SMOKE_CONFIG, BuildConfig
     from .testbed.filtering import SMOKE_FILTER, FilterSettings
     from .testbed.finetune import REPORT, REPORT_KEYS, comparison_table, evaluate_build, run_finetune
@@ -116,7 +104,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = SMOKE_CONFIG if args.smoke else BuildConfig()
     given = {"train_steps": _positive(args.steps, "--steps"), "threads": _positive(args.threads, "--threads")}
     cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
-    _output_folder(args.out)
+    output_folder(args.out)
     filtering = None if args.no_filter else replace(SMOKE_FILTER if args.smoke else FilterSettings(),
                                                     quantile=args.quantile, seed=args.seed)
     _quiet_libraries()
@@ -192,11 +180,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Scan the bundled testbed's evaluation prompts with the bundled model."""
-    from .cli import writing
+    from .cli import output_folder, writing
     from .evaluate import plot_evaluation, write_scores
     from .testbed import default_labels_path, default_model_path
 
-    out = _output_folder(args.out)
+    out = output_folder(args.out)
     args.model = str(default_model_path())
     started = time.time()
     evaluation = _evaluate(args, str(default_labels_path()))
