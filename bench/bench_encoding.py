@@ -34,4 +34,4 @@ def test_tokenize_and_encode(benchmark, encoder):
     prompts = sample_prompts(BATCH)
     with torch.inference_mode():
         result = benchmark(encoder.encode, prompts)
-    assert result.embeddings.shape == (BATCH, 77, SD15_TEXT_ENCODER["hidden_size"])
+    assert result.conditioning["encoder_hidden_states"]s.shape == (BATCH, 77, SD15_TEXT_ENCODER["hidden_size"])

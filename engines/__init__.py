@@ -1,7 +1,8 @@
-"""Engines run a UNet for a batch: they know nothing of prompts, files or users.
+"""Engines run a denoiser for a batch: they know nothing of prompts, files, users or model families.
 
-Every engine is a `UNetEngine`: `predict_noise(latents, timestep, text_embeddings)` and
-`conditional_norm(latents, timestep, text_embeddings, uncond)`. `create_engine` builds one
+Every engine is a `DenoiserEngine`: `predict(latents, timestep, conditioning)` and
+`conditional_norm(latents, timestep, conditioning, uncond)`, where `conditioning` is the
+denoiser's keyword tensors (see `base`). `create_engine` builds one
 by name; a backend that cannot start (no GPU, package missing) raises `EngineUnavailable`
 with a one-line reason, and nothing falls back silently. Backends with optional packages
 are imported only when asked for.
@@ -14,38 +15,38 @@ from pathlib import Path
 
 import torch
 
-from .base import EngineUnavailable, UNetEngine
+from .base import Conditioning, DenoiserEngine, EngineUnavailable
 from .torch_engine import TorchEngine
 
 
-def _torch(unet: torch.nn.Module, cache_dir: str | Path | None = None, cache_key: str | None = None) -> UNetEngine:
-    return TorchEngine(unet)
+def _torch(denoiser: torch.nn.Module, cache_dir: str | Path | None = None, cache_key: str | None = None) -> DenoiserEngine:
+    return TorchEngine(denoiser)
 
 
-def _compile(unet: torch.nn.Module, cache_dir: str | Path | None = None, cache_key: str | None = None) -> UNetEngine:
+def _compile(denoiser: torch.nn.Module, cache_dir: str | Path | None = None, cache_key: str | None = None) -> DenoiserEngine:
     from .compile_engine import CompileEngine
 
-    return CompileEngine(unet)
+    return CompileEngine(denoiser)
 
 
-def _onnx(unet: torch.nn.Module, cache_dir: str | Path | None = None, cache_key: str | None = None) -> UNetEngine:
+def _onnx(denoiser: torch.nn.Module, cache_dir: str | Path | None = None, cache_key: str | None = None) -> DenoiserEngine:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         raise EngineUnavailable("onnx engine needs onnxruntime: pip install onnxruntime") from None
     from .onnx_engine import OnnxEngine
 
-    return OnnxEngine(unet, cache_dir, cache_key)
+    return OnnxEngine(denoiser, cache_dir, cache_key)
 
 
-def _tensorrt(unet: torch.nn.Module, cache_dir: str | Path | None = None, cache_key: str | None = None) -> UNetEngine:
+def _tensorrt(denoiser: torch.nn.Module, cache_dir: str | Path | None = None, cache_key: str | None = None) -> DenoiserEngine:
     from .tensorrt_engine import TensorRTEngine
 
-    return TensorRTEngine(unet, cache_dir, cache_key)
+    return TensorRTEngine(denoiser, cache_dir, cache_key)
 
 
-# name -> factory(unet, cache_dir, cache_key) ; cache_key identifies the model weights.
-ENGINES: dict[str, Callable[..., UNetEngine]] = {
+# name -> factory(denoiser, cache_dir, cache_key) ; cache_key identifies the model weights.
+ENGINES: dict[str, Callable[..., DenoiserEngine]] = {
     "torch": _torch,
     "compile": _compile,
     "onnx": _onnx,
@@ -54,12 +55,12 @@ ENGINES: dict[str, Callable[..., UNetEngine]] = {
 
 
 def create_engine(
-    name: str, unet: torch.nn.Module, cache_dir: str | Path | None = None, cache_key: str | None = None
-) -> UNetEngine:
-    """Build the engine called `name` for `unet`; `EngineUnavailable` if it cannot run here."""
+    name: str, denoiser: torch.nn.Module, cache_dir: str | Path | None = None, cache_key: str | None = None
+) -> DenoiserEngine:
+    """Build the engine called `name` for `denoiser`; `EngineUnavailable` if it cannot run here."""
     if name not in ENGINES:
         raise EngineUnavailable(f"unknown engine {name!r} (available: {', '.join(ENGINES)})")
-    return ENGINES[name](unet, cache_dir=cache_dir, cache_key=cache_key)
+    return ENGINES[name](denoiser, cache_dir=cache_dir, cache_key=cache_key)
 
 
-__all__ = ["ENGINES", "EngineUnavailable", "TorchEngine", "UNetEngine", "create_engine"]
+__all__ = ["ENGINES", "Conditioning", "DenoiserEngine", "EngineUnavailable", "TorchEngine", "create_engine"]

@@ -1,6 +1,6 @@
-"""ONNX Runtime engine: the UNet exported with a norm head, run on the CPU or CUDA provider.
+"""ONNX Runtime engine: the denoiser exported with a norm head, run on the CPU or CUDA provider.
 
-The export happens on the first call, when the latent and text shapes are known, and is
+The export happens on the first call, when the latent and conditioning shapes are known, and is
 cached on disk (`onnx_export.cached_export`). Tensors are handed to ONNX Runtime through IO
 binding by pointer, so nothing is copied between torch and the session on either device.
 """
@@ -13,26 +13,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import EngineUnavailable, UNetEngine
-from .onnx_export import cached_export
+from .base import Conditioning, DenoiserEngine, EngineUnavailable
+from .onnx_export import cached_export, cond_spec
 
-NUMPY_TYPES = {torch.float32: np.float32, torch.float16: np.float16}
+NUMPY_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
 
-class OnnxEngine(UNetEngine):
-    """Runs the exported UNet with ONNX Runtime; `conditional_norm` fetches only the `[R]` norms."""
+class OnnxEngine(DenoiserEngine):
+    """Runs the exported denoiser with ONNX Runtime; `conditional_norm` fetches only the `[R]` norms."""
 
     name = "onnx"
 
-    def __init__(self, unet: torch.nn.Module, cache_dir: str | Path | None = None, cache_key: str | None = None):
+    def __init__(self, denoiser: torch.nn.Module, cache_dir: str | Path | None = None, cache_key: str | None = None):
         import onnxruntime
 
-        param = next(unet.parameters())
-        if param.dtype not in NUMPY_TYPES:
+        param = next(denoiser.parameters())
+        if param.dtype not in (torch.float32, torch.float16):
             raise EngineUnavailable(f"the onnx engine runs fp32 or fp16 models, not {param.dtype}")
         self.providers = self._providers(onnxruntime, param.device)
         self.ort = onnxruntime
-        self.unet = unet
+        self.denoiser = denoiser
         self.device = param.device
         self.dtype = param.dtype
         if cache_dir is None or cache_key is None:  # nothing identifies the weights: keep the export private
@@ -54,10 +54,11 @@ class OnnxEngine(UNetEngine):
             f"{', '.join(available)}"
         )
 
-    def _session(self, latents: torch.Tensor, text_embeddings: torch.Tensor):
-        shapes = (tuple(latents.shape[1:]), tuple(text_embeddings.shape[1:]))
+    def _session(self, latents: torch.Tensor, conditioning: Conditioning):
+        spec = cond_spec(conditioning)
+        shapes = (tuple(latents.shape[1:]), tuple(spec.items()))
         if shapes not in self._sessions:
-            path = cached_export(self.unet, *shapes, self.cache_dir, self.cache_key)
+            path = cached_export(self.denoiser, shapes[0], spec, self.cache_dir, self.cache_key)
             options = self.ort.SessionOptions()
             options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             # Idle ORT threads spin by default, holding cores that the torch text encoder
@@ -77,15 +78,17 @@ class OnnxEngine(UNetEngine):
         )
 
     def _run(
-        self, output: str, out: torch.Tensor, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor
+        self, output: str, out: torch.Tensor, latents: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning,
+        uncond: torch.Tensor,
     ) -> torch.Tensor:
         """Run the graph, writing its `output` into the preallocated `out`."""
-        session = self._session(latents, text)
+        conditioning = {k: v if not v.is_floating_point() else v.to(self.dtype) for k, v in conditioning.items()}
+        session = self._session(latents, conditioning)
         inputs = {
             "latents": latents.to(self.device, self.dtype).contiguous(),
             "timestep": torch.as_tensor(timestep, dtype=torch.float32, device=self.device).reshape(()).contiguous(),
-            "text_embeddings": text.to(self.device, self.dtype).contiguous(),
             "uncond": uncond.to(self.device, self.dtype).contiguous(),
+            **{k: v.to(self.device).contiguous() for k, v in conditioning.items()},
         }
         binding = session.io_binding()
         for name, tensor in inputs.items():  # `inputs` keeps the tensors alive until the run ends
@@ -97,17 +100,15 @@ class OnnxEngine(UNetEngine):
         binding.synchronize_outputs()
         return out
 
-    def predict_noise(
-        self, latents: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor
-    ) -> torch.Tensor:
-        """The UNet's raw output for latents `[R, C, H, W]`, one timestep, embeddings `[R, L, D]`."""
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        """The denoiser's raw output for latents `[R, C, H, W]`, one timestep, conditioning rows `[R, ...]`."""
         out = torch.empty(latents.shape, dtype=self.dtype, device=self.device)
         no_uncond = torch.zeros((1, *latents.shape[1:]), dtype=self.dtype, device=self.device)
-        return self._run("noise", out, latents, timestep, text_embeddings, no_uncond)
+        return self._run("noise", out, latents, timestep, conditioning, no_uncond)
 
     def conditional_norm(
-        self, latents: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor, uncond: torch.Tensor
+        self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning, uncond: torch.Tensor
     ) -> torch.Tensor:
-        """`||predict_noise(latents, t, e) - uncond||_2` per row, fp32 `[R]`, from the graph's norm head."""
+        """`||predict(latents, t, c) - uncond||_2` per row, fp32 `[R]`, from the graph's norm head."""
         out = torch.empty(len(latents), dtype=torch.float32, device=self.device)
-        return self._run("norm", out, latents, timestep, text_embeddings, uncond)
+        return self._run("norm", out, latents, timestep, conditioning, uncond)

@@ -1,10 +1,11 @@
-"""Export a UNet to ONNX with a fused score head, cached on disk by model and export settings.
+"""Export a denoiser to ONNX with a fused score head, cached on disk by model and export settings.
 
-The exported graph takes `latents [B, C, H, W]`, `timestep []` (fp32), `text_embeddings
-[B, L, D]` and `uncond [B|1, C, H, W]` and has two outputs: `noise` (the UNet's raw output)
-and `norm` (`||noise - uncond||_2` per row, fp32). Asking a session for `norm` alone keeps
-whole predictions on the device. The batch axis is dynamic; C, H, W, L, D are fixed by the
-example shapes, so the export is keyed by them.
+The exported graph takes `latents [B, C, H, W]`, `timestep []` (fp32), `uncond [B|1, C, H, W]`
+and the denoiser's conditioning tensors under their own names (`encoder_hidden_states
+[B, L, D]`, `pooled_projections [B, P]`, ...), and has two outputs: `noise` (the denoiser's raw
+output) and `norm` (`||noise - uncond||_2` per row, fp32). Asking a session for `norm` alone
+keeps whole predictions on the device. The batch axis is dynamic; every other size is fixed
+by the example shapes, so the export is keyed by them.
 """
 
 from __future__ import annotations
@@ -21,47 +22,61 @@ import torch
 
 OPSET = 17
 # Bump when the graph's inputs, outputs or exporter options change: old exports are then ignored.
-EXPORT_FORMAT = 1
-INPUT_NAMES = ("latents", "timestep", "text_embeddings", "uncond")
+EXPORT_FORMAT = 2
+INPUT_NAMES = ("latents", "timestep", "uncond")  # then the conditioning's names
 OUTPUT_NAMES = ("noise", "norm")
-MODEL_FILE = "unet.onnx"
+MODEL_FILE = "denoiser.onnx"
+# name -> (shape without the batch axis, dtype name): the conditioning an export is traced for.
+CondSpec = dict[str, tuple[tuple[int, ...], str]]
 
 
-class ScoringUNet(torch.nn.Module):
-    """The UNet with a conditional-minus-unconditional norm head: `(noise, norm)`."""
+def cond_spec(conditioning: dict[str, torch.Tensor]) -> CondSpec:
+    """The per-row shapes and dtypes of a conditioning, which key its export."""
+    return {k: (tuple(v.shape[1:]), str(v.dtype).removeprefix("torch.")) for k, v in conditioning.items()}
 
-    def __init__(self, unet: torch.nn.Module):
+
+class ScoringDenoiser(torch.nn.Module):
+    """The denoiser with a conditional-minus-unconditional norm head: `(noise, norm)`."""
+
+    def __init__(self, denoiser: torch.nn.Module, cond_names: tuple[str, ...]):
         super().__init__()
-        self.unet = unet
+        self.denoiser = denoiser
+        self.cond_names = cond_names
 
     def forward(
-        self, latents: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor, uncond: torch.Tensor
+        self, latents: torch.Tensor, timestep: torch.Tensor, uncond: torch.Tensor, *conditioning: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The UNet's noise prediction and each row's fp32 `||noise - uncond||_2`."""
-        noise = self.unet(latents, timestep, encoder_hidden_states=text_embeddings, return_dict=False)[0]
+        """The denoiser's prediction and each row's fp32 `||noise - uncond||_2`."""
+        noise = self.denoiser(latents, timestep, **dict(zip(self.cond_names, conditioning)))
         return noise, (noise.float() - uncond.float()).flatten(1).norm(dim=1)
 
 
-def export_settings(unet: torch.nn.Module, latent_shape: tuple[int, ...], text_shape: tuple[int, ...]) -> dict:
+def export_settings(denoiser: torch.nn.Module, latent_shape: tuple[int, ...], spec: CondSpec) -> dict:
     """Everything besides the weights that decides the exported graph."""
-    dtype = next(unet.parameters()).dtype
+    dtype = next(denoiser.parameters()).dtype
     return {
         "format": EXPORT_FORMAT,
         "opset": OPSET,
         "dtype": str(dtype).removeprefix("torch."),
         "latent_shape": list(latent_shape),
-        "text_shape": list(text_shape),
+        "conditioning": {k: [list(shape), dt] for k, (shape, dt) in spec.items()},
         "torch": torch.__version__.split("+")[0],
     }
 
 
-def export_unet(unet: torch.nn.Module, latent_shape: tuple[int, ...], text_shape: tuple[int, ...], folder: Path) -> Path:
-    """Export `ScoringUNet(unet)` into `folder` (weights as external data when over 2 GB)."""
-    param = next(unet.parameters())
-    # Batch 2 for tracing: the exporter would specialise a batch of 1 to a constant.
+def export_denoiser(denoiser: torch.nn.Module, latent_shape: tuple[int, ...], spec: CondSpec, folder: Path) -> Path:
+    """Export `ScoringDenoiser(denoiser)` into `folder` (weights as external data when over 2 GB)."""
+    param = next(denoiser.parameters())
+
+    def example(shape: tuple[int, ...], dtype: str) -> torch.Tensor:
+        # Batch 2 for tracing: the exporter would specialise a batch of 1 to a constant.
+        if dtype.startswith(("int", "bool")):  # masks: all ones, a valid mask
+            return torch.ones(2, *shape, device=param.device, dtype=getattr(torch, dtype))
+        return torch.randn(2, *shape, device=param.device, dtype=param.dtype)
+
     latents = torch.randn(2, *latent_shape, device=param.device, dtype=param.dtype)
-    text = torch.randn(2, *text_shape, device=param.device, dtype=param.dtype)
     uncond = torch.randn(1, *latent_shape, device=param.device, dtype=param.dtype)
+    conditioning = [example(shape, dtype) for shape, dtype in spec.values()]
     timestep = torch.tensor(981.0, device=param.device)
     batch = {0: "batch"}
     path = folder / MODEL_FILE
@@ -69,27 +84,29 @@ def export_unet(unet: torch.nn.Module, latent_shape: tuple[int, ...], text_shape
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
         torch.onnx.export(
-            ScoringUNet(unet).eval(),
-            (latents, timestep, text, uncond),
+            ScoringDenoiser(denoiser, tuple(spec)).eval(),
+            (latents, timestep, uncond, *conditioning),
             str(path),
             dynamo=False,
             opset_version=OPSET,
-            input_names=list(INPUT_NAMES),
+            input_names=[*INPUT_NAMES, *spec],
             output_names=list(OUTPUT_NAMES),
-            dynamic_axes={"latents": batch, "text_embeddings": batch, "uncond": {0: "uncond_batch"}, "noise": batch, "norm": batch},
+            dynamic_axes={
+                "latents": batch, "uncond": {0: "uncond_batch"}, "noise": batch, "norm": batch, **{k: batch for k in spec}
+            },
         )
     return path
 
 
 def cached_export(
-    unet: torch.nn.Module,
+    denoiser: torch.nn.Module,
     latent_shape: tuple[int, ...],
-    text_shape: tuple[int, ...],
+    spec: CondSpec,
     cache_dir: Path,
     cache_key: str,
 ) -> Path:
     """The ONNX file for this model and these shapes: exported once into `cache_dir/onnx/`, then reused."""
-    settings = export_settings(unet, latent_shape, text_shape)
+    settings = export_settings(denoiser, latent_shape, spec)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     safe_key = "".join(c if c.isalnum() or c in "-_." else "_" for c in cache_key)
     target = Path(cache_dir) / "onnx" / f"{safe_key}-{digest}"
@@ -99,7 +116,7 @@ def cached_export(
     # Export into a private folder, then rename: readers never see a half-written export.
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        export_unet(unet, latent_shape, text_shape, staging)
+        export_denoiser(denoiser, latent_shape, spec, staging)
         (staging / "settings.json").write_text(json.dumps({**settings, "cache_key": cache_key}, indent=2))
         try:
             os.rename(staging, target)

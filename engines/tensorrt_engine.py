@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .base import EngineUnavailable, UNetEngine
+from .base import Conditioning, DenoiserEngine, EngineUnavailable
 from .compile_engine import BUCKETS, bucket_for, pad_rows
-from .onnx_export import INPUT_NAMES, cached_export
+from .onnx_export import INPUT_NAMES, CondSpec, cached_export, cond_spec
 
 
 def _import_tensorrt():
@@ -34,12 +34,16 @@ def _import_tensorrt():
 class _BucketRunner:
     """Static input/output buffers of one bucket and its captured CUDA graph."""
 
-    def __init__(self, context, rows: int, latent_shape, text_shape, dtype, device):
+    def __init__(self, context, rows: int, latent_shape, spec: CondSpec, dtype, device):
+        def buffer(shape, dt: str) -> torch.Tensor:
+            floating = not dt.startswith(("int", "bool"))
+            return (torch.zeros if floating else torch.ones)(rows, *shape, dtype=dtype if floating else getattr(torch, dt), device=device)
+
         self.inputs = {
             "latents": torch.zeros(rows, *latent_shape, dtype=dtype, device=device),
             "timestep": torch.zeros((), dtype=torch.float32, device=device),
-            "text_embeddings": torch.zeros(rows, *text_shape, dtype=dtype, device=device),
             "uncond": torch.zeros(rows, *latent_shape, dtype=dtype, device=device),
+            **{name: buffer(shape, dt) for name, (shape, dt) in spec.items()},
         }
         self.outputs = {
             "noise": torch.empty(rows, *latent_shape, dtype=dtype, device=device),
@@ -62,12 +66,13 @@ class _BucketRunner:
                 self.context.set_input_shape(name, tuple(tensor.shape))
             self.context.set_tensor_address(name, tensor.data_ptr())
 
-    def run(self, latents, timestep, text, uncond) -> dict[str, torch.Tensor]:
+    def run(self, latents, timestep, conditioning: Conditioning, uncond) -> dict[str, torch.Tensor]:
         """Copy the padded inputs into the static buffers, replay the graph; outputs are views."""
         rows = len(self.inputs["latents"])
         self.inputs["latents"].copy_(pad_rows(latents, rows))
         self.inputs["timestep"].copy_(torch.as_tensor(timestep, dtype=torch.float32))
-        self.inputs["text_embeddings"].copy_(pad_rows(text, rows))
+        for name, tensor in conditioning.items():
+            self.inputs[name].copy_(pad_rows(tensor, rows))
         self.inputs["uncond"].copy_(pad_rows(uncond, rows))  # [1] rows repeat too
         # The graph replays with this bucket's shapes and buffer addresses baked in; buckets share
         # the context's scratch memory, which is safe because they replay in turn on one stream.
@@ -75,19 +80,19 @@ class _BucketRunner:
         return self.outputs
 
 
-class TensorRTEngine(UNetEngine):
+class TensorRTEngine(DenoiserEngine):
     """Runs a TensorRT engine built from the ONNX export; fp16, CUDA only."""
 
     name = "tensorrt"
 
-    def __init__(self, unet: torch.nn.Module, cache_dir: str | Path | None = None, cache_key: str | None = None):
+    def __init__(self, denoiser: torch.nn.Module, cache_dir: str | Path | None = None, cache_key: str | None = None):
         self.trt = _import_tensorrt()
-        param = next(unet.parameters())
+        param = next(denoiser.parameters())
         if param.device.type != "cuda":
             raise EngineUnavailable("tensorrt engine needs the model on a CUDA device (--device cuda)")
         if param.dtype != torch.float16:
             raise EngineUnavailable("tensorrt engine builds FP16 engines: load the model with --dtype fp16")
-        self.unet = unet
+        self.denoiser = denoiser
         self.device = param.device
         self.dtype = param.dtype
         if cache_dir is None or cache_key is None:
@@ -108,7 +113,7 @@ class TensorRTEngine(UNetEngine):
         gpu = "".join(c if c.isalnum() else "_" for c in torch.cuda.get_device_name(self.device))
         return self.cache_dir / "tensorrt" / f"timing-{gpu}-{self.trt.__version__}.cache"
 
-    def _build(self, onnx_path: Path, latent_shape, text_shape) -> bytes:
+    def _build(self, onnx_path: Path, latent_shape, spec: CondSpec) -> bytes:
         trt = self.trt
         builder = trt.Builder(self.logger)
         network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
@@ -123,7 +128,8 @@ class TensorRTEngine(UNetEngine):
         config.set_timing_cache(timing, ignore_mismatch=False)
         profile = builder.create_optimization_profile()
         low, mid, high = BUCKETS[0], BUCKETS[len(BUCKETS) // 2], BUCKETS[-1]
-        for name, shape in (("latents", latent_shape), ("text_embeddings", text_shape), ("uncond", latent_shape)):
+        shapes = {"latents": latent_shape, "uncond": latent_shape, **{k: shape for k, (shape, _) in spec.items()}}
+        for name, shape in shapes.items():
             profile.set_shape(name, (low, *shape), (mid, *shape), (high, *shape))
         config.add_optimization_profile(profile)
         plan = builder.build_serialized_network(network, config)
@@ -132,50 +138,50 @@ class TensorRTEngine(UNetEngine):
         _write_atomic(timing_path, bytes(config.get_timing_cache().serialize()))
         return bytes(plan)
 
-    def _engine(self, latents: torch.Tensor, text: torch.Tensor) -> tuple:
-        latent_shape, text_shape = tuple(latents.shape[1:]), tuple(text.shape[1:])
-        if (latent_shape, text_shape) not in self._engines:
-            onnx_path = cached_export(self.unet, latent_shape, text_shape, self.cache_dir, self.cache_key)
+    def _engine(self, latents: torch.Tensor, spec: CondSpec) -> tuple:
+        key = (tuple(latents.shape[1:]), tuple(spec.items()))
+        if key not in self._engines:
+            onnx_path = cached_export(self.denoiser, key[0], spec, self.cache_dir, self.cache_key)
             plan_path = self._plan_path(onnx_path)
             if not plan_path.is_file():
                 plan_path.parent.mkdir(parents=True, exist_ok=True)
-                _write_atomic(plan_path, self._build(onnx_path, latent_shape, text_shape))
+                _write_atomic(plan_path, self._build(onnx_path, key[0], spec))
             engine = self.trt.Runtime(self.logger).deserialize_cuda_engine(plan_path.read_bytes())
             names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-            if not set(INPUT_NAMES) <= names:
-                raise EngineUnavailable(f"{plan_path}: engine lacks inputs {set(INPUT_NAMES) - names}; delete it")
-            self._engines[latent_shape, text_shape] = (engine, engine.create_execution_context(), {})
-        return self._engines[latent_shape, text_shape]
+            if not {*INPUT_NAMES, *spec} <= names:
+                raise EngineUnavailable(f"{plan_path}: engine lacks inputs {({*INPUT_NAMES, *spec}) - names}; delete it")
+            self._engines[key] = (engine, engine.create_execution_context(), {})
+        return self._engines[key]
 
-    def _run(self, latents, timestep, text, uncond) -> dict[str, torch.Tensor]:
-        _, context, runners = self._engine(latents, text)
+    def _run(self, latents, timestep, conditioning: Conditioning, uncond) -> dict[str, torch.Tensor]:
+        conditioning = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in conditioning.items()}
+        spec = cond_spec(conditioning)
+        _, context, runners = self._engine(latents, spec)
         rows = bucket_for(len(latents))
         if rows not in runners:
-            runners[rows] = _BucketRunner(context, rows, latents.shape[1:], text.shape[1:], self.dtype, self.device)
-        return runners[rows].run(latents, timestep, text, uncond)
+            runners[rows] = _BucketRunner(context, rows, latents.shape[1:], spec, self.dtype, self.device)
+        return runners[rows].run(latents, timestep, conditioning, uncond)
 
     # -- the engine interface ------------------------------------------------------------------
-    def _chunks(self, latents, text):
+    def _chunks(self, latents, conditioning: Conditioning):
         largest = BUCKETS[-1]
         for start in range(0, len(latents), largest):
-            yield start, latents[start : start + largest], text[start : start + largest]
+            yield start, latents[start : start + largest], {k: v[start : start + largest] for k, v in conditioning.items()}
 
-    def predict_noise(
-        self, latents: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor
-    ) -> torch.Tensor:
-        """The UNet's raw output for latents `[R, C, H, W]`, one timestep, embeddings `[R, L, D]`."""
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        """The denoiser's raw output for latents `[R, C, H, W]`, one timestep, conditioning rows `[R, ...]`."""
         zero = torch.zeros((1, *latents.shape[1:]), dtype=self.dtype, device=self.device)
-        parts = [self._run(x, timestep, e, zero)["noise"][: len(x)].clone() for _, x, e in self._chunks(latents, text_embeddings)]
+        parts = [self._run(x, timestep, c, zero)["noise"][: len(x)].clone() for _, x, c in self._chunks(latents, conditioning)]
         return torch.cat(parts)
 
     def conditional_norm(
-        self, latents: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor, uncond: torch.Tensor
+        self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning, uncond: torch.Tensor
     ) -> torch.Tensor:
-        """`||predict_noise(latents, t, e) - uncond||_2` per row, fp32 `[R]`, from the engine's norm head."""
+        """`||predict(latents, t, c) - uncond||_2` per row, fp32 `[R]`, from the engine's norm head."""
         parts = []
-        for start, x, e in self._chunks(latents, text_embeddings):
+        for start, x, c in self._chunks(latents, conditioning):
             u = uncond if len(uncond) == 1 else uncond[start : start + len(x)]
-            parts.append(self._run(x, timestep, e, u)["norm"][: len(x)].clone())
+            parts.append(self._run(x, timestep, c, u)["norm"][: len(x)].clone())
         return torch.cat(parts)
 
 

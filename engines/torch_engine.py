@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from .base import UNetEngine
+from .base import Conditioning, DenoiserEngine
 
 
-class TorchEngine(UNetEngine):
-    """Runs a diffusers `UNet2DConditionModel` eagerly."""
+class TorchEngine(DenoiserEngine):
+    """Runs a denoiser module eagerly."""
 
     name = "torch"
 
-    def __init__(self, unet: torch.nn.Module):
-        self.unet = unet
+    def __init__(self, denoiser: torch.nn.Module):
+        self.denoiser = denoiser
 
-    def predict_noise(
-        self, latents: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor
-    ) -> torch.Tensor:
-        """The UNet's raw output for latents `[R, C, H, W]`, one timestep, embeddings `[R, L, D]`."""
-        return self.unet(latents, timestep, encoder_hidden_states=text_embeddings, return_dict=False)[0]
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        """The denoiser's raw output for latents `[R, C, H, W]`, one timestep, conditioning rows `[R, ...]`."""
+        return self.denoiser(latents, timestep, **conditioning)

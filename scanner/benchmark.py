@@ -27,8 +27,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .detect import DetectSettings, Scanner, epsilon_scale
-from .engines import ENGINES, EngineUnavailable, UNetEngine, create_engine
+from .detect import DetectSettings, Scanner
+from .encode import PromptTokenizer
+from .families.base import epsilon_scale
+from .families.stable_diffusion import StableDiffusion
+from .engines import ENGINES, Conditioning, DenoiserEngine, EngineUnavailable, create_engine
 from .model import ScanModel
 
 if TYPE_CHECKING:
@@ -129,17 +132,15 @@ def sd15_model(device: str = "cpu", dtype: torch.dtype = torch.float32) -> ScanM
     from transformers import CLIPTextConfig, CLIPTextModel
 
     text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER)).to(device=device, dtype=dtype).eval()
-    return ScanModel(
-        tokenizer=clip_tokenizer(),
-        text_encoder=text_encoder.requires_grad_(False),
-        unet=random_unet(SD15_UNET, dtype, device),
-        scheduler_config=dict(SD15_SCHEDULER),
-        vae=None,
-        fingerprint="random-sd15",
-        source="SD 1.5-shaped, random weights",
-        device=torch.device(device),
-        dtype=dtype,
-    )
+    return _sd_model(text_encoder.requires_grad_(False), random_unet(SD15_UNET, dtype, device), "random-sd15",
+                     "SD 1.5-shaped, random weights", torch.device(device), dtype)
+
+
+def _sd_model(text_encoder, unet, fingerprint: str, source: str, device: torch.device, dtype: torch.dtype) -> ScanModel:
+    """An SD 1.x `ScanModel` over modules built here (no folder), with the real CLIP tokenizer."""
+    family = StableDiffusion(Path(source), {"tokenizer": PromptTokenizer(clip_tokenizer())}, {"text_encoder": text_encoder},
+                             unet, dict(SD15_SCHEDULER), {}, device, dtype)
+    return ScanModel(family=family, fingerprint=fingerprint, source=source, device=device, dtype=dtype)
 
 
 class ReferenceLoop:
@@ -150,16 +151,17 @@ class ReferenceLoop:
         self.latent = latent  # [1, C, H, W], already scaled for the UNet's input
         self.timestep = timestep
         alpha_bar = float(_ddim(model).alphas_cumprod[int(timestep)])
-        self.eps_scale = epsilon_scale(model.prediction_type, alpha_bar)
+        self.eps_scale = epsilon_scale(model.family.scheduler_config.get("prediction_type", "epsilon"), alpha_bar)
 
     @torch.inference_mode()
     def __call__(self, prompts: Sequence[str]) -> np.ndarray:
         """Scores of `prompts`, one pipeline-style forward each."""
         tok, scores = self.model.tokenizer, []
+        text_encoder = self.model.family.text_encoders["text_encoder"]
         for prompt in prompts:
             ids = tok(["", prompt], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-            text = self.model.text_encoder(ids.input_ids.to(self.model.device))[0]
-            out = self.model.unet(torch.cat([self.latent, self.latent]), self.timestep, encoder_hidden_states=text).sample
+            text = text_encoder(ids.input_ids.to(self.model.device))[0]
+            out = self.model.denoiser(torch.cat([self.latent, self.latent]), self.timestep, encoder_hidden_states=text).sample
             uncond, cond = out.float().chunk(2)
             scores.append(float((cond - uncond).flatten(1).norm(dim=1)[0]) * self.eps_scale)
         return np.asarray(scores)
@@ -168,7 +170,7 @@ class ReferenceLoop:
 def _ddim(model: ScanModel):
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler.from_config(model.scheduler_config)
+    scheduler = DDIMScheduler.from_config(model.family.scheduler_config)
     scheduler.set_timesteps(DetectSettings().num_inference_steps)
     return scheduler
 
@@ -211,7 +213,7 @@ def compare_modes(
     warmup = sample_prompts(batch_size, offset=len(prompts))  # distinct: Scanner caches scores by prompt
     scanner = Scanner(model, settings)
     t0 = scanner.timesteps[0]
-    latent = scanner.scheduler.scale_model_input(scanner.shared_latents() * scanner.scheduler.init_noise_sigma, t0)
+    latent = scanner.first_step_input(scanner.shared_latents())
     modes = {
         "(a) reference loop, batch of 2": ReferenceLoop(model, latent, t0),
         "(b) scanner, batched, eager": _scanner_scores(Scanner(model, settings, reuse_uncond=False)),
@@ -219,7 +221,7 @@ def compare_modes(
     }
     for name in engines:
         try:
-            engine = create_engine(name, model.unet, cache_dir=cache_dir, cache_key=model.fingerprint)
+            engine = create_engine(name, model.family.denoiser_module(), cache_dir=cache_dir, cache_key=model.fingerprint)
         except EngineUnavailable as exc:
             on_skip(name, str(exc))
             continue
@@ -246,17 +248,17 @@ def write_json(results: Sequence[ModeResult], path: str | Path) -> None:
 
 
 # -- the orchestrator alone --------------------------------------------------------------------
-class NoOpEngine(UNetEngine):
+class NoOpEngine(DenoiserEngine):
     """Returns zeros at once: what is left to time is everything around the UNet."""
 
     name = "noop"
 
-    def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         """Zeros shaped like the latents."""
         return torch.zeros_like(latents)
 
     def conditional_norm(
-        self, latents: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor, uncond: torch.Tensor
+        self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning, uncond: torch.Tensor
     ) -> torch.Tensor:
         """Zeros, one per row."""
         return torch.zeros(len(latents), dtype=torch.float32, device=latents.device)
@@ -279,17 +281,8 @@ class StubTextEncoder(torch.nn.Module):
 def stub_model() -> ScanModel:
     """An SD 1.5-shaped `ScanModel` whose text encoder and UNet do nothing (real tokenizer)."""
     unet = SimpleNamespace(config=SimpleNamespace(in_channels=4, sample_size=SD15_UNET["sample_size"]))
-    return ScanModel(
-        tokenizer=clip_tokenizer(),
-        text_encoder=StubTextEncoder(SD15_UNET["cross_attention_dim"]),
-        unet=unet,
-        scheduler_config=dict(SD15_SCHEDULER),
-        vae=None,
-        fingerprint="stub",
-        source="no-op model",
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-    )
+    text_encoder = StubTextEncoder(SD15_UNET["cross_attention_dim"])
+    return _sd_model(text_encoder, unet, "stub", "no-op model", torch.device("cpu"), torch.float32)
 
 
 @dataclass

@@ -380,10 +380,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipeline = build_pipeline(model)
     scanner = Scanner(model, DetectSettings())
     with torch.no_grad():
-        embedding = scanner.encoder.encode([args.prompt]).embeddings
-    images = generate_images(
-        pipeline, embedding, scanner.encoder.empty_embedding(), seed_latents(model, args.seeds), args.steps, args.guidance
-    )
+        cond = model.family.encode([args.prompt])
+    images = generate_images(model.family, pipeline, cond, seed_latents(model, args.seeds), args.steps, args.guidance)
     try:
         out.mkdir(parents=True, exist_ok=True)
         paths = [save_png(image, out / f"seed-{seed}.png") for seed, image in zip(args.seeds, images)]

@@ -1,25 +1,27 @@
-"""The memorization score: `|| unet(x, t, e_prompt) - unet(x, t, e_empty) ||_2` (method.md).
+"""The memorization score: `|| denoiser(x, t, c_prompt) - denoiser(x, t, c_empty) ||_2` (method.md).
 
 For each prompt, generation (initial latent) and sampling step `s` in the window
-`[start_step, end_step)`, the norm of the text-conditional noise prediction's difference
-from the unconditional one, in epsilon space and fp32. A prompt's score is the mean over
-the window's steps and the generations.
+`[start_step, end_step)`, the norm of the text-conditional prediction's difference from the
+unconditional one, in the score space (epsilon for diffusion families, the raw output, the
+velocity, for flow families) and fp32. A prompt's score is the mean over the window's steps
+and the generations. The model's family (`scanner.families`) encodes, calls the denoiser and
+walks the trajectory; nothing here knows which family it is.
 """
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
 from .cache import cache_dir
-from .encode import PromptEncoder, TokenizedPrompts
-from .engines import ENGINES, TorchEngine, UNetEngine, create_engine
+from .encode import TokenizedPrompts
+from .engines import ENGINES, DenoiserEngine, TorchEngine, create_engine
 from .errors import MemscanError
+from .families import SCORE_SPACES, Conditioning, Family, cond_cat, cond_expand, cond_repeat
 from .kernels import guidance_norm, guided_prediction
 from .model import ScanModel, load_model
 
@@ -37,6 +39,7 @@ class DetectSettings:
     guidance_scale: float = 7.5
     seed: int = 0
     noise: str = "shared"
+    score_space: str = "auto"  # "auto": the family's own (epsilon for diffusion, the velocity for flows)
 
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:
@@ -50,6 +53,12 @@ class DetectSettings:
             raise MemscanError(f"generations must be >= 1, got {self.generations}")
         if self.noise not in NOISE_MODES:
             raise MemscanError(f"noise must be one of {', '.join(NOISE_MODES)}, got {self.noise!r}")
+        if self.score_space not in ("auto", *SCORE_SPACES):
+            raise MemscanError(f"score space must be one of auto, {', '.join(SCORE_SPACES)}, got {self.score_space!r}")
+
+    def for_family(self, family: type[Family]) -> DetectSettings:
+        """These settings with `auto` resolved to the family's score space (what results record)."""
+        return self if self.score_space != "auto" else replace(self, score_space=family.default_score_space())
 
     @property
     def first_step_only(self) -> bool:
@@ -75,44 +84,35 @@ class PromptScores:
         return self.per_generation.mean(axis=1)
 
 
-def epsilon_scale(prediction_type: str, alpha_bar: float) -> float:
-    """Factor that turns a difference of two model outputs at one `x_t` into one of epsilons."""
-    if prediction_type == "epsilon":
-        return 1.0
-    if prediction_type == "v_prediction":  # eps = sqrt(ab) * v + sqrt(1 - ab) * x_t
-        return math.sqrt(alpha_bar)
-    if prediction_type == "sample":  # eps = (x_t - sqrt(ab) * x0) / sqrt(1 - ab)
-        return math.sqrt(alpha_bar / (1.0 - alpha_bar))
-    raise MemscanError(f"unsupported prediction_type {prediction_type!r}")
-
-
 class Scanner:
     """Scores batches of prompts for one model and one `DetectSettings`; holds the caches."""
 
     def __init__(
-        self, model: ScanModel, settings: DetectSettings, engine=None, cache_size: int = 65536, reuse_uncond: bool = True
+        self,
+        model: ScanModel,
+        settings: DetectSettings,
+        engine: DenoiserEngine | None = None,
+        cache_size: int = 65536,
+        reuse_uncond: bool = True,
     ):
         """`reuse_uncond=False` recomputes the unconditional prediction with every batch (benchmarks)."""
-        from diffusers import DDIMScheduler
-
         self.model = model
-        self.settings = settings
-        self.engine = engine or TorchEngine(model.unet)
-        self.encoder = PromptEncoder(model.tokenizer, model.text_encoder)
-        self.scheduler = DDIMScheduler.from_config(model.scheduler_config)
-        self.scheduler.set_timesteps(settings.num_inference_steps, device=model.device)
-        self.timesteps = self.scheduler.timesteps[: settings.end_step]
-        alphas = self.scheduler.alphas_cumprod
-        self.eps_scales = [epsilon_scale(model.prediction_type, float(alphas[int(t)])) for t in self.timesteps]
+        self.family = model.family
+        self.settings = settings.for_family(type(model.family))
+        self.engine = engine or TorchEngine(self.family.denoiser_module())
+        # Stateless uses only (timesteps, model inputs, scales); walks make their own.
+        self.schedule = self.family.schedule(self.settings.num_inference_steps)
+        self.timesteps = self.schedule.timesteps[: self.settings.end_step]
+        self.score_scales = [self.schedule.score_scale(self.settings.score_space, s) for s in range(len(self.timesteps))]
         self.cache_size = cache_size
         self.reuse_uncond = reuse_uncond
         self._cache: OrderedDict[str, tuple[np.ndarray, int, bool]] = OrderedDict()
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def autograd_engine(self) -> UNetEngine:
-        """The engine for autograd paths (explain, mitigate): this one, or the same UNet eagerly."""
+    def autograd_engine(self) -> DenoiserEngine:
+        """The engine for autograd paths (explain, mitigate): this one, or the same denoiser eagerly."""
         # Compiled engines cannot differentiate.
-        return self.engine if self.engine.name == "torch" else TorchEngine(self.model.unet)
+        return self.engine if self.engine.name == "torch" else TorchEngine(self.family.denoiser_module())
 
     # -- initial latents ----------------------------------------------------------------
     def shared_latents(self) -> torch.Tensor:
@@ -129,14 +129,21 @@ class Scanner:
         shape = (self.settings.generations, *self.model.latent_shape)
         return torch.randn(shape, generator=generator, device=device, dtype=self.model.dtype)
 
+    def first_step_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """The denoiser's input at the first step for unit Gaussian latents `[R, C, H, W]`."""
+        return self.schedule.model_input(self.schedule.initial(latents), 0)
+
+    def unconditional_first_step(self, latents: torch.Tensor) -> torch.Tensor:
+        """The unconditional prediction at the first step for unit Gaussian latents `[R, C, H, W]` (no gradient)."""
+        with torch.no_grad():
+            uncond = cond_expand(self.family.unconditional(), len(latents))
+            return self.engine.predict(self.first_step_input(latents), self.timesteps[0], uncond)
+
     def _shared_state(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Shared latents and their unconditional prediction at the first step, computed once."""
         if self._shared is None:
-            latents = self.shared_latents() * self.scheduler.init_noise_sigma
-            t0 = self.timesteps[0]
-            empty = self.encoder.empty_embedding().expand(len(latents), -1, -1)
-            uncond = self.engine.predict_noise(self.scheduler.scale_model_input(latents, t0), t0, empty)
-            self._shared = (latents, uncond)
+            latents = self.shared_latents()
+            self._shared = (latents, self.unconditional_first_step(latents))
         return self._shared
 
     # -- scoring --------------------------------------------------------------------------
@@ -146,10 +153,10 @@ class Scanner:
     ) -> PromptScores:
         """Score prompts; `indices` (0-based positions in the input) are needed in reference mode.
 
-        `tokens`, when given, is `self.encoder.tokenize(prompts)` done ahead (off the model's thread).
+        `tokens`, when given, is `self.family.tokenize(prompts)` done ahead (off the model's thread).
         """
         if tokens is None:
-            tokens = self.encoder.tokenize(prompts)
+            tokens = self.family.tokenize(prompts)
         if self.settings.noise == "reference":
             if indices is None or len(indices) != len(prompts):
                 raise ValueError("reference noise mode needs one input index per prompt")
@@ -179,29 +186,29 @@ class Scanner:
             self._cache.popitem(last=False)
 
     def _compute(self, tokens: TokenizedPrompts, latents: torch.Tensor | None = None) -> PromptScores:
-        encoded = self.encoder.encode_tokens(tokens)
-        count = len(encoded.n_tokens)
+        cond = self.family.encode_tokens(tokens)
+        count = len(tokens.n_tokens)
         if latents is None and self.settings.first_step_only and self.reuse_uncond:
-            norms = self._first_step_shared(encoded.embeddings)
+            norms = self._first_step_shared(cond)
         else:
             if latents is None:
                 latents = self.shared_latents().expand(count, -1, -1, -1, -1)
-            norms = self._trajectory(encoded.embeddings, latents)
-        return PromptScores(norms.cpu().numpy(), encoded.n_tokens, encoded.truncated)
+            norms = self._trajectory(cond, latents)
+        return PromptScores(norms.cpu().numpy(), tokens.n_tokens, tokens.truncated)
 
-    def _first_step_shared(self, embeddings: torch.Tensor) -> torch.Tensor:
+    def _first_step_shared(self, cond: Conditioning) -> torch.Tensor:
         """Fast path: one conditional forward per (prompt, generation); cached unconditional."""
         latents, uncond = self._shared_state()
         t0 = self.timesteps[0]
-        b = len(embeddings)
+        b = len(next(iter(cond.values())))
         norms = []
         for g in range(len(latents)):  # each generation's rows share one cached uncond row
-            rows = self.scheduler.scale_model_input(latents[g : g + 1].expand(b, -1, -1, -1), t0)
-            norms.append(self.engine.conditional_norm(rows, t0, embeddings, uncond[g : g + 1]))
-        return torch.stack(norms, dim=1) * self.eps_scales[0]
+            rows = self.first_step_input(latents[g : g + 1].expand(b, -1, -1, -1))
+            norms.append(self.engine.conditional_norm(rows, t0, cond, uncond[g : g + 1]))
+        return torch.stack(norms, dim=1) * self.score_scales[0]
 
     def scored_states(
-        self, embeddings: torch.Tensor, latents: torch.Tensor
+        self, cond: Conditioning, latents: torch.Tensor
     ) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """`(step, t, x_s, unconditional prediction)` at each scored step, rows `[B * n]` prompt-major.
 
@@ -209,29 +216,30 @@ class Scanner:
         same CFG trajectory the score walks, without a second copy of the loop.
         """
         states = []
-        self._trajectory(embeddings, latents, visit=lambda *state: states.append(state))
+        self._trajectory(cond, latents, visit=lambda *state: states.append(state))
         return states
 
-    def _trajectory(self, embeddings: torch.Tensor, latents: torch.Tensor, visit=None) -> torch.Tensor:
-        """CFG DDIM trajectory batched over prompts; latents `[B, n, C, H, W]` -> norms `[B, n]`."""
+    def _trajectory(self, cond: Conditioning, latents: torch.Tensor, visit: Callable | None = None) -> torch.Tensor:
+        """CFG trajectory batched over prompts; latents `[B, n, C, H, W]` -> norms `[B, n]`."""
         b, n = latents.shape[:2]
         s = self.settings
-        x = latents.reshape(b * n, *latents.shape[2:]) * self.scheduler.init_noise_sigma
-        # Prompt-major rows and [uncond; cond] halves, as StableDiffusionPipeline batches them.
-        text = torch.cat([self.encoder.empty_embedding().expand(b * n, -1, -1), embeddings.repeat_interleave(n, dim=0)])
+        walk = self.family.schedule(s.num_inference_steps)
+        x = walk.initial(latents.reshape(b * n, *latents.shape[2:]))
+        # Prompt-major rows and [uncond; cond] halves, as the pipelines batch them.
+        text = cond_cat(cond_expand(self.family.unconditional(), b * n), cond_repeat(cond, n))
         total = torch.zeros(b * n, dtype=torch.float32, device=x.device)
         for step, t in enumerate(self.timesteps):
-            out = self.engine.predict_noise(self.scheduler.scale_model_input(torch.cat([x, x]), t), t, text)
-            uncond, cond = out.chunk(2)
+            out = self.engine.predict(walk.model_input(torch.cat([x, x]), step), t, text)
+            uncond, c = out.chunk(2)
             if visit is not None and step >= s.start_step:
                 visit(step, t, x, uncond)
             if step + 1 < len(self.timesteps):
-                norm, guided = guided_prediction(cond, uncond, s.guidance_scale)
-                x = self.scheduler.step(guided, t, x, return_dict=False)[0]
+                norm, guided = guided_prediction(c, uncond, s.guidance_scale)
+                x = walk.step(guided, step, x)
             else:
-                norm = guidance_norm(cond, uncond)
+                norm = guidance_norm(c, uncond)
             if step >= s.start_step:
-                total += norm * self.eps_scales[step]
+                total += norm * self.score_scales[step]
         return (total / (s.end_step - s.start_step)).view(b, n)
 
 
@@ -253,5 +261,5 @@ class ScannerSpec:
     def load(self) -> Scanner:
         """Load the model on the device, start the engine, and return the scanner."""
         model = load_model(self.model, device=self.device, dtype=self.dtype)
-        engine = create_engine(self.engine, model.unet, cache_dir=cache_dir(), cache_key=model.fingerprint)
+        engine = create_engine(self.engine, model.family.denoiser_module(), cache_dir=cache_dir(), cache_key=model.fingerprint)
         return Scanner(model, self.settings, engine=engine)

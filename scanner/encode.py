@@ -1,4 +1,8 @@
-"""Prompt -> text-encoder output, tokenized exactly as `StableDiffusionPipeline` does."""
+"""Prompt -> padded token ids, exactly as diffusers' pipelines tokenize (`padding="max_length"`, truncation).
+
+One `PromptTokenizer` per tokenizer of a pipeline (CLIP's BPE, T5's sentencepiece); a family
+joins them and runs its text encoders on the ids (`scanner.families`).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,20 @@ import torch
 
 @dataclass
 class TokenizedPrompts:
-    """Padded ids `[B, max_length]`, the untruncated prompt-token counts, truncation flags."""
+    """Padded ids `[B, L]` per tokenizer (by folder name), the untruncated token counts, truncation flags.
 
-    input_ids: torch.Tensor
+    Counts and flags are the primary tokenizer's: the one whose positions make up the sequence
+    that explain and mitigation work on.
+    """
+
+    ids: dict[str, torch.Tensor]
     n_tokens: list[int]
     truncated: list[bool]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """The primary tokenizer's ids `[B, L]`."""
+        return next(iter(self.ids.values()))
 
     def select(self, rows: Sequence[int]) -> TokenizedPrompts:
         """The prompts at positions `rows`, in that order."""
@@ -22,22 +35,13 @@ class TokenizedPrompts:
         if rows == list(range(len(self.n_tokens))):
             return self
         # index_select: indexing with a Python list takes milliseconds in torch 2.13.
-        ids = self.input_ids.index_select(0, torch.tensor(rows, dtype=torch.long))
+        index = torch.tensor(rows, dtype=torch.long)
+        ids = {name: t.index_select(0, index) for name, t in self.ids.items()}
         return TokenizedPrompts(ids, [self.n_tokens[i] for i in rows], [self.truncated[i] for i in rows])
 
 
-@dataclass
-class EncodedPrompts:
-    """Text-encoder outputs `[B, L, D]` with each prompt's token count and truncation."""
-
-    embeddings: torch.Tensor
-    input_ids: torch.Tensor
-    n_tokens: list[int]
-    truncated: list[bool]
-
-
 def _private_backend(tokenizer):
-    """A copy of a fast tokenizer's Rust tokenizer, without truncation or padding, or None.
+    """A copy of a fast tokenizer's Rust tokenizer, without truncation, padding or post-processing, or None.
 
     Its `encode_batch` releases the GIL, so tokenizing in a background thread overlaps with
     the model's thread; a private copy is never reconfigured by calls through `tokenizer`.
@@ -53,50 +57,41 @@ def _private_backend(tokenizer):
     return copy
 
 
-class PromptEncoder:
-    """Tokenize (pad to `model_max_length`, truncate longer prompts) and encode in one batch."""
+class PromptTokenizer:
+    """Tokenize as a pipeline does: `[BOS] + tokens[:keep] + [EOS]`, padded to `max_length`.
 
-    def __init__(self, tokenizer, text_encoder: torch.nn.Module):
+    CLIP tokenizers have a BOS token, T5's has none; either way one pass without special
+    tokens gives the ids and the true length, and the special tokens are added here, which is
+    what `tokenizer(..., padding="max_length", truncation=True)` produces.
+    """
+
+    def __init__(self, tokenizer, name: str = "tokenizer", max_length: int | None = None):
         self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self.max_length = tokenizer.model_max_length
-        self._empty: torch.Tensor | None = None
+        self.name = name
+        self.max_length = max_length or tokenizer.model_max_length
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.keep = self.max_length - len(self.bos) - 1
         self._backend = _private_backend(tokenizer)
 
     def tokenize(self, prompts: Sequence[str]) -> TokenizedPrompts:
-        """Padded ids `[B, max_length]`, the untruncated prompt-token counts, truncation flags."""
+        """Padded ids `[B, max_length]` (under this tokenizer's name), untruncated counts, truncation flags."""
         tok = self.tokenizer
-        # One tokenizer pass without special tokens gives both the ids and the true length;
-        # BOS + first (max_length - 2) tokens + EOS is what truncation=True produces.
         if self._backend is not None:  # the same ids, without transformers' per-row Python work
             content = [e.ids for e in self._backend.encode_batch(list(prompts), add_special_tokens=False)]
         else:
             content = tok(list(prompts), add_special_tokens=False, verbose=False).input_ids
-        keep = self.max_length - 2
         rows = []
         for ids in content:
-            row = [tok.bos_token_id, *ids[:keep], tok.eos_token_id]
+            row = [*self.bos, *ids[: self.keep], tok.eos_token_id]
             rows.append(row + [tok.pad_token_id] * (self.max_length - len(row)))
         n_tokens = [len(ids) for ids in content]
-        return TokenizedPrompts(torch.tensor(rows, dtype=torch.long), n_tokens, [n > keep for n in n_tokens])
+        ids = torch.tensor(rows, dtype=torch.long)
+        return TokenizedPrompts({self.name: ids}, n_tokens, [n > self.keep for n in n_tokens])
 
-    def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
-        """Last hidden state of the text encoder for each prompt (the pipeline's `prompt_embeds`)."""
-        return self.encode_tokens(self.tokenize(prompts))
+    def attention_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """`[B, L]`: 1 up to and including the first EOS, 0 on the padding after it (the tokenizer's own mask).
 
-    def encode_tokens(self, tokens: TokenizedPrompts) -> EncodedPrompts:
-        """`encode` for prompts tokenized already (by a background thread, say)."""
-        input_ids, n_tokens, truncated = tokens.input_ids, tokens.n_tokens, tokens.truncated
-        device = self.text_encoder.device
-        attention_mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            attention_mask = (input_ids != self.tokenizer.pad_token_id).long().to(device)
-        hidden = self.text_encoder(input_ids.to(device), attention_mask=attention_mask)[0]
-        return EncodedPrompts(hidden.to(self.text_encoder.dtype), input_ids, n_tokens, truncated)
-
-    def empty_embedding(self) -> torch.Tensor:
-        """`e_0`: the embedding of the empty prompt, `[1, L, D]`, computed once."""
-        if self._empty is None:
-            with torch.no_grad():
-                self._empty = self.encode([""]).embeddings
-        return self._empty
+        Found from the EOS rather than the pad id, since CLIP tokenizers may pad with EOS itself.
+        """
+        eos = (ids == self.tokenizer.eos_token_id).long()
+        return (eos.cumsum(dim=1) - eos == 0).long()

@@ -1,43 +1,25 @@
-"""Standard CFG DDIM generation (diffusers' `StableDiffusionPipeline`), batched over seeds.
+"""CFG generation with the model family's own diffusers pipeline, batched over seeds.
 
-Generation takes a text embedding rather than a prompt, so that mitigation can generate
-from an optimized embedding with the same initial latents.
+Generation takes a conditioning rather than a prompt, so that mitigation can generate from
+an optimized embedding with the same initial latents.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import MemscanError
+from .families import Conditioning, Family, cond_expand
 from .model import ScanModel
 
-if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
 
-
-def build_pipeline(model: ScanModel) -> StableDiffusionPipeline:
-    """A `StableDiffusionPipeline` over the loaded components, with a DDIM scheduler."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    if model.vae is None:
-        raise MemscanError(f"{model.source}: the model has no vae/, so it cannot generate images")
-    pipe = StableDiffusionPipeline(
-        vae=model.vae,
-        text_encoder=model.text_encoder,
-        tokenizer=model.tokenizer,
-        unet=model.unet,
-        scheduler=DDIMScheduler.from_config(model.scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def build_pipeline(model: ScanModel) -> Any:
+    """The family's pipeline over the loaded components (diffusion families on DDIM, as scores are)."""
+    return model.family.pipeline()
 
 
 def seed_latents(model: ScanModel, seeds: Sequence[int]) -> torch.Tensor:
@@ -48,23 +30,19 @@ def seed_latents(model: ScanModel, seeds: Sequence[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_images(
-    pipeline: StableDiffusionPipeline,
-    embedding: torch.Tensor,
-    empty_embedding: torch.Tensor,
+    family: Family,
+    pipeline: Any,
+    cond: Conditioning,
     latents: torch.Tensor,
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
 ) -> np.ndarray:
-    """Images `[S, H, W, 3]` uint8 for one text embedding `[1, L, D]` and initial latents `[S, C, H, W]`."""
+    """Images `[S, H, W, 3]` uint8 for one conditioning (`[1, ...]` entries) and initial latents `[S, C, H, W]`."""
     count = len(latents)
-    images = pipeline(
-        prompt_embeds=embedding.expand(count, -1, -1),
-        negative_prompt_embeds=empty_embedding.expand(count, -1, -1),
-        latents=latents,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        output_type="np",
-    ).images
+    kwargs = family.generation_kwargs(
+        cond_expand(cond, count), cond_expand(family.unconditional(), count), latents, guidance_scale
+    )
+    images = pipeline(**kwargs, num_inference_steps=num_inference_steps, output_type="np").images
     return (images * 255).round().astype(np.uint8)
 
 

@@ -2,13 +2,15 @@
 
 The paper's method optimizes the conditional text embedding `e` (start: the prompt's
 encoder output) on the very initial latents that will be generated from, minimizing
-`L(e) = mean_g || unet(x_T[g], t_0, e) - unet(x_T[g], t_0, e_0) ||_2` (epsilon space; the mean
+`L(e) = mean_g || f(x_T[g], t_0, e) - f(x_T[g], t_0, e_0) ||_2` (in the score space; the mean
 over generations puts `L` on the scale of `memscan scan` scores, so that a target picked
 from normal prompts' scores applies) with AdamW (lr 0.05), at most 10 iterations, stopping
-once `L <= target`. Position 0 (BOS) is not a parameter, so it stays exactly as encoded;
-the other positions move. Prompts already at or under the trigger (default: the target) are
-left untouched. A model folder may set its own budget in `mitigation.json` (`model_budget`):
-the paper's was chosen for SD v1.4, as its target was.
+once `L <= target`. What moves is what the family conditions on (`Family.trainable_keys`:
+the token sequence, and the pooled embedding where there is one); the sequence's leading
+BOS position (`Family.frozen_positions`) is not a parameter, so it stays exactly as encoded.
+Prompts already at or under the trigger (default: the target) are left untouched. A model
+folder may set its own budget in `mitigation.json` (`model_budget`): the paper's was chosen
+for SD v1.4, as its target was.
 
 Baselines (Somepalli et al. 2023) change the prompt or the embedding at random instead.
 """
@@ -22,24 +24,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .detect import Scanner
 from .errors import MemscanError
+from .families import Conditioning, cond_expand
 from .generate import generate_images, seed_latents
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
     from transformers import PreTrainedTokenizerBase
 
 METHODS = ("embed", "rand-token", "rand-number", "embed-noise")
 # Baseline strengths (documented in the README): how much randomness each one adds.
 RANDOM_TOKENS = 4  # decoded random CLIP tokens inserted at random word positions
 RANDOM_NUMBERS = 4  # random integers in [0, 10^6) inserted at random word positions
-EMBED_NOISE_STD = 0.1  # std of Gaussian noise added to every prompt position of the embedding
+EMBED_NOISE_STD = 0.1  # std of Gaussian noise added to every unfrozen position of the trainable embeddings
 BUDGET_FILE = "mitigation.json"  # in a model folder: {"learning_rate": ..., "max_iterations": ...}
 
 
@@ -79,10 +81,10 @@ def model_budget(model: str | Path) -> dict[str, float | int]:
 
 @dataclass
 class Mitigated:
-    """A mitigated embedding `[1, L, D]`, the prompt it stands for, and what it took."""
+    """A mitigated conditioning (`[1, ...]` entries), the prompt it stands for, and what it took."""
 
     prompt: str
-    embedding: torch.Tensor
+    conditioning: Conditioning
     method: str
     score_before: float
     score_after: float
@@ -90,39 +92,44 @@ class Mitigated:
     seconds: float
 
 
-def first_step_magnitude(scanner: Scanner, embedding: torch.Tensor, latents: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
-    """`L(e)`: mean over latents `[S, C, H, W]` of the first-step magnitude; differentiable in `e` `[1, L, D]`."""
-    t0 = scanner.timesteps[0]
-    x = scanner.scheduler.scale_model_input(latents * scanner.scheduler.init_noise_sigma, t0)
-    cond = scanner.autograd_engine().predict_noise(x, t0, embedding.expand(len(latents), -1, -1))
-    norms = (cond.float() - uncond.float()).flatten(1).norm(dim=1)
-    return norms.mean() * scanner.eps_scales[0]
+def first_step_magnitude(scanner: Scanner, cond: Conditioning, latents: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+    """`L(c)`: mean over latents `[S, C, H, W]` of the first-step magnitude; differentiable in `c` (`[1, ...]` entries)."""
+    x = scanner.first_step_input(latents)
+    out = scanner.autograd_engine().predict(x, scanner.timesteps[0], cond_expand(cond, len(latents)))
+    norms = (out.float() - uncond.float()).flatten(1).norm(dim=1)
+    return norms.mean() * scanner.score_scales[0]
 
 
-def unconditional_first_step(scanner: Scanner, latents: torch.Tensor) -> torch.Tensor:
-    """`unet(x_T, t_0, e_0)` for latents `[S, C, H, W]` (no gradient)."""
-    t0 = scanner.timesteps[0]
-    x = scanner.scheduler.scale_model_input(latents * scanner.scheduler.init_noise_sigma, t0)
-    with torch.no_grad():
-        return scanner.engine.predict_noise(x, t0, scanner.encoder.empty_embedding().expand(len(latents), -1, -1))
+def _frozen_mask(scanner: Scanner, key: str, tensor: torch.Tensor) -> torch.Tensor | None:
+    """1 where `tensor` (an entry `key` of the conditioning, `[1, ...]`) may move, or None if all of it may."""
+    frozen = scanner.family.frozen_positions if key == scanner.family.sequence_key else 0
+    if frozen == 0:
+        return None
+    mask = torch.ones_like(tensor, dtype=torch.float32)
+    mask[:, :frozen] = 0
+    return mask
 
 
 def optimize_embedding(
     scanner: Scanner, prompt: str, latents: torch.Tensor, settings: MitigationSettings
 ) -> Mitigated:
-    """The paper's method: AdamW on positions 1.. of the embedding until `L <= target`."""
+    """The paper's method: AdamW on the family's trainable conditioning (BOS fixed) until `L <= target`."""
     started = time.perf_counter()
-    uncond = unconditional_first_step(scanner, latents)
+    uncond = scanner.unconditional_first_step(latents)
     with torch.no_grad():
-        encoded = scanner.encoder.encode([prompt]).embeddings
-    bos, rest = encoded[:, :1], encoded[:, 1:].detach().clone().float().requires_grad_(True)
-    optimizer = torch.optim.AdamW([rest], lr=settings.learning_rate)
+        encoded = scanner.family.encode([prompt])
+    keys = scanner.family.trainable_keys
+    params = {k: encoded[k].detach().clone().float().requires_grad_(True) for k in keys}
+    masks = {k: _frozen_mask(scanner, k, encoded[k]) for k in keys}
+    optimizer = torch.optim.AdamW(list(params.values()), lr=settings.learning_rate)
 
-    def embedding() -> torch.Tensor:
-        return torch.cat([bos, rest.to(encoded.dtype)], dim=1)
+    def conditioning() -> Conditioning:
+        # Frozen positions are taken from the encoding itself, so they stay bit-identical.
+        moved = {k: p if masks[k] is None else torch.where(masks[k].bool(), p, encoded[k].float()) for k, p in params.items()}
+        return {**encoded, **{k: v.to(encoded[k].dtype) for k, v in moved.items()}}
 
     with torch.enable_grad():
-        loss = first_step_magnitude(scanner, embedding(), latents, uncond)
+        loss = first_step_magnitude(scanner, conditioning(), latents, uncond)
         before = after = loss.item()
         iterations = 0
         trigger = settings.target if settings.trigger is None else settings.trigger
@@ -131,9 +138,10 @@ def optimize_embedding(
             loss.backward()
             optimizer.step()
             iterations += 1
-            loss = first_step_magnitude(scanner, embedding(), latents, uncond)
+            loss = first_step_magnitude(scanner, conditioning(), latents, uncond)
             after = loss.item()
-    return Mitigated(prompt, embedding().detach(), "embed", before, after, iterations, time.perf_counter() - started)
+    final = {k: v.detach() for k, v in conditioning().items()}
+    return Mitigated(prompt, final, "embed", before, after, iterations, time.perf_counter() - started)
 
 
 def _insert_words(prompt: str, words: list[str], rng: random.Random) -> str:
@@ -161,7 +169,7 @@ def baseline(
     """One of Somepalli et al.'s baselines: `rand-token`, `rand-number` or `embed-noise`."""
     started = time.perf_counter()
     rng = random.Random(seed)
-    uncond = unconditional_first_step(scanner, latents)
+    uncond = scanner.unconditional_first_step(latents)
     edits: dict[str, Callable[[], str]] = {
         "rand-token": lambda: _insert_words(prompt, random_tokens(scanner.model.tokenizer, RANDOM_TOKENS, rng), rng),
         "rand-number": lambda: _insert_words(prompt, [str(rng.randrange(10**6)) for _ in range(RANDOM_NUMBERS)], rng),
@@ -171,16 +179,20 @@ def baseline(
         raise ValueError(f"unknown baseline {method!r}")
     new_prompt = edits[method]()
     with torch.no_grad():
-        original = scanner.encoder.encode([prompt]).embeddings
-        embedding = original if new_prompt == prompt else scanner.encoder.encode([new_prompt]).embeddings
+        original = scanner.family.encode([prompt])
+        cond = original if new_prompt == prompt else scanner.family.encode([new_prompt])
         if method == "embed-noise":
             generator = torch.Generator("cpu").manual_seed(seed)
-            noise = torch.randn(embedding.shape, generator=generator) * EMBED_NOISE_STD
-            noise[:, 0] = 0  # BOS stays, as in the paper's method
-            embedding = embedding + noise.to(embedding.device, embedding.dtype)
+            noisy = {}
+            for key in scanner.family.trainable_keys:
+                noise = torch.randn(cond[key].shape, generator=generator) * EMBED_NOISE_STD
+                mask = _frozen_mask(scanner, key, cond[key])  # BOS stays, as in the paper's method
+                noise = noise if mask is None else noise * mask
+                noisy[key] = cond[key] + noise.to(cond[key].device, cond[key].dtype)
+            cond = {**cond, **noisy}
         before = float(first_step_magnitude(scanner, original, latents, uncond))
-        after = float(first_step_magnitude(scanner, embedding, latents, uncond))
-    return Mitigated(new_prompt, embedding, method, before, after, 0, time.perf_counter() - started)
+        after = float(first_step_magnitude(scanner, cond, latents, uncond))
+    return Mitigated(new_prompt, cond, method, before, after, 0, time.perf_counter() - started)
 
 
 def mitigate(
@@ -202,15 +214,14 @@ class MitigatedGeneration:
 
 
 def mitigate_and_generate(
-    scanner: Scanner, pipeline: StableDiffusionPipeline, prompt: str, method: str, seeds: list[int],
+    scanner: Scanner, pipeline: Any, prompt: str, method: str, seeds: list[int],
     settings: MitigationSettings, steps: int = 50, guidance: float = 7.5,
 ) -> MitigatedGeneration:
-    """Mitigate `prompt` on the latents of `seeds`, then generate from the original and the mitigated embedding."""
+    """Mitigate `prompt` on the latents of `seeds`, then generate from the original and the mitigated conditioning."""
     latents = seed_latents(scanner.model, seeds)
     result = mitigate(scanner, prompt, method, latents, settings, seed=seeds[0])
-    empty = scanner.encoder.empty_embedding()
     with torch.no_grad():
-        original = scanner.encoder.encode([prompt]).embeddings
-    before = generate_images(pipeline, original, empty, latents, steps, guidance)
-    after = generate_images(pipeline, result.embedding, empty, latents, steps, guidance)
+        original = scanner.family.encode([prompt])
+    before = generate_images(scanner.family, pipeline, original, latents, steps, guidance)
+    after = generate_images(scanner.family, pipeline, result.conditioning, latents, steps, guidance)
     return MitigatedGeneration(result, before, after)

@@ -1,59 +1,53 @@
-"""Load a Stable Diffusion 1.x / 2.x checkpoint (diffusers layout) for scanning.
+"""Load a text-to-image checkpoint (diffusers layout) for scanning.
 
-A checkpoint is a folder in the `StableDiffusionPipeline` layout (`tokenizer/`,
-`text_encoder/`, `unet/`, `scheduler/`, optionally `vae/`), or a hub id already in the
-local Hugging Face cache. Nothing is downloaded.
+A checkpoint is a pipeline folder as diffusers' `save_pretrained` writes it (its family,
+`scanner.families`, is picked from `model_index.json`), or a hub id already in the local
+Hugging Face cache. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .cache import cache_dir
 from .errors import MemscanError
+from .families import Family, family_for
+from .families.base import read_json
 
-REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "unet", "scheduler")
-# Pipelines whose UNet needs more than one text embedding (SDXL's pooled and time ids) or
-# has no text cross-attention: the method's single-embedding CFG does not apply to them.
-UNSUPPORTED_PIPELINES = {
-    "StableDiffusionXLPipeline": "SDXL (two text encoders, added conditions)",
-    "StableDiffusion3Pipeline": "SD3 (a transformer, not a UNet)",
-    "FluxPipeline": "Flux (a transformer, not a UNet)",
-    "StableDiffusionUpscalePipeline": "an upscaler (image-conditioned)",
-}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
 class ScanModel:
-    """The components the scanner needs, on one device and dtype, plus the fingerprint."""
+    """A loaded model: its family adapter (encoders, denoiser, sampler) plus the fingerprint."""
 
-    tokenizer: Any
-    text_encoder: torch.nn.Module
-    unet: torch.nn.Module
-    scheduler_config: dict
-    vae: torch.nn.Module | None
+    family: Family
     fingerprint: str
     source: str
     device: torch.device
     dtype: torch.dtype
 
     @property
-    def prediction_type(self) -> str:
-        """What the UNet predicts: `epsilon`, `v_prediction` or `sample`."""
-        return self.scheduler_config.get("prediction_type", "epsilon")
+    def denoiser(self) -> torch.nn.Module:
+        """The diffusers denoiser (a UNet or a transformer)."""
+        return self.family.denoiser
+
+    @property
+    def tokenizer(self) -> Any:
+        """The transformers tokenizer of the primary text encoder (words, token counts)."""
+        return self.family.tokenizer.tokenizer
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """(channels, height, width) of one latent at the UNet's native resolution."""
-        cfg = self.unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        return (cfg.in_channels, size, size)
+        """(channels, height, width) of one latent at the pipeline's default resolution."""
+        return self.family.latent_shape
 
 
 def resolve_device(device: str) -> torch.device:
@@ -102,89 +96,82 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     raise MemscanError(f"model folder {name!r} does not exist")
 
 
-def check_layout(path: Path) -> None:
-    """Refuse folders that are not a supported text-to-image UNet pipeline, with the reason."""
-    index_file = path / "model_index.json"
-    if index_file.is_file():
-        index = _read_json(index_file)
-        # Only read to name unsupported pipelines: components load one by one without it.
-        pipeline = index.get("_class_name", "") if isinstance(index, dict) else ""
-        if pipeline in UNSUPPORTED_PIPELINES:
-            raise MemscanError(f"{path}: {pipeline} is not supported: {UNSUPPORTED_PIPELINES[pipeline]}")
-    missing = [c for c in REQUIRED_COMPONENTS if not (path / c).is_dir()]
-    if missing:
-        raise MemscanError(f"{path}: not a Stable Diffusion pipeline folder (missing {', '.join(missing)}/)")
-    if (path / "text_encoder_2").is_dir():
-        raise MemscanError(f"{path}: pipelines with two text encoders (SDXL) are not supported")
-    unet_config = _read_json(path / "unet" / "config.json")
-    if unet_config.get("_class_name") != "UNet2DConditionModel" or not unet_config.get("cross_attention_dim"):
-        raise MemscanError(
-            f"{path}: the UNet is {unet_config.get('_class_name', 'unknown')}; memscan needs a "
-            "text-conditioned UNet2DConditionModel (cross-attention, classifier-free guidance)"
-        )
-    if unet_config.get("addition_embed_type"):
-        raise MemscanError(f"{path}: UNets with added conditions ({unet_config['addition_embed_type']}) are not supported")
+FINGERPRINT_CACHE = "fingerprints.json"  # in cache_dir(): {stat key: fingerprint}
+FINGERPRINT_CACHE_ENTRIES = 256
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise MemscanError(f"{path} is missing") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MemscanError(f"{path} is not valid JSON: {exc}") from exc
+def _component_files(path: Path, components: tuple[str, ...]) -> list[Path]:
+    return [
+        file
+        for component in components
+        if (path / component).is_dir()
+        for file in sorted(p for p in (path / component).rglob("*") if p.is_file())
+    ]
 
 
-def fingerprint(path: Path) -> str:
-    """Hash of every file of the pipeline's components (configs canonicalised, weights by content)."""
+def hash_files(path: Path, files: list[Path]) -> str:
+    """SHA-256 of the files' paths and contents (JSON canonicalised), as a short fingerprint."""
     digest = hashlib.sha256()
-    components = [c for c in (*REQUIRED_COMPONENTS, "vae") if (path / c).is_dir()]
-    for component in components:
-        for file in sorted(p for p in (path / component).rglob("*") if p.is_file()):
-            rel = file.relative_to(path).as_posix()
-            digest.update(rel.encode() + b"\0")
-            if file.suffix == ".json":
-                # Key order and whitespace must not change the fingerprint.
-                digest.update(json.dumps(_read_json(file), sort_keys=True).encode())
-            else:
-                with file.open("rb") as f:
-                    for block in iter(lambda: f.read(1 << 22), b""):
-                        digest.update(block)
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        if file.suffix == ".json":
+            # Key order and whitespace must not change the fingerprint.
+            digest.update(json.dumps(read_json(file), sort_keys=True).encode())
+        else:
+            with file.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def load_model(name_or_path: str | Path, device: str = "auto", dtype: str = "auto") -> ScanModel:
-    """Load tokenizer, text encoder, UNet, scheduler config (and VAE) for scanning."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+def fingerprint(path: Path, components: tuple[str, ...]) -> str:
+    """Hash of every file of the pipeline's `components` folders (configs canonicalised, weights by content).
 
+    Hashing reads every weight (gigabytes for SDXL), so the result is cached in
+    `cache_dir()/fingerprints.json` under the folder's path and each file's name, size and
+    mtime: any change to a file recomputes it.
+    """
+    files = _component_files(path, components)
+    stats = [(f.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns) for f in files for st in (f.stat(),)]
+    key = hashlib.sha256(json.dumps([str(path.resolve()), stats]).encode()).hexdigest()
+    cache_file = cache_dir() / FINGERPRINT_CACHE
+    try:
+        cached = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if not isinstance(cached, dict):
+        cached = {}
+    if key in cached:
+        return cached[key]
+    value = hash_files(path, files)
+    cached[key] = value
+    entries = dict(list(cached.items())[-FINGERPRINT_CACHE_ENTRIES:])
+    try:  # the cache is a convenience: a read-only home costs one re-hash per start, no error
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass
+    return value
+
+
+def identify_model(path: Path) -> tuple[type[Family], str]:
+    """The family of the pipeline folder `path` (after its checks) and its fingerprint, without loading it."""
+    family, _ = family_for(path)
+    return family, fingerprint(path, family.components)
+
+
+def load_model(name_or_path: str | Path, device: str = "auto", dtype: str = "auto") -> ScanModel:
+    """Load a text-to-image pipeline folder's text encoders and denoiser through its family adapter."""
     path = resolve_model_path(name_or_path)
-    check_layout(path)
+    family, index = family_for(path)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch_dtype)
-        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch_dtype) if (path / "vae").is_dir() else None
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise MemscanError(f"{path}: could not load the pipeline: {str(exc).splitlines()[0]}") from exc
-    if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
-        raise MemscanError(
-            f"{path}: text encoder width {text_encoder.config.hidden_size} does not match the UNet's "
-            f"cross_attention_dim {unet.config.cross_attention_dim}"
-        )
-    text_encoder.to(dtype=torch_dtype)  # diffusers models were loaded in torch_dtype already
-    for module in (text_encoder, unet, vae):
-        if module is not None:
-            module.to(device=dev).eval().requires_grad_(False)
+    loaded = family.load(path, index, dev, torch_dtype)
     return ScanModel(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        unet=unet,
-        scheduler_config=dict(_read_json(path / "scheduler" / "scheduler_config.json")),
-        vae=vae,
-        fingerprint=fingerprint(path),
+        family=loaded,
+        fingerprint=fingerprint(path, family.components),
         source=str(path),
         device=dev,
         dtype=torch_dtype,

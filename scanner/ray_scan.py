@@ -34,7 +34,7 @@ from .detect import ScannerSpec
 from .errors import MemscanError
 from .io import InputRow, check_inputs, count_rows, read_prompts
 from .io.journal import RESULT_SCHEMA
-from .model import check_layout, fingerprint, resolve_dtype, resolve_model_path
+from .model import identify_model, resolve_dtype, resolve_model_path
 from .calibration import Calibration
 from .scan import ScanOutput, ScanSummary, result_rows, run_key, settings_record
 
@@ -201,7 +201,7 @@ def run_ray_scan(
     ray = require_ray()
     paths = check_inputs(inputs, field)
     model_path = resolve_model_path(spec.model)
-    check_layout(model_path)  # model errors here, in one line, not in every worker
+    family, model_fingerprint = identify_model(model_path)  # model errors here, in one line, not in every worker
     count, per_worker = _worker_resources(workers, gpus_per_worker)
     spec = replace(spec, model=str(model_path.resolve()))  # a worker runs in another folder
     if spec.device == "auto":
@@ -209,8 +209,7 @@ def run_ray_scan(
     elif torch.device(spec.device).type == "cuda" and not per_worker:
         raise MemscanError(f"--device {spec.device} needs GPUs for the workers (--gpus-per-worker)")
     # The key single-process `run_scan` writes for the same run: either can resume the other.
-    settings = settings_record(spec.settings, resolve_dtype(spec.dtype, torch.device(spec.device)), spec.engine)
-    model_fingerprint = fingerprint(model_path)
+    settings = settings_record(spec.settings.for_family(family), resolve_dtype(spec.dtype, torch.device(spec.device)), spec.engine)
     if calibration is not None:
         calibration.check(model_fingerprint, json.loads(settings))
         threshold = calibration.threshold

@@ -56,7 +56,7 @@ def tokenized_batches(
     """Each group with its prompts tokenized: run in the prefetch thread, off the model's path."""
     for group in groups:
         prompts = [r.prompt for r in group if r.error is None]
-        yield group, scanner.encoder.tokenize(prompts) if prompts else None
+        yield group, scanner.family.tokenize(prompts) if prompts else None
 
 
 def settings_fields(settings: DetectSettings, dtype: torch.dtype, engine: str) -> dict:
@@ -170,7 +170,7 @@ def run_scan(
     rows = islice(read_prompts(paths, field), output.resumed, None)
     # The empty prompt's embedding first: from here on only the prefetch thread tokenizes
     # (a fast tokenizer must not be entered from two threads at once).
-    scanner.encoder.empty_embedding()
+    scanner.family.unconditional()
     for group, tokens in prefetch(tokenized_batches(scanner, batch_rows(rows, batch_size))):
         prompts = [r for r in group if r.error is None]
         results = []

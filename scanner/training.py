@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .detect import epsilon_scale
+from .families.base import epsilon_scale
 from .kernels import guidance_norm
 
 

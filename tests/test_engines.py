@@ -41,37 +41,37 @@ def _assert_same_scores(model, engine, **settings) -> None:
 
 @pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())
 def test_onnx_scores_match_torch(model, settings, tmp_path):
-    engine = create_engine("onnx", model.unet, cache_dir=tmp_path, cache_key=model.fingerprint)
+    engine = create_engine("onnx", model.family.denoiser_module(), cache_dir=tmp_path, cache_key=model.fingerprint)
     _assert_same_scores(model, engine, **settings)
 
 
 def test_onnx_norm_head_broadcasts_or_pairs_uncond(tiny_sd1, tmp_path):
-    unet = load_model(tiny_sd1, device="cpu").unet
-    engine = create_engine("onnx", unet, cache_dir=tmp_path, cache_key="k")
-    latents, text = torch.randn(5, 4, 8, 8), torch.randn(5, 77, 32)
+    model = load_model(tiny_sd1, device="cpu")
+    engine = create_engine("onnx", model.family.denoiser_module(), cache_dir=tmp_path, cache_key="k")
+    latents, text = torch.randn(5, 4, 8, 8), {"encoder_hidden_states": torch.randn(5, 77, 32)}
     t = torch.tensor(741)
     with torch.no_grad():
-        noise = unet(latents, t, encoder_hidden_states=text).sample
+        noise = model.denoiser(latents, t, encoder_hidden_states=text["encoder_hidden_states"]).sample
     for uncond in (torch.randn(1, 4, 8, 8), torch.randn(5, 4, 8, 8)):
         expected = (noise - uncond).flatten(1).norm(dim=1)
         torch.testing.assert_close(engine.conditional_norm(latents, t, text, uncond), expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(engine.predict_noise(latents, t, text), noise, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(engine.predict(latents, t, text), noise, rtol=1e-4, atol=1e-5)
 
 
 def test_onnx_export_is_cached_per_model(tiny_sd1, tmp_path):
-    unet = load_model(tiny_sd1, device="cpu").unet
-    latents, t, text = torch.randn(2, 4, 8, 8), torch.tensor(981), torch.randn(2, 77, 32)
+    unet = load_model(tiny_sd1, device="cpu").family.denoiser_module()
+    latents, t, text = torch.randn(2, 4, 8, 8), torch.tensor(981), {"encoder_hidden_states": torch.randn(2, 77, 32)}
 
     def export_files():
         return sorted((tmp_path / "onnx").glob(f"*/{MODEL_FILE}"))
 
-    first = create_engine("onnx", unet, cache_dir=tmp_path, cache_key="model-a").predict_noise(latents, t, text)
+    first = create_engine("onnx", unet, cache_dir=tmp_path, cache_key="model-a").predict(latents, t, text)
     [exported] = export_files()
     stamp = exported.stat().st_mtime_ns
-    again = create_engine("onnx", unet, cache_dir=tmp_path, cache_key="model-a").predict_noise(latents, t, text)
+    again = create_engine("onnx", unet, cache_dir=tmp_path, cache_key="model-a").predict(latents, t, text)
     assert export_files() == [exported] and exported.stat().st_mtime_ns == stamp  # reused, not re-exported
     torch.testing.assert_close(again, first)
-    create_engine("onnx", unet, cache_dir=tmp_path, cache_key="model-b").predict_noise(latents, t, text)
+    create_engine("onnx", unet, cache_dir=tmp_path, cache_key="model-b").predict(latents, t, text)
     assert len(export_files()) == 2
     assert not [p for p in (tmp_path / "onnx").iterdir() if p.name.count(".")]  # no staging folders left
 
@@ -95,14 +95,14 @@ def test_buckets_pad_with_the_last_row_and_cover_every_size():
 @pytest.mark.slow  # torch.compile takes minutes per graph on 2 CPU cores
 def test_compile_scores_match_torch(tiny_sd1):
     model = load_model(tiny_sd1, device="cpu")
-    _assert_same_scores(model, create_engine("compile", model.unet))
+    _assert_same_scores(model, create_engine("compile", model.family.denoiser_module()))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="tensorrt is not installed")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tensorrt needs a CUDA device")
 def test_tensorrt_scores_match_torch_fp16(tiny_sd1, tmp_path):
     model = load_model(tiny_sd1, device="cuda", dtype="fp16")
-    engine = create_engine("tensorrt", model.unet, cache_dir=tmp_path, cache_key=model.fingerprint)
+    engine = create_engine("tensorrt", model.family.denoiser_module(), cache_dir=tmp_path, cache_key=model.fingerprint)
     prompts = _prompts(np.random.default_rng(), 6)
     expected = Scanner(model, DetectSettings()).score(prompts).per_generation
     got = Scanner(model, DetectSettings(), engine=engine).score(prompts).per_generation
@@ -112,7 +112,7 @@ def test_tensorrt_scores_match_torch_fp16(tiny_sd1, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
 def test_tensorrt_without_tensorrt_says_why(tiny_sd1):
     with pytest.raises(EngineUnavailable, match="needs TensorRT"):
-        create_engine("tensorrt", load_model(tiny_sd1, device="cpu").unet)
+        create_engine("tensorrt", load_model(tiny_sd1, device="cpu").family.denoiser_module())
 
 
 def test_every_engine_is_registered():
@@ -133,4 +133,4 @@ def test_scan_command_with_the_onnx_engine_matches_torch(tiny_sd1, tmp_path, mon
         assert main(["scan", str(inputs), "--model", str(tiny_sd1), "--out", str(out), "--engine", engine, "--batch-size", "2"]) == 0
         scores[engine] = pq.read_table(out).column("score").to_numpy()
     np.testing.assert_allclose(scores["onnx"], scores["torch"], rtol=1e-4)
-    assert list((tmp_path / "cache" / "onnx").glob("*/unet.onnx"))  # exported into the user's cache
+    assert list((tmp_path / "cache" / "onnx").glob(f"*/{MODEL_FILE}"))  # exported into the user's cache

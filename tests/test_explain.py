@@ -29,8 +29,8 @@ def model_dir(request, tiny_sd1, tiny_sd2):
 def model64(model_dir):
     """The tiny model in float64, so the two gradient computations agree to rounding."""
     model = load_model(model_dir, device="cpu")
-    model.unet.double()
-    model.text_encoder.double()
+    model.denoiser.double()
+    model.family.text_encoders["text_encoder"].double()
     return dataclasses.replace(model, dtype=torch.float64)
 
 
@@ -97,7 +97,7 @@ def test_gradient_significance_matches_independent_autograd(model64, pipe64, win
 
 
 def test_words_keep_their_spans(tiny_sd1):
-    tokenizer = load_model(tiny_sd1, device="cpu").tokenizer
+    tokenizer = load_model(tiny_sd1, device="cpu").family.tokenizer
     words = split_words(tokenizer, "  Unbelievablyxyzzy café, don't!")
     assert [w.text for w in words] == ["Unbelievablyxyzzy", "café", ",", "don", "'t", "!"]
     assert words[0].positions == (1, 2, 3, 4, 5)  # five BPE pieces, after BOS at position 0
@@ -109,7 +109,7 @@ def test_words_keep_their_spans(tiny_sd1):
 
 
 def test_truncated_prompt_has_only_the_seen_words(tiny_sd1):
-    tokenizer = load_model(tiny_sd1, device="cpu").tokenizer
+    tokenizer = load_model(tiny_sd1, device="cpu").family.tokenizer
     prompt = "a " + " ".join(["unbelievablyxyzzy"] * 20)  # 1 + 100 tokens, 75 kept
     words = split_words(tokenizer, prompt)
     assert len(words) == 16 and words[-1].positions == (72, 73, 74, 75)
@@ -124,7 +124,7 @@ def scanner32(tiny_sd1):
 def test_gradient_explanation_sums_tokens_into_words(scanner32):
     (explanation,) = explain(scanner32, [PROMPT], "grad")
     significance = token_significance(scanner32, [PROMPT])[0]
-    words = split_words(scanner32.encoder.tokenizer, PROMPT)
+    words = split_words(scanner32.family.tokenizer, PROMPT)
     assert [w.word for w in explanation.words] == [w.text for w in words]
     for row, word in zip(explanation.words, words):
         assert row.score == pytest.approx(significance[list(word.positions)].sum(), rel=1e-6)
@@ -137,7 +137,7 @@ def test_gradient_explanation_sums_tokens_into_words(scanner32):
 def test_ablation_is_score_minus_score_without_the_word(scanner32):
     (explanation,) = explain(scanner32, [PROMPT], "ablation")
     fresh = Scanner(scanner32.model, scanner32.settings)  # no cache shared with the explanation
-    words = split_words(scanner32.encoder.tokenizer, PROMPT)
+    words = split_words(scanner32.family.tokenizer, PROMPT)
     without = fresh.score([drop_word(PROMPT, w) for w in words]).score
     full = fresh.score([PROMPT]).score[0]
     for row, score_without in zip(explanation.words, without):
@@ -166,16 +166,16 @@ def test_gradient_runs_eagerly_when_the_engine_cannot_differentiate(scanner32):
 
         name = "nograd"
 
-        def predict_noise(self, latents, timestep, text_embeddings):
+        def predict(self, latents, timestep, conditioning):
             with torch.no_grad():
-                return super().predict_noise(latents, timestep, text_embeddings)
+                return super().predict(latents, timestep, conditioning)
 
-    compiled = Scanner(scanner32.model, scanner32.settings, engine=NoGradEngine(scanner32.model.unet))
+    compiled = Scanner(scanner32.model, scanner32.settings, engine=NoGradEngine(scanner32.family.denoiser_module()))
     np.testing.assert_allclose(
         token_significance(compiled, [PROMPT]), token_significance(scanner32, [PROMPT]), rtol=1e-4, atol=1e-9
     )
     (by_ablation,) = explain(compiled, [PROMPT], "ablation")
-    assert len(by_ablation.words) == len(split_words(compiled.encoder.tokenizer, PROMPT))
+    assert len(by_ablation.words) == len(split_words(compiled.family.tokenizer, PROMPT))
 
 
 def test_both_methods_on_the_onnx_engine(scanner32, tmp_path):
@@ -183,7 +183,7 @@ def test_both_methods_on_the_onnx_engine(scanner32, tmp_path):
     from scanner.engines import create_engine
 
     model = scanner32.model
-    engine = create_engine("onnx", model.unet, cache_dir=tmp_path, cache_key=model.fingerprint)
+    engine = create_engine("onnx", model.family.denoiser_module(), cache_dir=tmp_path, cache_key=model.fingerprint)
     on_onnx = Scanner(model, scanner32.settings, engine=engine)
     for method in ("ablation", "grad"):
         (got,) = explain(on_onnx, [PROMPT], method)

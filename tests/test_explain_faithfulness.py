@@ -20,7 +20,7 @@ def test_figures_are_the_drops_they_claim(tiny_sd1):
     fresh = Scanner(scanner.model, scanner.settings)
     top_grad, top_ablation, mean_drop, agree = [], [], [], []
     for prompt in prompts:
-        words = split_words(scanner.encoder.tokenizer, prompt)
+        words = split_words(scanner.family.tokenizer, prompt)
         full = fresh.score([prompt]).score[0]
         drops = full - fresh.score([drop_word(prompt, w) for w in words]).score
         (by_grad,) = explain(fresh, [prompt], "grad")

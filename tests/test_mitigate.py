@@ -11,7 +11,7 @@ import torch
 from scanner.cli import main
 from scanner.detect import DetectSettings, Scanner
 from scanner.generate import seed_latents
-from scanner.mitigate import MitigationSettings, baseline, first_step_magnitude, optimize_embedding, unconditional_first_step
+from scanner.mitigate import MitigationSettings, baseline, first_step_magnitude, optimize_embedding
 from scanner.model import load_model
 
 PROMPT = "The No Limits Business Woman Podcast"
@@ -24,16 +24,16 @@ def scanner(tiny_sd2):
 
 def test_magnitude_equals_float64_reference(scanner):
     latents = seed_latents(scanner.model, [int(s) for s in torch.randint(0, 1000, (3,))])
-    embedding = scanner.encoder.encode([PROMPT]).embeddings.detach()
-    got = first_step_magnitude(scanner, embedding, latents, unconditional_first_step(scanner, latents))
-    unet, t0 = scanner.model.unet.double(), scanner.timesteps[0]
+    embedding = scanner.family.encode([PROMPT])["encoder_hidden_states"].detach()
+    got = first_step_magnitude(scanner, {"encoder_hidden_states": embedding}, latents, scanner.unconditional_first_step(latents))
+    unet, t0 = scanner.model.denoiser.double(), scanner.timesteps[0]
     try:
         with torch.no_grad():
             c = unet(latents.double(), t0, encoder_hidden_states=embedding.double().expand(3, -1, -1)).sample
-            u = unet(latents.double(), t0, encoder_hidden_states=scanner.encoder.empty_embedding().double().expand(3, -1, -1)).sample
+            u = unet(latents.double(), t0, encoder_hidden_states=scanner.family.unconditional()["encoder_hidden_states"].double().expand(3, -1, -1)).sample
     finally:
         unet.float()
-    alpha = scanner.scheduler.alphas_cumprod[int(t0)].double()
+    alpha = scanner.schedule.scheduler.alphas_cumprod[int(t0)].double()
     expected = (c - u).flatten(1).norm(dim=1).mean() * alpha.sqrt()  # v-prediction -> epsilon
     assert float(got) == pytest.approx(float(expected), rel=1e-4)
 
@@ -49,9 +49,9 @@ def test_optimization_lowers_magnitude_and_keeps_bos(scanner):
     result = optimize_embedding(scanner, PROMPT, latents, MitigationSettings(target=0.0))
     assert result.iterations == 10, f"seeds {seeds}"  # an unreachable target runs every iteration
     assert result.score_after < result.score_before, f"seeds {seeds}"
-    encoded = scanner.encoder.encode([PROMPT]).embeddings
-    assert torch.equal(result.embedding[:, 0], encoded[:, 0])
-    assert not torch.allclose(result.embedding[:, 1:], encoded[:, 1:])
+    encoded = scanner.family.encode([PROMPT])["encoder_hidden_states"]
+    assert torch.equal(result.conditioning["encoder_hidden_states"][:, 0], encoded[:, 0])
+    assert not torch.allclose(result.conditioning["encoder_hidden_states"][:, 1:], encoded[:, 1:])
 
 
 def test_early_stop_and_untouched_prompts(scanner):
@@ -59,7 +59,7 @@ def test_early_stop_and_untouched_prompts(scanner):
     latents = seed_latents(scanner.model, seeds)
     untouched = optimize_embedding(scanner, PROMPT, latents, MitigationSettings(target=1e9))
     assert untouched.iterations == 0 and untouched.score_after == untouched.score_before, f"seeds {seeds}"
-    assert torch.equal(untouched.embedding, scanner.encoder.encode([PROMPT]).embeddings)
+    assert torch.equal(untouched.conditioning["encoder_hidden_states"], scanner.family.encode([PROMPT])["encoder_hidden_states"])
     full = optimize_embedding(scanner, PROMPT, latents, MitigationSettings(target=0.0))
     # A target between the start and the 10-iteration result stops early, once under it.
     target = (full.score_before + full.score_after) / 2
@@ -81,19 +81,19 @@ def test_baselines(scanner, method):
     context = f"baseline seed {seed}, latent seeds {latent_seeds}"
     result = baseline(scanner, PROMPT, method, latents, seed=seed)
     again = baseline(scanner, PROMPT, method, latents, seed=seed)
-    assert result.prompt == again.prompt and torch.equal(result.embedding, again.embedding), context  # deterministic per seed
-    encoded = scanner.encoder.encode([PROMPT]).embeddings
+    assert result.prompt == again.prompt and torch.equal(result.conditioning["encoder_hidden_states"], again.conditioning["encoder_hidden_states"]), context  # deterministic per seed
+    encoded = scanner.family.encode([PROMPT])["encoder_hidden_states"]
     if method == "embed-noise":
         assert result.prompt == PROMPT
-        assert torch.equal(result.embedding[:, 0], encoded[:, 0])
-        assert 0.05 < float((result.embedding - encoded)[:, 1:].std()) < 0.2, context
+        assert torch.equal(result.conditioning["encoder_hidden_states"][:, 0], encoded[:, 0])
+        assert 0.05 < float((result.conditioning["encoder_hidden_states"] - encoded)[:, 1:].std()) < 0.2, context
     else:
         added = len(result.prompt.split()) - len(PROMPT.split())
         assert added >= 4 and all(word in result.prompt for word in PROMPT.split()), context
         if method == "rand-number":
             assert sum(word.isdigit() for word in result.prompt.split()) == 4, context
     assert result.score_before == pytest.approx(
-        float(first_step_magnitude(scanner, encoded, latents, unconditional_first_step(scanner, latents))), rel=1e-6
+        float(first_step_magnitude(scanner, {"encoder_hidden_states": encoded}, latents, scanner.unconditional_first_step(latents))), rel=1e-6
     ), context
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
 import torch
 
 from scanner.errors import MemscanError
-from scanner.model import fingerprint, load_model, resolve_dtype, resolve_model_path
+from scanner.families.stable_diffusion import StableDiffusion
+from scanner.model import identify_model, load_model, resolve_dtype, resolve_model_path
 
 
 def test_loads_from_local_hf_cache_without_network(tmp_path, tiny_sd1, monkeypatch):
@@ -27,14 +29,57 @@ def test_loads_from_local_hf_cache_without_network(tmp_path, tiny_sd1, monkeypat
         resolve_model_path("someone/absent-model")
 
 
-def test_refuses_unsupported_pipelines(tmp_path, tiny_sd1):
-    sdxl = tmp_path / "sdxl"
-    shutil.copytree(tiny_sd1, sdxl)
-    index = json.loads((sdxl / "model_index.json").read_text())
-    (sdxl / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(MemscanError, match="SDXL"):
-        load_model(sdxl, device="cpu")
+def fingerprint(path) -> str:
+    """The fingerprint of a pipeline folder, as load_model records it."""
+    return identify_model(path)[1]
 
+
+@pytest.mark.parametrize(
+    "pipeline, reason",
+    [
+        ("StableDiffusionImg2ImgPipeline", "StableDiffusionImg2ImgPipeline is not supported: image-to-image"),
+        ("StableDiffusionXLInpaintPipeline", "inpainting"),
+        ("StableDiffusionUpscalePipeline", "an upscaler"),
+        ("TextToVideoSDPipeline", "a video model"),
+        ("DDPMPipeline", "not conditioned on text"),
+        ("KandinskyPipeline", "memscan scores the text-to-image pipelines FluxPipeline, PixArtAlphaPipeline"),
+    ],
+)
+def test_refuses_other_pipelines_naming_class_and_reason(tmp_path, tiny_sd1, pipeline, reason):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_sd1, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline}))
+    with pytest.raises(MemscanError, match=reason):
+        load_model(other, device="cpu")
+
+
+def test_fingerprint_is_cached_by_path_size_and_mtime(tmp_path, tiny_sd1, monkeypatch):
+    import scanner.model as model_module
+
+    monkeypatch.setenv("MEMSCAN_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_sd1, copy)
+    hashed = []
+    real = model_module.hash_files
+    monkeypatch.setattr(model_module, "hash_files", lambda *args: hashed.append(args[0]) or real(*args))
+    first = fingerprint(copy)
+    assert fingerprint(copy) == first and len(hashed) == 1  # the second start reads no weight
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same bytes
+    assert fingerprint(copy) == first and len(hashed) == 2
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, other content, a new mtime
+    weights.write_bytes(bytes(data))
+    assert fingerprint(copy) != first and len(hashed) == 3
+    (copy / "scheduler" / "extra.txt").write_text("x")  # a new file in a component
+    fingerprint(copy)
+    assert len(hashed) == 4
+    assert fingerprint(tiny_sd1) == real(tiny_sd1, model_module._component_files(tiny_sd1, StableDiffusion.components))
+
+
+def test_refuses_unsupported_pipelines(tmp_path, tiny_sd1):
     unconditional = tmp_path / "uncond"
     shutil.copytree(tiny_sd1, unconditional)
     config = json.loads((unconditional / "unet" / "config.json").read_text())
@@ -77,7 +122,7 @@ def test_dtypes_and_devices(tiny_sd1):
     with pytest.raises(MemscanError, match="fp16 is not supported on the CPU"):
         resolve_dtype("fp16", cpu)
     model = load_model(tiny_sd1, device="cpu", dtype="bf16")
-    assert model.unet.dtype == torch.bfloat16 and model.text_encoder.dtype == torch.bfloat16
+    assert model.denoiser.dtype == torch.bfloat16 and model.family.text_encoders["text_encoder"].dtype == torch.bfloat16
     if not torch.cuda.is_available():
         with pytest.raises(MemscanError, match="no CUDA device"):
             load_model(tiny_sd1, device="cuda")

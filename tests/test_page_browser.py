@@ -64,7 +64,7 @@ def serving(app):
 
 def _page_case(scanner: Scanner, prompt: str) -> dict:
     """The threshold, the words the page should show and the texts after each drop."""
-    tokenizer = scanner.encoder.tokenizer
+    tokenizer = scanner.family.tokenizer
     (explanation,) = explain(scanner, [prompt], "ablation")
     top = max(range(len(explanation.words)), key=lambda i: explanation.words[i].score)
     assert explanation.words[top].score > 0, f"no word of {prompt!r} lowers its score when dropped"

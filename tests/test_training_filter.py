@@ -41,7 +41,7 @@ def _float64_reference(unet, variant, alphas, latents, timesteps, embeddings, em
 def _setup(variant, tiny_sd1, tiny_sd2, dtype="fp32"):
     model = load_model({"sd1": tiny_sd1, "sd2": tiny_sd2}[variant], device="cpu", dtype=dtype)
     scanner = Scanner(model, DetectSettings())
-    return model, scanner, scanner.scheduler.alphas_cumprod
+    return model, scanner, scanner.schedule.scheduler.alphas_cumprod
 
 
 @pytest.mark.parametrize("variant", ["sd1", "sd2"])
@@ -50,20 +50,20 @@ def test_magnitudes_and_keep_mask_match_float64_reference(variant, pass_cond, ti
     model, scanner, alphas = _setup(variant, tiny_sd1, tiny_sd2)
     seed = _draw_seed()
     gen = torch.Generator().manual_seed(seed)
-    embeddings = scanner.encoder.encode(PROMPTS).embeddings
-    empty = scanner.encoder.empty_embedding()
+    embeddings = scanner.family.encode(PROMPTS)["encoder_hidden_states"]
+    empty = scanner.family.unconditional()["encoder_hidden_states"]
     latents = torch.randn(len(PROMPTS), *model.latent_shape, generator=gen)
     timesteps = torch.randint(0, 1000, (len(PROMPTS),), generator=gen)
-    expected, _ = _float64_reference(model.unet, variant, alphas, latents, timesteps, embeddings, empty)
+    expected, _ = _float64_reference(model.denoiser, variant, alphas, latents, timesteps, embeddings, empty)
     # A scalar threshold halfway between two neighbouring reference magnitudes (drawn at random):
     # both kept and dropped samples occur, and no magnitude lies near the threshold.
     ranked = np.sort(expected)
     k = int(np.random.default_rng(seed).integers(len(ranked) - 1))
     threshold = float((ranked[k] + ranked[k + 1]) / 2)
-    filt = MemorizationFilter(model.unet, empty, threshold=threshold, prediction_type=model.prediction_type,
+    filt = MemorizationFilter(model.denoiser, empty, threshold=threshold, prediction_type=scanner.schedule.prediction_type,
                               alphas_cumprod=alphas)
 
-    cond_prediction = model.unet(latents, timesteps, encoder_hidden_states=embeddings).sample if pass_cond else None
+    cond_prediction = model.denoiser(latents, timesteps, encoder_hidden_states=embeddings).sample if pass_cond else None
     result = filt(latents, timesteps, embeddings, cond_prediction)
 
     assert result.magnitudes.tolist() == pytest.approx(expected.tolist(), rel=1e-4), f"seed {seed}"
@@ -80,11 +80,11 @@ def test_keep_mask_follows_a_fitted_timestep_quantile_rule(variant, tiny_sd1, ti
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     bins, quantile = int(rng.integers(2, len(PROMPTS))), float(rng.uniform(0.2, 0.8))
     rule = TimestepQuantileThreshold(quantile, bins)
-    embeddings = scanner.encoder.encode(PROMPTS).embeddings
-    empty = scanner.encoder.empty_embedding()
+    embeddings = scanner.family.encode(PROMPTS)["encoder_hidden_states"]
+    empty = scanner.family.unconditional()["encoder_hidden_states"]
     latents = torch.randn(len(PROMPTS), *model.latent_shape, generator=gen)
     timesteps = rule.sample_timesteps(len(PROMPTS), gen)  # every bin has a sample
-    expected, _ = _float64_reference(model.unet, variant, alphas, latents, timesteps, embeddings, empty)
+    expected, _ = _float64_reference(model.denoiser, variant, alphas, latents, timesteps, embeddings, empty)
 
     # The rule, fitted on random magnitudes, with timesteps as the README fits it. Each bin's
     # magnitudes are drawn below the batch's (the bin drops all), above them (keeps all), or
@@ -97,7 +97,7 @@ def test_keep_mask_follows_a_fitted_timestep_quantile_rule(variant, tiny_sd1, ti
     fit_bins = rule.bin_of(fit_timesteps).numpy()
     fit_magnitudes = torch.from_numpy(np.array([rng.uniform(*ranges[kinds[b]]) for b in fit_bins])).float()
     rule.fit(fit_magnitudes, fit_timesteps)
-    filt = MemorizationFilter(model.unet, empty, threshold=rule, prediction_type=model.prediction_type, alphas_cumprod=alphas)
+    filt = MemorizationFilter(model.denoiser, empty, threshold=rule, prediction_type=scanner.schedule.prediction_type, alphas_cumprod=alphas)
     result = filt(latents, timesteps, embeddings)
 
     # Independent thresholds: numpy's quantile of the fit magnitudes whose timestep is in the sample's bin.
@@ -119,22 +119,22 @@ def test_keep_mask_follows_a_fitted_timestep_quantile_rule(variant, tiny_sd1, ti
 def test_bf16_magnitudes_match_float64_reference(variant, pass_cond, tiny_sd1, tiny_sd2):
     """The README: the filter works in bf16 (the model, its inputs and the step's prediction in bf16)."""
     model, scanner, alphas = _setup(variant, tiny_sd1, tiny_sd2, dtype="bf16")
-    assert model.unet.dtype == torch.bfloat16
+    assert model.denoiser.dtype == torch.bfloat16
     seed = _draw_seed()
     gen = torch.Generator().manual_seed(seed)
-    empty = scanner.encoder.empty_embedding()
+    empty = scanner.family.unconditional()["encoder_hidden_states"]
     # Random embeddings, scaled so the text moves the prediction: with these random weights a
     # caption's embedding changes it by ~2% of its norm, well inside bf16's error, and the test
     # could not tell a right magnitude from a wrong one. At scale 3 the change is ~35%.
     embeddings = (torch.randn(4, *empty.shape[1:], generator=gen) * 3).bfloat16()
     latents = torch.randn(4, *model.latent_shape, generator=gen).bfloat16()
     timesteps = torch.randint(0, 1000, (4,), generator=gen)
-    filt = MemorizationFilter(model.unet, empty, threshold=0.0, prediction_type=model.prediction_type, alphas_cumprod=alphas)
-    cond_prediction = model.unet(latents, timesteps, encoder_hidden_states=embeddings).sample if pass_cond else None
+    filt = MemorizationFilter(model.denoiser, empty, threshold=0.0, prediction_type=scanner.schedule.prediction_type, alphas_cumprod=alphas)
+    cond_prediction = model.denoiser(latents, timesteps, encoder_hidden_states=embeddings).sample if pass_cond else None
     result = filt(latents, timesteps, embeddings, cond_prediction)
 
     # Reference: the same bf16 weights and inputs, computed in float64.
-    expected, sizes = _float64_reference(model.unet, variant, alphas, latents, timesteps, embeddings, empty)
+    expected, sizes = _float64_reference(model.denoiser, variant, alphas, latents, timesteps, embeddings, empty)
     assert result.magnitudes.dtype == torch.float32
     # bf16 keeps 8 significant bits (rounding error 2^-9 = 0.2% of a value); through the UNet
     # each prediction ends up a few such errors off, in proportion to its own norm, and the

@@ -1,9 +1,11 @@
-"""Prompt -> words: CLIP BPE pieces joined back into the words the user typed.
+"""Prompt -> words: tokenizer pieces joined back into the words the user typed.
 
 CLIP's BPE marks the last piece of every pre-tokenized word with `</w>`; punctuation is a
-word of its own (`horse,` is `horse</w>` `,</w>`). Each word keeps its span in the
-original prompt (for display and for dropping it) and its token positions in the
-text-encoder input (position 0 is BOS, so the prompt's first token is position 1).
+word of its own (`horse,` is `horse</w>` `,</w>`). T5's sentencepiece marks the first piece of
+a word with `▁`. A run of digits is one word (CLIP splits "1914" into four pieces, each a
+word of its own). Each word keeps its span in the original prompt (for display and for
+dropping it) and its token positions in the text-encoder input (after BOS where the
+tokenizer has one: CLIP's first prompt token is position 1, T5's position 0).
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
+    from ..encode import PromptTokenizer
 
-WORD_END = "</w>"
+WORD_END = "</w>"  # CLIP: the last piece of a word
+WORD_START = "\u2581"  # sentencepiece: the first piece of a word
 
 
 @dataclass(frozen=True)
@@ -27,19 +30,32 @@ class Word:
     positions: tuple[int, ...]
 
 
-def split_words(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[Word]:
+def split_words(tokenizer: PromptTokenizer, prompt: str) -> list[Word]:
     """The prompt's words that the text encoder sees (words past the truncation are left out)."""
-    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    pieces = tokenizer.convert_ids_to_tokens(encoded.input_ids)
-    kept = tokenizer.model_max_length - 2  # BOS + kept tokens + EOS, as PromptEncoder truncates
-    words, first = [], 0
+    hf = tokenizer.tokenizer
+    encoded = hf(prompt, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    pieces = hf.convert_ids_to_tokens(encoded.input_ids)
+    kept, offset = tokenizer.keep, len(tokenizer.bos)  # as PromptTokenizer truncates and places them
+    words: list[Word] = []
+    first = 0
     for i, piece in enumerate(pieces[:kept]):
         last = i + 1 == len(pieces) or i + 1 == kept
-        if piece.endswith(WORD_END) or last:
+        if last or piece.endswith(WORD_END) or pieces[i + 1].startswith(WORD_START):
             start, end = encoded.offset_mapping[first][0], encoded.offset_mapping[i][1]
-            words.append(Word(prompt[start:end], start, end, tuple(range(first + 1, i + 2))))
+            while start < end and prompt[start].isspace():  # sentencepiece spans may start at the space
+                start += 1
+            word = Word(prompt[start:end], start, end, tuple(range(first + offset, i + 1 + offset)))
+            if words and _digit_run(words[-1], word, prompt):
+                previous = words.pop()
+                word = Word(prompt[previous.start : end], previous.start, end, previous.positions + word.positions)
+            words.append(word)
             first = i + 1
     return words
+
+
+def _digit_run(left: Word, right: Word, prompt: str) -> bool:
+    """True when `right` continues the digits of `left` with nothing between them."""
+    return left.end == right.start and prompt[left.start : left.end].isdigit() and prompt[right.start : right.end].isdigit()
 
 
 def drop_word(prompt: str, word: Word) -> str:

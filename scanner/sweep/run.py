@@ -116,7 +116,7 @@ def run_sweep(
     scored = pending = 0
     last_commit = time.monotonic()
     # The empty prompt's embedding first: from here on only the prefetch threads tokenize.
-    scanner.encoder.empty_embedding()
+    scanner.family.unconditional()
     for chunk in prefetch(batch_rows(_readable_rows(paths, field), commit_rows)):
         new = _new_prompts(store, config, chunk)
         chunk_rejects = [(row.id, row.error) for row in chunk if row.error is not None]

@@ -83,18 +83,17 @@ def evaluate_mitigation(
     steps = scanner.settings.num_inference_steps
     pipeline = build_pipeline(scanner.model)
     latents = seed_latents(scanner.model, list(seeds))
-    empty = scanner.encoder.empty_embedding()
     cases = select_cases(data, normal_per_kind)
     records: dict[str, list[dict]] = {name: [] for name in ("none", *methods)}
     for case in cases:
         with torch.no_grad():
-            original = scanner.encoder.encode([case.prompt]).embeddings
-        before = _pixels(generate_images(pipeline, original, empty, latents, steps, guidance))
+            original = scanner.family.encode([case.prompt])
+        before = _pixels(generate_images(scanner.family, pipeline, original, latents, steps, guidance))
         records["none"].append(_measure(case, data, before, before, untouched=True))
         for method in methods:
             result = mitigate(scanner, case.prompt, method, latents, settings, seed=seeds[0])
-            after = _pixels(generate_images(pipeline, result.embedding, empty, latents, steps, guidance))
-            untouched = result.prompt == case.prompt and torch.equal(result.embedding, original)
+            after = _pixels(generate_images(scanner.family, pipeline, result.conditioning, latents, steps, guidance))
+            untouched = result.prompt == case.prompt and all(torch.equal(result.conditioning[k], original[k]) for k in original)
             reached = result.score_after <= settings.target
             records[method].append(_measure(case, data, before, after, untouched, result.seconds, result.iterations, reached))
         progress(1)
