@@ -102,3 +102,26 @@ def test_scan_output_with_bom_inputs_scores_the_prompt_without_it(tmp_path, scan
     scan_module.run_scan(scanner, [txt], tmp_path / "o.parquet")
     (row,) = pq.read_table(tmp_path / "o.parquet").to_pylist()
     assert row["prompt"] == "a cat" and row["score"] == pytest.approx(float(scanner.score(["a cat"]).score[0]), rel=1e-5)
+
+
+def test_truncated_safetensors_and_pickle_only_weights_are_refused_in_one_line(tmp_path, tiny_sd1):
+    import shutil
+
+    from scanner.io.weights import check_weights
+
+    check_weights(tiny_sd1)  # the intact folder passes
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd1, model)
+    weights = model / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(MemscanError, match="truncated safetensors file") as error:
+        check_weights(model)
+    assert str(weights) in str(error.value) and "\n" not in str(error.value)
+    weights.write_bytes(b"\x01")
+    with pytest.raises(MemscanError, match="not a readable safetensors file"):
+        check_weights(model)
+    weights.unlink()
+    (model / "text_encoder" / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(MemscanError, match="only as pickles"):
+        check_weights(model)
+    check_weights(model, allow_pickle=True)
