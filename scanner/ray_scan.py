@@ -214,7 +214,7 @@ def run_ray_scan(
         calibration.check(model_fingerprint, json.loads(settings))
         threshold = calibration.threshold
     key = run_key(paths, field, model_fingerprint, settings, threshold)
-    output = ScanOutput(out, key, overwrite=overwrite, commit_rows=commit_rows, commit_seconds=commit_seconds)
+    output = ScanOutput(out, key, inputs=paths, overwrite=overwrite, commit_rows=commit_rows, commit_seconds=commit_seconds)
     tasks = _read_tasks(paths, field, output.resumed)
     if tasks:
         with _ordered_small_blocks(), _worker_errors_in_one_line(ray):

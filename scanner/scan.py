@@ -13,7 +13,7 @@ import torch
 
 from .detect import DetectSettings, PromptScores, Scanner
 from .encode import TokenizedPrompts
-from .io import InputRow, ScanJournal, check_inputs, read_prompts, rejects_path
+from .io import MAX_PROMPT_CHARS, InputRow, ScanJournal, check_inputs, read_prompts, rejects_path
 from .prefetch import prefetch
 
 
@@ -102,12 +102,22 @@ def result_rows(
 
 class ScanOutput:
     """A scan's output while it runs: rows arrive in input order and are committed to the
-    journal every `commit_rows` rows or `commit_seconds`, so an interrupted run resumes."""
+    journal every `commit_rows` rows or `commit_seconds`, so an interrupted run resumes.
+
+    It holds the output's lock (another scan of `out` waits up to `wait_s`) until `finish` or `close`."""
 
     def __init__(
-        self, out: str | Path, key: dict, *, overwrite: bool = False, commit_rows: int = 2048, commit_seconds: float = 30.0
+        self,
+        out: str | Path,
+        key: dict,
+        *,
+        inputs: Sequence[Path] = (),
+        overwrite: bool = False,
+        commit_rows: int = 2048,
+        commit_seconds: float = 30.0,
+        wait_s: float = 60.0,
     ):
-        self.journal = ScanJournal(out, key, overwrite=overwrite)
+        self.journal = ScanJournal(out, key, overwrite=overwrite, inputs=inputs, wait_s=wait_s)
         self.resumed = self.end = self._start = self.journal.committed_rows
         self.scored = 0
         self.commit_rows, self.commit_seconds = commit_rows, commit_seconds
@@ -133,7 +143,7 @@ class ScanOutput:
 
     def finish(self) -> ScanSummary:
         """Commit what is pending, merge the parts into the output; what this run did."""
-        if self.end > self._start or self.journal.committed_rows == 0:
+        if self.journal.merged is None and (self.end > self._start or self.journal.committed_rows == 0):
             self._commit()
         totals = self.journal.finalize()
         return ScanSummary(
@@ -146,6 +156,10 @@ class ScanOutput:
             out=self.journal.out,
             rejects=rejects_path(self.journal.out),
         )
+
+    def close(self) -> None:
+        """Release the output's lock without finishing (after a failure: the parts stay for a resume)."""
+        self.journal.close()
 
 
 def run_scan(
@@ -160,25 +174,35 @@ def run_scan(
     progress: Callable[[int], None] | None = None,
     commit_rows: int = 2048,
     commit_seconds: float = 30.0,
+    wait: float = 60.0,
+    max_prompt_chars: int = MAX_PROMPT_CHARS,
 ) -> ScanSummary:
-    """Score every prompt of `inputs` into `out` (.parquet or .jsonl), resuming an interrupted run."""
+    """Score every prompt of `inputs` into `out` (.parquet or .jsonl), resuming an interrupted run.
+
+    Another scan writing `out` is waited for up to `wait` seconds; prompts over `max_prompt_chars`
+    characters are rejected unscored."""
     paths = check_inputs(inputs, field)
     model = scanner.model.fingerprint
     settings = settings_record(scanner.settings, scanner.model.dtype, scanner.engine.name)
     key = run_key(paths, field, model, settings, threshold)
-    output = ScanOutput(out, key, overwrite=overwrite, commit_rows=commit_rows, commit_seconds=commit_seconds)
-    rows = islice(read_prompts(paths, field), output.resumed, None)
-    # The empty prompt's embedding first: from here on only the prefetch thread tokenizes
-    # (a fast tokenizer must not be entered from two threads at once).
-    scanner.family.unconditional()
-    for group, tokens in prefetch(tokenized_batches(scanner, batch_rows(rows, batch_size))):
-        prompts = [r for r in group if r.error is None]
-        results = []
-        if prompts:
-            scores = scanner.score([r.prompt for r in prompts], [r.index for r in prompts], tokens)
-            results = result_rows(prompts, scores, model, settings, threshold)
-        rejects = [{"id": r.id, "reason": r.error} for r in group if r.error is not None]
-        output.add(results, rejects, group[-1].index + 1)
-        if progress is not None:
-            progress(len(group))
-    return output.finish()
+    output = ScanOutput(
+        out, key, inputs=paths, overwrite=overwrite, commit_rows=commit_rows, commit_seconds=commit_seconds, wait_s=wait
+    )
+    try:
+        rows = islice(read_prompts(paths, field, max_chars=max_prompt_chars), output.resumed, None)
+        # The empty prompt's embedding first: from here on only the prefetch thread tokenizes
+        # (a fast tokenizer must not be entered from two threads at once).
+        scanner.family.unconditional()
+        for group, tokens in prefetch(tokenized_batches(scanner, batch_rows(rows, batch_size))):
+            prompts = [r for r in group if r.error is None]
+            results = []
+            if prompts:
+                scores = scanner.score([r.prompt for r in prompts], [r.index for r in prompts], tokens)
+                results = result_rows(prompts, scores, model, settings, threshold)
+            rejects = [{"id": r.id, "reason": r.error} for r in group if r.error is not None]
+            output.add(results, rejects, group[-1].index + 1)
+            if progress is not None:
+                progress(len(group))
+        return output.finish()
+    finally:
+        output.close()  # after finish a no-op; after a failure the next run may take the output

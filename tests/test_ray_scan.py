@@ -206,7 +206,7 @@ def test_a_runaway_csv_quote_stops_the_file_after_the_good_rows(tmp_path, capsys
     csv_path.write_text(f'id,prompt\n1,{short}\n2,"{long}"\n3,"an unclosed quote\n{later}', encoding="utf-8")
 
     assert check_inputs([csv_path]) == [csv_path]  # only the header is read up front
-    rows = read_prompts([csv_path])
+    rows = read_prompts([csv_path], max_chars=len(long))
     assert [next(rows).prompt, next(rows).prompt] == [short, long]
     message = f"{csv_path}: unreadable after row 2: field larger than field limit ({CSV_FIELD_LIMIT})"
     with pytest.raises(MemscanError) as error:

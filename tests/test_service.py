@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from scanner.detect import DetectSettings, Scanner
+from scanner.errors import MemscanError
 from scanner.explain import explain
 from scanner.model import load_model
 from scanner.service import MAX_CHARS, MAX_PROMPTS, create_app
@@ -309,3 +310,205 @@ def test_a_failed_batch_fails_its_requests_and_the_next_batch_runs():
     failed, after = asyncio.run(scenario())
     assert all(isinstance(f, RuntimeError) for f in failed)  # both were in the failed batch
     assert after == ["c"]
+
+
+# -- reliability: limits on the stream, overload, abandoned requests, token, CORS -------------------
+
+
+async def _asgi(app, path: str, chunks: list[bytes], headers=(), then=None, method="POST", complete=True):
+    """One raw ASGI request whose body arrives in `chunks` (`complete`: the last one ends it), then
+    `then()` is awaited for the next message (default: a hang); returns (status, headers, JSON body,
+    messages received)."""
+    messages = [{"type": "http.request", "body": c, "more_body": not complete or i < len(chunks) - 1}
+                for i, c in enumerate(chunks)]
+    received, sent = [], []
+
+    async def receive():
+        received.append(1)
+        if messages:
+            return messages.pop(0)
+        if then is not None:
+            return await then()
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), *headers], "client": ("127.0.0.1", 1), "server": ("t", 80)}
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], dict(start["headers"]), json.loads(body) if body else None, len(received)
+
+
+def test_a_chunked_body_over_the_limit_is_refused_on_the_stream(app):
+    chunk = b" " * (1 << 20)
+    count = MAX_BODY_BYTES // len(chunk) + 50  # far over the limit, and no Content-Length
+    status, _, body, received = asyncio.run(_asgi(app, "/v1/score", [chunk] * count))
+    assert status == 413 and "over" in body["error"]
+    assert received <= MAX_BODY_BYTES // len(chunk) + 2  # it stopped reading at the limit
+
+
+def test_a_slow_body_times_out(scanner):
+    app = create_app(scanner, body_timeout_s=0.3)
+    status, _, body, _ = asyncio.run(_asgi(app, "/v1/score", [b'{"prompts": ', b'["a'], complete=False))
+    assert status == 408 and "0.3 s" in body["error"]
+
+
+def test_head_healthz(client):
+    response = client.head("/healthz")
+    assert response.status_code == 200 and response.content == b""
+
+
+def _blocking_score(monkeypatch):
+    """Make `Scanner.score` wait for `release` on its first call; returns (started, release, prompts scored)."""
+    started, release, scored = threading.Event(), threading.Event(), []
+    real = Scanner.score
+
+    def score(self, prompts, *args, **kwargs):
+        scored.extend(prompts)
+        started.set()
+        release.wait(timeout=60)
+        return real(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(Scanner, "score", score)
+    return started, release, scored
+
+
+def test_an_abandoned_request_is_not_scored(scanner, monkeypatch):
+    app = create_app(scanner)
+    started, release, scored = _blocking_score(monkeypatch)
+
+    async def scenario():
+        busy = asyncio.create_task(_asgi(app, "/v1/score", [json.dumps({"prompts": ["first"]}).encode()]))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 60)
+
+        async def disconnect():
+            return {"type": "http.disconnect"}
+
+        status, *_ = await _asgi(app, "/v1/score", [json.dumps({"prompts": ["abandoned"]}).encode()], then=disconnect)
+        release.set()
+        return status, (await busy)[0]
+
+    with TestClient(app):  # the lifespan: the worker threads stop at the end
+        abandoned, first = asyncio.run(scenario())
+    assert (abandoned, first) == (499, 200)
+    assert "abandoned" not in scored
+
+
+def test_mitigate_does_not_hold_up_score(scanner, threshold, monkeypatch):
+    from scanner.service import app as app_module
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_mitigation(*args, **kwargs):
+        started.set()
+        release.wait(timeout=60)
+        raise MemscanError("released")
+
+    monkeypatch.setattr(app_module, "mitigate_and_generate", slow_mitigation)
+    app = create_app(scanner, threshold=threshold)
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
+            mitigation = asyncio.create_task(http.post("/v1/mitigate", json={"prompt": PROMPT, "seeds": [0]}))
+            await asyncio.get_running_loop().run_in_executor(None, started.wait, 60)
+            scored = await asyncio.wait_for(http.post("/v1/score", json={"prompts": [PROMPT]}), timeout=30)
+            release.set()
+            return scored.status_code, (await mitigation).status_code
+
+    with TestClient(app):
+        try:
+            assert asyncio.run(scenario()) == (200, 422)
+        finally:
+            release.set()
+
+
+def test_a_full_queue_gets_503_with_retry_after(scanner, monkeypatch):
+    app = create_app(scanner, max_queued_prompts=MAX_PROMPTS, window_s=0)
+    started, release, _ = _blocking_score(monkeypatch)
+
+    async def scenario():
+        post = lambda prompts: _asgi(app, "/v1/score", [json.dumps({"prompts": prompts}).encode()])  # noqa: E731
+        running = asyncio.create_task(post(["on the worker"]))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 60)
+        waiting = asyncio.create_task(post(["q"] * MAX_PROMPTS))  # fills the queue
+        await asyncio.sleep(0.2)
+        refused = await post(["one too many"])
+        release.set()
+        return refused, (await running)[0], (await waiting)[0]
+
+    with TestClient(app):
+        (status, headers, body, _), first, queued = asyncio.run(scenario())
+    assert (status, first, queued) == (503, 200, 200)
+    assert headers[b"retry-after"] == b"1" and "retry" in body["error"]
+
+
+def test_requests_over_the_concurrency_limit_get_503(scanner, monkeypatch):
+    app = create_app(scanner, max_concurrency=1)
+    started, release, _ = _blocking_score(monkeypatch)
+
+    async def scenario():
+        running = asyncio.create_task(_asgi(app, "/v1/score", [json.dumps({"prompts": ["a"]}).encode()]))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 60)
+        refused = await _asgi(app, "/v1/score", [json.dumps({"prompts": ["b"]}).encode()])
+        health = await _asgi(app, "/healthz", [b""], method="GET")
+        release.set()
+        return refused, health[0], (await running)[0]
+
+    with TestClient(app):
+        (status, headers, _, _), health, first = asyncio.run(scenario())
+    assert (status, health, first) == (503, 200, 200) and headers[b"retry-after"] == b"1"
+
+
+def test_a_token_guards_every_route_but_healthz(scanner):
+    with TestClient(create_app(scanner, token="s3cret", host="0.0.0.0")) as client:
+        assert client.get("/healthz").status_code == 200
+        for path, call in (("/v1/score", client.post), ("/v1/explain", client.post), ("/", client.get), ("/openapi.json", client.get)):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+                response = call(path, headers=headers, **({"json": {"prompts": ["a"]}} if call == client.post else {}))
+                assert response.status_code == 401, (path, headers)
+                assert response.headers["www-authenticate"] == "Bearer" and response.json()["error"]
+        ok = client.post("/v1/score", json={"prompts": ["a"]}, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+
+
+def test_beyond_loopback_without_a_token_warns(scanner, recwarn):
+    for host in ("127.0.0.1", "::1", "localhost"):
+        create_app(scanner, host=host)
+    create_app(scanner, host="0.0.0.0", token="t")
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    with pytest.warns(RuntimeWarning, match="without a token"):
+        create_app(scanner, host="0.0.0.0")
+
+
+def test_the_token_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    from scanner.service.guard import load_token
+
+    monkeypatch.delenv("MEMSCAN_TOKEN", raising=False)
+    assert load_token() is None
+    monkeypatch.setenv("MEMSCAN_TOKEN", "from-env")
+    assert load_token() == "from-env"
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    assert load_token(token_file) == "from-file"
+    token_file.write_text("")
+    with pytest.raises(MemscanError, match="empty"):
+        load_token(token_file)
+
+
+def test_cors_is_off_unless_configured(scanner):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    with TestClient(create_app(scanner)) as client:
+        response = client.post("/v1/score", json={"prompts": ["a"]}, headers={"Origin": "https://app.example"})
+        assert response.status_code == 200 and "access-control-allow-origin" not in response.headers
+        assert "access-control-allow-origin" not in client.options("/v1/score", headers=preflight).headers
+    with TestClient(create_app(scanner, token="t", cors_origins=["https://app.example"])) as client:
+        allowed = client.options("/v1/score", headers=preflight)  # a preflight carries no token
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example"
+        other = client.options("/v1/score", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers

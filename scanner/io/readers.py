@@ -1,9 +1,11 @@
 """Stream prompts from .txt, .jsonl, .csv and .parquet files, one row at a time.
 
 Every data row becomes an `InputRow`: either a prompt or the reason it was rejected (not
-UTF-8, not a string, missing field, empty). Problems with a whole file (missing,
-unreadable, unknown format, no prompt column) raise `MemscanError` before any work; a file
-that breaks partway (corrupt data, an I/O error) raises it when reading gets there.
+UTF-8, a lone surrogate, not a string, missing field, empty, JSON nested too deeply, a line
+over `MAX_LINE_BYTES`, a prompt over `MAX_PROMPT_CHARS`, a CSV quote never closed).
+Problems with a whole file (missing, unreadable, unknown format, UTF-16, no prompt column)
+raise `MemscanError` before any work; a file that breaks partway (corrupt data, an I/O
+error) raises it when reading gets there. A UTF-8 byte-order mark is dropped.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ DEFAULT_FIELDS = ("prompt", "caption", "text")
 # finite: a stray opening quote swallows the rest of the file into one field, and this
 # turns that into an error instead of one giant "prompt" held in memory.
 CSV_FIELD_LIMIT = 1 << 24
+# The same bound for a txt/jsonl line: a longer one is rejected and skipped without being held.
+MAX_LINE_BYTES = CSV_FIELD_LIMIT
+LONG_LINE = f"line over {MAX_LINE_BYTES} bytes"
+# Prompts longer than this are rejected before tokenizing (the tokenizer keeps 77 tokens, a
+# few hundred characters; a 50 MB line costs minutes and gigabytes to tokenize). The service
+# caps its prompts at the same number.
+MAX_PROMPT_CHARS = 10_000
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -64,13 +74,22 @@ def check_inputs(paths: Sequence[str | Path], field: str | None = None) -> list[
             raise MemscanError(f"{path}: no such file")
         try:
             with path.open("rb") as f:
-                f.read(1)
+                head = f.read(4096)
         except OSError as exc:
             raise MemscanError(f"{path}: cannot be read ({exc.strerror})") from exc
+        if path.suffix.lower() != ".parquet" and _is_wide_text(head):
+            raise MemscanError(f"{path}: UTF-16 or UTF-32 text; convert it to UTF-8 (iconv -f UTF-16 -t UTF-8)")
         if path.suffix.lower() in (".csv", ".parquet"):
             _column(path, _columns(path), field)
         checked.append(path)
     return checked
+
+
+def _is_wide_text(head: bytes) -> bool:
+    """A UTF-16/32 byte-order mark, or NUL bytes in a quarter of the first bytes (text that is never UTF-8)."""
+    return head.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")) or (
+        len(head) >= 2 and head.count(b"\x00") * 4 >= len(head)
+    )
 
 
 def _columns(path: Path) -> list[str]:
@@ -82,7 +101,7 @@ def _columns(path: Path) -> list[str]:
         except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for corrupt files
             raise MemscanError(f"{path}: not a readable Parquet file ({exc})") from exc
     try:
-        with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
             return next(_csv_reader(f), [])
     except csv.Error as exc:
         raise MemscanError(f"{path}: not a readable CSV header ({one_line(exc)})") from exc
@@ -106,11 +125,16 @@ def _column(path: Path, columns: list[str], field: str | None) -> str:
 
 
 def read_prompts(
-    paths: Sequence[Path], field: str | None = None, first_index: int = 0, base: Path | None = None
+    paths: Sequence[Path],
+    field: str | None = None,
+    first_index: int = 0,
+    base: Path | None = None,
+    max_chars: int = MAX_PROMPT_CHARS,
 ) -> Iterator[InputRow]:
     """All rows of all inputs in order, streamed; indices count from `first_index`.
 
     Relative paths are opened under `base` (default: the working folder); ids keep them as given.
+    Prompts over `max_chars` characters are rejected (never tokenized).
     """
     index = first_index
     for path in paths:
@@ -118,6 +142,8 @@ def read_prompts(
         for number, prompt, error in reader(base / path if base else path, field):
             if error is None and not prompt.strip():
                 prompt, error = None, "empty prompt"
+            elif error is None and len(prompt) > max_chars:
+                prompt, error = None, f"prompt of {len(prompt)} characters, over the limit of {max_chars}"
             yield InputRow(f"{path}:{number}", index, prompt if error is None else None, error)
             index += 1
 
@@ -144,19 +170,40 @@ def _unreadable(path: Path, rows: int, exc: Exception) -> MemscanError:
     return MemscanError(f"{path}: unreadable after row {rows}: {one_line(exc)}")
 
 
-def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """The raw lines of `path`, numbered from 1; an I/O error partway raises `MemscanError`."""
+def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
+    """The raw lines of `path` (BOM dropped), numbered from 1; None for a line over `MAX_LINE_BYTES`,
+    which is skipped without being held. An I/O error partway raises `MemscanError`."""
     number = 0
     try:
         with path.open("rb") as f:
-            for number, raw in enumerate(f, 1):
-                yield number, raw
+            if f.read(len(UTF8_BOM)) != UTF8_BOM:
+                f.seek(0)
+            while raw := f.readline(MAX_LINE_BYTES + 1):
+                number += 1
+                if len(raw) <= MAX_LINE_BYTES:
+                    yield number, raw
+                    continue
+                while raw and not raw.endswith(b"\n"):  # the rest of the long line, in bounded pieces
+                    raw = f.readline(MAX_LINE_BYTES)
+                yield number, None
     except OSError as exc:
         raise _unreadable(path, number, exc) from exc
 
 
+def _text(value: str) -> str | None:
+    """Why `value` is not text (a lone surrogate, which JSON can carry and tokenizers choke on), or None."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "not valid UTF-8 (lone surrogate)"
+    return None
+
+
 def _read_txt(path: Path, field: str | None) -> Iterator[tuple[int, str | None, str | None]]:
     for number, raw in _numbered_lines(path):
+        if raw is None:
+            yield number, None, LONG_LINE
+            continue
         try:
             yield number, raw.rstrip(b"\r\n").decode("utf-8"), None
         except UnicodeDecodeError:
@@ -165,6 +212,9 @@ def _read_txt(path: Path, field: str | None) -> Iterator[tuple[int, str | None, 
 
 def _read_jsonl(path: Path, field: str | None) -> Iterator[tuple[int, str | None, str | None]]:
     for number, raw in _numbered_lines(path):
+        if raw is None:
+            yield number, None, LONG_LINE
+            continue
         try:
             record = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
@@ -172,6 +222,9 @@ def _read_jsonl(path: Path, field: str | None) -> Iterator[tuple[int, str | None
             continue
         except json.JSONDecodeError as exc:
             yield number, None, f"invalid JSON ({exc.msg})"
+            continue
+        except RecursionError:
+            yield number, None, "invalid JSON (nested too deeply)"
             continue
         if not isinstance(record, dict):
             yield number, None, "not a JSON object"
@@ -182,30 +235,52 @@ def _read_jsonl(path: Path, field: str | None) -> Iterator[tuple[int, str | None
         elif not isinstance(record[name], str):
             yield number, None, f"field {name!r} is not a string"
         else:
-            yield number, record[name], None
+            error = _text(record[name])
+            yield number, None if error else record[name], error
 
 
 def _read_csv(path: Path, field: str | None) -> Iterator[tuple[int, str | None, str | None]]:
-    number = 0
+    number, held = 0, None
     try:
         # surrogateescape keeps bad bytes visible per row instead of failing the whole file.
-        with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
-            reader = _csv_reader(f)
+        with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            consumed: list[str] = []  # the raw lines of the row being parsed
+
+            def lines() -> Iterator[str]:
+                for line in f:
+                    consumed.append(line)
+                    yield line
+
+            reader = _csv_reader(lines())
             header = next(reader, [])
             position = header.index(_column(path, header, field))
+            consumed.clear()
+            # Each row is yielded once the next one is parsed: only then is it known not to be
+            # the last, the one an unclosed quote would have stretched to the end of the file.
+            held_open = False
             for number, row in enumerate(reader, 1):
-                if position >= len(row):
-                    yield number, None, "missing field"
-                    continue
-                value = row[position]
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError:
-                    yield number, None, "not UTF-8"
-                    continue
-                yield number, value, None
+                if held is not None:
+                    yield held
+                held = _csv_value(number, row, position)
+                # A row spanning lines with an odd number of quotes opened one it never closed.
+                held_open = len(consumed) > 1 and "".join(consumed).count('"') % 2 == 1
+                consumed.clear()
+            if held is not None:
+                yield (held[0], None, "unclosed quote: this row swallowed every line after it") if held_open else held
     except (csv.Error, OSError) as exc:  # e.g. a field over CSV_FIELD_LIMIT
+        if held is not None:  # the last good row, parsed before the break
+            yield held
         raise _unreadable(path, number, exc) from exc
+
+
+def _csv_value(number: int, row: list[str], position: int) -> tuple[int, str | None, str | None]:
+    if position >= len(row):
+        return number, None, "missing field"
+    try:
+        row[position].encode("utf-8")
+    except UnicodeEncodeError:
+        return number, None, "not UTF-8"
+    return number, row[position], None
 
 
 def _read_parquet(path: Path, field: str | None) -> Iterator[tuple[int, str | None, str | None]]:

@@ -1,14 +1,21 @@
 """The HTTP face: `/v1/score`, `/v1/explain`, `/v1/mitigate`, `/healthz`, and the prompt page at `/`.
 
-Every model call runs on one worker thread; concurrent score requests are merged by the
-micro-batcher. Bad input always gets a 4xx with a JSON reason (see LIMITS), never a 500.
+Scoring and explaining run on one worker thread, concurrent score requests merged by the
+micro-batcher; mitigation (long: sampling runs) on a second thread with its own tokenizer,
+so it never holds up scoring. Bad input always gets a 4xx with a JSON reason, never a 500;
+an overloaded service a 503 with Retry-After. `Guard` checks the token, the requests in
+flight and the body (size and deadline, on the stream).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import copy
+import dataclasses
 import io
+import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -16,6 +23,7 @@ from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
@@ -25,12 +33,14 @@ from .. import __version__
 from ..detect import Scanner
 from ..errors import MemscanError
 from ..explain import METHODS, explain
+from ..io import MAX_PROMPT_CHARS
 from ..mitigate import METHODS as MITIGATION_METHODS
 from ..mitigate import MitigationSettings, mitigate_and_generate
-from .batcher import MicroBatcher
+from .batcher import MicroBatcher, QueueFull
+from .guard import Guard, is_loopback
 
 MAX_PROMPTS = 256  # prompts per /v1/score request
-MAX_CHARS = 10_000  # characters per prompt (longer token sequences are truncated, and said so)
+MAX_CHARS = MAX_PROMPT_CHARS  # characters per prompt, as for files (longer token sequences are truncated, and said so)
 MAX_BODY_BYTES = 4 * MAX_PROMPTS * MAX_CHARS + 65_536  # UTF-8 worst case of a full request
 SUGGESTIONS = 3
 MAX_SEEDS = 8  # generations per /v1/mitigate request (each is a full sampling run, twice)
@@ -143,18 +153,44 @@ def _error(status: int, reason: str, detail=None) -> JSONResponse:
     return JSONResponse({"error": reason, "detail": detail}, status_code=status)
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body was read already: only the disconnect is left)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(
     scanner: Scanner, threshold: float | None = None, mitigation: MitigationSettings | None = None,
-    batch_size: int = 16, window_s: float = 0.005,
+    batch_size: int = 16, window_s: float = 0.005, *,
+    host: str = "127.0.0.1", token: str | None = None, max_concurrency: int = 64, max_queued_prompts: int = 4096,
+    cors_origins: Sequence[str] = (), body_timeout_s: float = 30.0,
 ) -> FastAPI:
     """The service for one loaded Scanner; `threshold` (optional) turns scores into verdicts.
 
-    `mitigation` is what `POST /v1/mitigate` aims for (default: the threshold, with the paper's budget)."""
+    `mitigation` is what `POST /v1/mitigate` aims for (default: the threshold, with the paper's budget).
+    `token` (see `guard.load_token`) is then required as `Authorization: Bearer` on every route but
+    /healthz; `host` is where it will listen, only to warn when that is not loopback and no token is
+    set. At most `max_concurrency` requests run at once and `max_queued_prompts` prompts wait for
+    the model (503 past either); a body must arrive within `body_timeout_s` (408). CORS answers
+    only `cors_origins` (none: off)."""
     if mitigation is None and threshold is not None:
         mitigation = MitigationSettings(target=threshold)
     if scanner.settings.noise != "shared":
         raise MemscanError("the service scores each prompt on its own; use --noise shared")
+    if max_concurrency < 1 or max_queued_prompts < MAX_PROMPTS:
+        raise MemscanError(f"max_concurrency must be >= 1 and max_queued_prompts >= {MAX_PROMPTS} (one full request)")
+    if token is None and not is_loopback(host):
+        warnings.warn(
+            f"serving on {host}, beyond this machine, without a token: anyone who reaches it can use the model "
+            "(set a bearer token)", RuntimeWarning, stacklevel=2,
+        )
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memscan-model")
+    # Its own thread and tokenizer (a fast tokenizer must not be entered from two threads at
+    # once); the weights are shared, read only.
+    mitigation_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memscan-mitigate")
+    mitigation_scanner = Scanner(
+        dataclasses.replace(scanner.model, tokenizer=copy.deepcopy(scanner.model.tokenizer)), scanner.settings
+    )
 
     def score_rows(prompts: list[str]) -> list[ScoreResult]:
         rows = []
@@ -173,12 +209,13 @@ def create_app(
                 ))
         return rows
 
-    batcher = MicroBatcher(score_rows, worker, window_s)
+    batcher = MicroBatcher(score_rows, worker, window_s, max_queued=max_queued_prompts)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         worker.shutdown(wait=True)
+        mitigation_worker.shutdown(wait=True)
 
     app = FastAPI(
         title="memscan",
@@ -187,13 +224,20 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.batcher = batcher
+    app.add_middleware(
+        Guard, token=token, max_concurrency=max_concurrency, max_body_bytes=MAX_BODY_BYTES, body_timeout_s=body_timeout_s
+    )
+    if cors_origins:  # outermost: a preflight carries no token
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return _error(413, f"request body over {MAX_BODY_BYTES} bytes")
-        return await call_next(request)
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        response = _error(503, f"{exc}; retry")
+        response.headers["Retry-After"] = "1"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -215,11 +259,19 @@ def create_app(
         """Liveness: the model is loaded and the service answers."""
         return {"status": "ok", "model": scanner.model.fingerprint, "threshold": threshold}
 
-    @app.post("/v1/score")
-    async def score(request: ScoreRequest) -> ScoreResponse:
+    app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)  # probes that send HEAD
+
+    @app.post("/v1/score", response_model=ScoreResponse)
+    async def score(body: ScoreRequest, request: Request):
         """Score up to MAX_PROMPTS prompts; concurrent requests are batched together."""
-        results = await batcher.submit(request.prompts)
-        return ScoreResponse(model=scanner.model.fingerprint, threshold=threshold, results=results)
+        submitted = asyncio.ensure_future(batcher.submit(body.prompts))
+        gone = asyncio.ensure_future(_disconnected(request))
+        await asyncio.wait({submitted, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not submitted.done():  # the client went away: its prompts leave the queue unscored
+            submitted.cancel()
+            return _error(499, "client closed the request")
+        return ScoreResponse(model=scanner.model.fingerprint, threshold=threshold, results=submitted.result())
 
     @app.post("/v1/explain")
     async def explain_prompt(request: ExplainRequest) -> ExplainResponse:
@@ -239,10 +291,10 @@ def create_app(
                 "the embed method needs a target: start memscan serve with --threshold or --calibration"
             )
         if not pipelines:
-            pipelines.append(build_pipeline(scanner.model))
+            pipelines.append(build_pipeline(mitigation_scanner.model))
         settings = scanner.settings
         done = mitigate_and_generate(
-            scanner, pipelines[0], request.prompt, request.method, request.seeds,
+            mitigation_scanner, pipelines[0], request.prompt, request.method, request.seeds,
             mitigation or MitigationSettings(target=float("inf")), settings.num_inference_steps, settings.guidance_scale,
         )
         result = done.result
@@ -258,7 +310,7 @@ def create_app(
     async def mitigate(request: MitigateRequest) -> MitigateResponse:
         """Mitigate one prompt (down to the service's target) and generate before and after, per seed."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(worker, mitigate_prompt, request)
+        return await loop.run_in_executor(mitigation_worker, mitigate_prompt, request)
 
     static = resources.files("scanner.service").joinpath("static")
     app.mount("/static", StaticFiles(directory=str(static)), name="static")

@@ -14,7 +14,6 @@ lets reports and `sqlite3` shells read while a sweep writes.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MemscanError, one_line
+from ..io.lock import lock_file
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -120,23 +120,12 @@ class SweepStore:
             raise MemscanError(f"{self.path}: cannot open the store ({one_line(exc)})") from exc
 
     def _acquire(self, wait_s: float):
+        busy = f"{self.path}: the store is in use by another sweep (waited {wait_s:g} s); try later or raise --wait"
         try:
             # Append mode creates a missing store as an empty file, which SQLite takes as an empty database.
-            lock = open(self.path, "ab")  # noqa: SIM115 - held open for the sweep: closing it releases the lock
+            return lock_file(self.path, wait_s, busy)
         except OSError as exc:
             raise MemscanError(f"{self.path}: cannot open the store ({exc.strerror})") from exc
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return lock
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    lock.close()
-                    raise MemscanError(
-                        f"{self.path}: the store is in use by another sweep (waited {wait_s:g} s); try later or raise --wait"
-                    ) from None
-                time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def _open_database(self, wait_s: float) -> sqlite3.Connection:
         # Transactions are explicit (BEGIN IMMEDIATE ... COMMIT): autocommit mode otherwise.
@@ -164,11 +153,18 @@ class SweepStore:
     # -- writing ---------------------------------------------------------------------------
     def begin(self) -> None:
         """Open a write transaction (immediately, so a conflict shows here and not mid-batch)."""
-        self.db.execute("BEGIN IMMEDIATE")
+        self._write("BEGIN IMMEDIATE")
 
     def commit(self) -> None:
         """Commit the open transaction: what was added is now durable."""
-        self.db.execute("COMMIT")
+        self._write("COMMIT")
+
+    def _write(self, sql: str, rows: Iterable[tuple] | None = None) -> None:
+        """Run a writing statement; a full disk or an I/O error becomes one line."""
+        try:
+            self.db.execute(sql) if rows is None else self.db.executemany(sql, rows)
+        except sqlite3.OperationalError as exc:
+            raise MemscanError(f"{self.path}: cannot write the store ({one_line(exc)})") from exc
 
     def config_id(self, model: str, settings: str) -> int:
         """The id of (model fingerprint, settings record), created on first use."""
@@ -203,7 +199,7 @@ class SweepStore:
 
     def add(self, config: int, sweep: int, rows: Iterable[ScoredPrompt]) -> None:
         """Insert newly scored prompts; a key already stored has its `times_scored` raised instead."""
-        self.db.executemany(
+        self._write(
             "INSERT INTO prompts (config, key, prompt, score, n_tokens, truncated, source, sweep) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (config, key) DO UPDATE SET times_scored = times_scored + 1",
@@ -212,7 +208,7 @@ class SweepStore:
 
     def add_rejects(self, sweep: int, rejects: Iterable[tuple[str, str]]) -> None:
         """Record `(source, reason)` of input rows or files that could not be swept."""
-        self.db.executemany("INSERT INTO rejects (sweep, source, reason) VALUES (?, ?, ?)", [(sweep, *r) for r in rejects])
+        self._write("INSERT INTO rejects (sweep, source, reason) VALUES (?, ?, ?)", [(sweep, *r) for r in rejects])
 
     def finish_sweep(self, sweep: int, counts: dict) -> None:
         """Mark the sweep done with its counts (`rows`, `new`, `known`, `rejected`, `flagged`, `seconds`)."""
