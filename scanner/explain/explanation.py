@@ -92,7 +92,7 @@ def explain(scanner: Scanner, prompts: Sequence[str], method: str = "grad") -> l
     if scanner.settings.noise != "shared":
         raise MemscanError("explanations use the shared initial latents; use --noise shared")
     prompts = list(prompts)
-    words = [split_words(scanner.family.tokenizer, p) for p in prompts]
+    words = [split_words(scanner.family.tokenizer, p, scanner.family.preprocess) for p in prompts]
     detected = scanner.score(prompts)
     if method == "grad":
         significance = token_significance(scanner, prompts)

@@ -11,6 +11,7 @@ tokenizer has one: CLIP's first prompt token is position 1, T5's position 0).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,10 +31,17 @@ class Word:
     positions: tuple[int, ...]
 
 
-def split_words(tokenizer: PromptTokenizer, prompt: str) -> list[Word]:
-    """The prompt's words that the text encoder sees (words past the truncation are left out)."""
+def split_words(tokenizer: PromptTokenizer, prompt: str, preprocess: Callable[[str], str] | None = None) -> list[Word]:
+    """The prompt's words that the text encoder sees (words past the truncation are left out).
+
+    `preprocess` is the family's own (PixArt lowercases and strips): the words are found in the
+    text the tokenizer really sees, and their spans mapped back to the prompt, which works as
+    long as preprocessing only changes case and cuts the ends.
+    """
     hf = tokenizer.tokenizer
-    encoded = hf(prompt, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    text = preprocess(prompt) if preprocess else prompt
+    shift = max(prompt.lower().find(text.lower()), 0)  # where the preprocessed text starts in the prompt
+    encoded = hf(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     pieces = hf.convert_ids_to_tokens(encoded.input_ids)
     kept, offset = tokenizer.keep, len(tokenizer.bos)  # as PromptTokenizer truncates and places them
     words: list[Word] = []
@@ -41,7 +49,7 @@ def split_words(tokenizer: PromptTokenizer, prompt: str) -> list[Word]:
     for i, piece in enumerate(pieces[:kept]):
         last = i + 1 == len(pieces) or i + 1 == kept
         if last or piece.endswith(WORD_END) or pieces[i + 1].startswith(WORD_START):
-            start, end = encoded.offset_mapping[first][0], encoded.offset_mapping[i][1]
+            start, end = encoded.offset_mapping[first][0] + shift, encoded.offset_mapping[i][1] + shift
             while start < end and prompt[start].isspace():  # sentencepiece spans may start at the space
                 start += 1
             word = Word(prompt[start:end], start, end, tuple(range(first + offset, i + 1 + offset)))

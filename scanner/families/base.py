@@ -194,8 +194,13 @@ class Family(ABC):
         """The tokenizer whose positions make up `sequence_key` (words, token counts, truncation)."""
         return next(iter(self.tokenizers.values()))
 
+    def preprocess(self, prompt: str) -> str:
+        """The text the pipeline tokenizes for `prompt` (default: the prompt itself)."""
+        return prompt
+
     def tokenize(self, prompts: Sequence[str]) -> TokenizedPrompts:
         """Every tokenizer's padded ids; token counts and truncation from the primary (first) one."""
+        prompts = [self.preprocess(p) for p in prompts]
         each = [tokenizer.tokenize(prompts) for tokenizer in self.tokenizers.values()]
         ids = {name: t for tokens in each for name, t in tokens.ids.items()}
         return TokenizedPrompts(ids, each[0].n_tokens, each[0].truncated)
@@ -252,6 +257,12 @@ class Family(ABC):
     ) -> dict[str, Any]:
         """The pipeline call's arguments for CFG generation from `latents [S, C, H, W]` (rows of `cond`, `uncond`)."""
         return {**self.pipeline_embeds(cond, uncond), "latents": latents, "guidance_scale": guidance_scale}
+
+
+def check_width(path: Path, encoder: str, width: int, denoiser: str, expected: int) -> None:
+    """Refuse a text encoder whose output width is not the one the denoiser takes."""
+    if width != expected:
+        raise MemscanError(f"{path}: the {encoder} width {width} does not match the denoiser's {denoiser} {expected}")
 
 
 def read_json(path: Path) -> dict:

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from ..encode import PromptTokenizer, TokenizedPrompts
-from ..errors import MemscanError
-from .base import Conditioning, Family, Trajectory, load_component, load_tokenizer, read_json
+from .base import Conditioning, Family, Trajectory, check_width, load_component, load_tokenizer, read_json
 from .sd3 import StableDiffusion3, check_flow_folder, flow_scheduler
 
 T5_MAX_LENGTH = 512  # FluxPipeline's default max_sequence_length
@@ -108,10 +107,8 @@ class Flux(Family):
             "text_encoder_2": load_component(T5EncoderModel, path / "text_encoder_2", dtype, device),
         }
         cfg = transformer.config
-        if encoders["text_encoder"].config.hidden_size != cfg.pooled_projection_dim:
-            raise MemscanError(f"{path}: CLIP width {encoders['text_encoder'].config.hidden_size} does not match the transformer's pooled_projection_dim {cfg.pooled_projection_dim}")
-        if encoders["text_encoder_2"].config.d_model != cfg.joint_attention_dim:
-            raise MemscanError(f"{path}: T5 width {encoders['text_encoder_2'].config.d_model} does not match the transformer's joint_attention_dim {cfg.joint_attention_dim}")
+        check_width(path, "CLIP", encoders["text_encoder"].config.hidden_size, "pooled_projection_dim", cfg.pooled_projection_dim)
+        check_width(path, "T5", encoders["text_encoder_2"].config.d_model, "joint_attention_dim", cfg.joint_attention_dim)
         # The pipeline's vae_scale_factor (8 when it has no VAE) sets its default resolution.
         vae_config = path / "vae" / "config.json"
         scale = 2 ** (len(read_json(vae_config)["block_out_channels"]) - 1) if vae_config.is_file() else 8

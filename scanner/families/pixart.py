@@ -12,7 +12,6 @@ aspect ratio of the default size (which the pipeline's resolution binning leaves
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 
 from ..encode import PromptTokenizer, TokenizedPrompts
 from ..errors import MemscanError
-from .base import Conditioning, Family, load_component, load_tokenizer, read_json
+from .base import Conditioning, Family, check_width, load_component, load_tokenizer, read_json
 from .stable_diffusion import DDIMTrajectoryMixin
 
 MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}  # the pipelines' defaults
@@ -95,11 +94,7 @@ class PixArt(DDIMTrajectoryMixin, Family):
         tokenizer = PromptTokenizer(load_tokenizer(path / "tokenizer"), name="tokenizer", max_length=max_length)
         text_encoder = load_component(T5EncoderModel, path / "text_encoder", dtype, device)
         transformer = load_component(PixArtTransformer2DModel, path / "transformer", dtype, device)
-        if text_encoder.config.d_model != transformer.config.caption_channels:
-            raise MemscanError(
-                f"{path}: the text encoder's width {text_encoder.config.d_model} does not match the transformer's "
-                f"caption_channels {transformer.config.caption_channels}"
-            )
+        check_width(path, "T5", text_encoder.config.d_model, "caption_channels", transformer.config.caption_channels)
         scheduler_config = dict(read_json(path / "scheduler" / "scheduler_config.json"))
         return cls(path, {"tokenizer": tokenizer}, {"text_encoder": text_encoder}, transformer, scheduler_config, index,
                    device, dtype)
@@ -109,9 +104,9 @@ class PixArt(DDIMTrajectoryMixin, Family):
         """True for PixArt-Σ."""
         return self.pipeline_config.get("_class_name") == "PixArtSigmaPipeline"
 
-    def tokenize(self, prompts: Sequence[str]) -> TokenizedPrompts:
-        """Token ids of the prompts as the pipeline preprocesses them without caption cleaning: lowercased, stripped."""
-        return super().tokenize([p.lower().strip() for p in prompts])
+    def preprocess(self, prompt: str) -> str:
+        """The prompt as the pipeline preprocesses it without caption cleaning: lowercased, stripped."""
+        return prompt.lower().strip()
 
     def encode_tokens(self, tokens: TokenizedPrompts) -> Conditioning:
         """`encoder_hidden_states [B, L, D]` (T5's last hidden state, masked) and `encoder_attention_mask [B, L]`, int64."""

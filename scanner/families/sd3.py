@@ -17,7 +17,7 @@ import torch
 
 from ..encode import PromptTokenizer, TokenizedPrompts
 from ..errors import MemscanError
-from .base import Conditioning, Family, Trajectory, load_component, load_tokenizer, read_json
+from .base import Conditioning, Family, Trajectory, check_width, load_component, load_tokenizer, read_json
 
 T5_MAX_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
 
@@ -122,11 +122,10 @@ class StableDiffusion3(Family):
             encoders["text_encoder_3"] = load_component(T5EncoderModel, path / "text_encoder_3", dtype, device)
         cfg = transformer.config
         pooled = sum(encoders[n].config.projection_dim for n in ("text_encoder", "text_encoder_2"))
-        if pooled != cfg.pooled_projection_dim:
-            raise MemscanError(f"{path}: the CLIP projections add up to {pooled}, the transformer's pooled_projection_dim is {cfg.pooled_projection_dim}")
+        check_width(path, "CLIP projections' summed", pooled, "pooled_projection_dim", cfg.pooled_projection_dim)
         t5 = encoders["text_encoder_3"]
-        if t5 is not None and t5.config.d_model != cfg.joint_attention_dim:
-            raise MemscanError(f"{path}: T5 width {t5.config.d_model} does not match the transformer's joint_attention_dim {cfg.joint_attention_dim}")
+        if t5 is not None:
+            check_width(path, "T5", t5.config.d_model, "joint_attention_dim", cfg.joint_attention_dim)
         scheduler_config = dict(read_json(path / "scheduler" / "scheduler_config.json"))
         return cls(path, tokenizers, encoders, transformer, scheduler_config, index, device, dtype)
 

@@ -18,7 +18,7 @@ import torch
 
 from ..encode import PromptTokenizer, TokenizedPrompts
 from ..errors import MemscanError
-from .base import Conditioning, Family, load_component, load_tokenizer, read_json
+from .base import Conditioning, Family, check_width, load_component, load_tokenizer, read_json
 from .stable_diffusion import DDIMTrajectoryMixin, StableDiffusion, UNetDenoiser, check_unet
 
 FOLDERS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "scheduler")
@@ -95,11 +95,7 @@ class StableDiffusionXL(DDIMTrajectoryMixin, Family):
         }
         unet = load_component(UNet2DConditionModel, path / "unet", dtype, device)
         width = sum(e.config.hidden_size for e in encoders.values())
-        if width != unet.config.cross_attention_dim:
-            raise MemscanError(
-                f"{path}: the text encoders' widths add up to {width}, but the UNet's cross_attention_dim is "
-                f"{unet.config.cross_attention_dim}"
-            )
+        check_width(path, "text encoders' summed", width, "cross_attention_dim", unet.config.cross_attention_dim)
         # The check the pipeline makes in _get_add_time_ids: six time ids and the pooled projection.
         passed = unet.config.addition_time_embed_dim * 6 + encoders["text_encoder_2"].config.projection_dim
         expected = unet.add_embedding.linear_1.in_features

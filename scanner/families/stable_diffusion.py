@@ -13,7 +13,7 @@ import torch
 
 from ..encode import PromptTokenizer, TokenizedPrompts
 from ..errors import MemscanError
-from .base import Conditioning, Family, Trajectory, load_component, load_tokenizer, read_json
+from .base import Conditioning, Family, Trajectory, check_width, load_component, load_tokenizer, read_json
 
 
 class UNetDenoiser(torch.nn.Module):
@@ -91,11 +91,7 @@ class StableDiffusion(DDIMTrajectoryMixin, Family):
         tokenizer = load_tokenizer(path / "tokenizer")
         text_encoder = load_component(CLIPTextModel, path / "text_encoder", dtype, device)
         unet = load_component(UNet2DConditionModel, path / "unet", dtype, device)
-        if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
-            raise MemscanError(
-                f"{path}: text encoder width {text_encoder.config.hidden_size} does not match the UNet's "
-                f"cross_attention_dim {unet.config.cross_attention_dim}"
-            )
+        check_width(path, "text encoder", text_encoder.config.hidden_size, "cross_attention_dim", unet.config.cross_attention_dim)
         scheduler_config = dict(read_json(path / "scheduler" / "scheduler_config.json"))
         return cls(path, {"tokenizer": PromptTokenizer(tokenizer)}, {"text_encoder": text_encoder}, unet,
                    scheduler_config, index, device, dtype)
