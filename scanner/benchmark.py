@@ -280,7 +280,7 @@ class StubTextEncoder(torch.nn.Module):
 
 def stub_model() -> ScanModel:
     """An SD 1.5-shaped `ScanModel` whose text encoder and UNet do nothing (real tokenizer)."""
-    unet = SimpleNamespace(config=SimpleNamespace(in_channels=4, sample_size=SD15_UNET["sample_size"]))
+    unet = SimpleNamespace(config=SimpleNamespace(in_channels=4, sample_size=SD15_UNET["sample_size"]), dtype=torch.float32)
     text_encoder = StubTextEncoder(SD15_UNET["cross_attention_dim"])
     return _sd_model(text_encoder, unet, "stub", "no-op model", torch.device("cpu"), torch.float32)
 

@@ -15,7 +15,7 @@ from scanner.cli import main
 from scanner.detect import DetectSettings, Scanner
 from scanner.errors import MemscanError
 from scanner.evaluate import read_labelled_prompts
-from scanner.model import fingerprint, load_model
+from scanner.model import identify_model, load_model
 from scanner.scan import scanner_settings
 
 SETTINGS = {**DetectSettings().to_dict(), "dtype": "float32", "engine": "torch"}
@@ -138,7 +138,7 @@ def test_calibrate_then_scan_with_the_calibration_on_the_testbed(planted_testbed
     calibration = load_calibration(out)
 
     scanner = Scanner(load_model(model, device="cpu"), DetectSettings())
-    assert calibration.model == fingerprint(model) and calibration.settings == scanner_settings(scanner)
+    assert calibration.model == identify_model(model)[1] and calibration.settings == scanner_settings(scanner)
     scores = scanner.score([r["prompt"] for r in sample]).score
     is_memorized = np.array([r["label"] == 1 for r in sample])
     np.testing.assert_array_equal(scores >= calibration.threshold, _brute_force(is_memorized, scores, 0.1))
@@ -165,7 +165,7 @@ def test_serve_takes_the_threshold_from_a_calibration_and_refuses_a_foreign_one(
 
     scanner = Scanner(load_model(tiny_sd1, device="cpu"), DetectSettings())
     own, foreign = tmp_path / "own.json", tmp_path / "foreign.json"
-    _calibration(fingerprint(tiny_sd1), scanner_settings(scanner)).save(own)
+    _calibration(identify_model(tiny_sd1)[1], scanner_settings(scanner)).save(own)
     _calibration().save(foreign)
     served = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append(app))
@@ -185,7 +185,7 @@ def test_the_shipped_testbed_calibration_is_for_the_shipped_model(planted_testbe
         "--target-fpr 0.01 --out scanner/data/testbed/calibration.json"
     )
     calibration = load_calibration(model / "calibration.json")
-    assert calibration.model == fingerprint(model), f"calibration.json is stale (the testbed was rebuilt); {regenerate}"
+    assert calibration.model == identify_model(model)[1], f"calibration.json is stale (the testbed was rebuilt); {regenerate}"
     assert calibration.settings == scanner_settings(Scanner(load_model(model, device="cpu"), DetectSettings())), regenerate
     assert calibration.target_fpr == 0.01 and calibration.fpr <= 0.01
     assert (calibration.n_pos, calibration.n_neg) == (sum(r["label"] for r in rows), sum(1 - r["label"] for r in rows))

@@ -15,6 +15,7 @@ every family.
 
 from __future__ import annotations
 
+import copy
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -172,6 +173,15 @@ class Family(ABC):
     @classmethod
     def check(cls, path: Path, index: dict) -> None:
         """Refuse variants of the family's pipeline that the scanner cannot score (default: none)."""
+
+    def with_own_tokenizers(self) -> Family:
+        """The same model (weights shared) with private tokenizer copies, for a second thread.
+
+        A fast tokenizer must not be entered from two threads at once.
+        """
+        twin = copy.copy(self)
+        twin.tokenizers = copy.deepcopy(self.tokenizers)
+        return twin
 
     def modules(self) -> list[torch.nn.Module]:
         """Every loaded torch module (text encoders and denoiser)."""

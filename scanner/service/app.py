@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import copy
 import dataclasses
 import io
 import warnings
@@ -188,9 +187,7 @@ def create_app(
     # Its own thread and tokenizer (a fast tokenizer must not be entered from two threads at
     # once); the weights are shared, read only.
     mitigation_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memscan-mitigate")
-    mitigation_scanner = Scanner(
-        dataclasses.replace(scanner.model, tokenizer=copy.deepcopy(scanner.model.tokenizer)), scanner.settings
-    )
+    mitigation_scanner = Scanner(dataclasses.replace(scanner.model, family=scanner.family.with_own_tokenizers()), scanner.settings)
 
     def score_rows(prompts: list[str]) -> list[ScoreResult]:
         rows = []
