@@ -2,8 +2,9 @@
 # One prepared GPU check for a lent H100/H200, under 8 minutes. Writes markdown and JSON:
 #   1. the fused norm kernel: parity, and bandwidth as a share of a measured device copy;
 #      the native CUDA op against Triton (when the native library is built);
-#   2. the SD 1.5-shaped UNet (random weights, fp16, 64x64x4 latents, 77x768 text):
-#      first-step throughput per engine over batch sizes 128..1, share of measured bf16 peak;
+#   2. the SD 1.5-, SDXL- and SD3-shaped denoisers (real configs, random weights, fp16):
+#      first-step throughput per engine over batch sizes 128..1, share of measured bf16 peak
+#      (SDXL and SD3: torch and compile only; an ONNX export of 2B+ parameters takes minutes);
 #   3. `memscan bench --sd15`: reference-style loop vs scanner vs compile, same prompts.
 # Then: copy RESULTS.md's table into bench/RESULTS.md with the card, date and versions.
 #
@@ -59,7 +60,9 @@ run kernel_bandwidth 60 python bench/gpu_kernel_bandwidth.py "${dry[@]}" --out "
 if [[ ${#dry[@]} -eq 0 ]]; then
     run native_vs_triton 60 python bench/gpu_native_vs_triton.py
 fi
-run unet_throughput 330 python bench/gpu_unet.py "${dry[@]}" --out "$out"
+run denoiser_sd15 200 python bench/gpu_unet.py "${dry[@]}" --shape sd15 --budget 45 --out "$out"
+run denoiser_sdxl 75 python bench/gpu_unet.py "${dry[@]}" --shape sdxl --engines torch,compile --budget 30 --out "$out"
+run denoiser_sd3 75 python bench/gpu_unet.py "${dry[@]}" --shape sd3 --engines torch,compile --budget 30 --out "$out"
 if [[ ${#dry[@]} -eq 0 ]]; then  # an 860M-parameter UNet is too slow on CPUs for a dry run
     run bench_sd15 150 python bench/throughput.py --sd15 --device cuda --dtype fp16 --prompts 256 --batch-size 64 \
         --engines compile --json "$out/bench_sd15.json"
@@ -67,7 +70,7 @@ fi
 {
     echo "## GPU check"
     echo '```'; cat "$out/environment.txt"; echo '```'
-    cat "$out/kernel_bandwidth.md" "$out/unet_throughput.md" 2>/dev/null
+    cat "$out/kernel_bandwidth.md" "$out"/denoiser_sd15.md "$out"/denoiser_sdxl.md "$out"/denoiser_sd3.md 2>/dev/null
     echo; echo "### memscan bench --sd15"; echo '```'; cat "$out/bench_sd15.log" 2>/dev/null; echo '```'
 } > "$out/RESULTS.md"
 echo "wrote $out/RESULTS.md"
