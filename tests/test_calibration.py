@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from cli_output import one_line_error
+
 from scanner.calibration import Calibration, fit_calibration, fit_threshold, load_calibration
 from scanner.cli import main
 from scanner.detect import DetectSettings, Scanner
@@ -118,12 +120,6 @@ def test_save_and_load_round_trip_and_bad_files(tmp_path):
             load_calibration(tmp_path / name)
 
 
-def _one_line_error(capsys, code: int) -> str:
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("memscan: error:") and "\n" not in err, err
-    return err
-
-
 def test_calibrate_then_scan_with_the_calibration_on_the_testbed(planted_testbed, tmp_path, capsys):
     model, rows = planted_testbed
     rng = random.Random()
@@ -153,7 +149,7 @@ def test_calibrate_then_scan_with_the_calibration_on_the_testbed(planted_testbed
     assert flagged == (scores >= calibration.threshold).tolist()
 
     other = ["scan", str(prompts), "--out", str(tmp_path / "other.jsonl"), "--calibration", str(out), *cpu]
-    assert "other detection settings (end_step 1 vs 2" in _one_line_error(capsys, main([*other, "--steps", "2"]))
+    assert "other detection settings (end_step 1 vs 2" in one_line_error(capsys, main([*other, "--steps", "2"]))
     with pytest.raises(SystemExit) as both:
         main([*other, "--threshold", "0.5"])
     assert both.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
@@ -174,7 +170,7 @@ def test_serve_takes_the_threshold_from_a_calibration_and_refuses_a_foreign_one(
     assert "serving" in capsys.readouterr().err
     with TestClient(served[0]) as client:
         assert client.get("/healthz").json()["threshold"] == load_calibration(own).threshold
-    assert "not sha256:" in _one_line_error(capsys, main([*serve, str(foreign)]))
+    assert "not sha256:" in one_line_error(capsys, main([*serve, str(foreign)]))
     assert len(served) == 1
 
 

@@ -20,7 +20,7 @@ def test_generate_matches_diffusers_pipeline(tmp_path, tiny_sd1):
     seeds = [int(s) for s in torch.randint(0, 10_000, (3,))]
     prompt = "a photo of an astronaut riding a horse"
     out = tmp_path / "gen"
-    code = main(["generate", prompt, "--model", str(tiny_sd1), "--out", str(out), "--seeds", ",".join(map(str, seeds)), "--steps", "10"])
+    code = main(["generate", prompt, "--model", str(tiny_sd1), "--out", str(out), "--seeds", ",".join(map(str, seeds)), "--inference-steps", "10"])
     assert code == 0
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1, safety_checker=None, requires_safety_checker=False)

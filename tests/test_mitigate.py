@@ -100,7 +100,7 @@ def test_baselines(scanner, method):
 def test_mitigate_command(tmp_path, tiny_sd1, capsys):
     out = tmp_path / "m"
     seeds = ",".join(map(str, _random_seeds(2)))
-    code = main(["mitigate", PROMPT, "--model", str(tiny_sd1), "--out", str(out), "--target", "0", "--seeds", seeds, "--steps", "4", "--json"])
+    code = main(["mitigate", PROMPT, "--model", str(tiny_sd1), "--out", str(out), "--target", "0", "--seeds", seeds, "--inference-steps", "4", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report) >= {"prompt", "method", "score_before", "score_after", "target", "iterations", "seconds", "images"}

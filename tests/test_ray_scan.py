@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_scan_cli import _one_line_error
+from cli_output import one_line_error
 
 from scanner import scan as scan_module
 from scanner.cli import main
@@ -150,19 +150,19 @@ def test_usage_errors(tmp_path, local_ray, capsys):
     inp = tmp_path / "p.txt"
     inp.write_text("a cat\n")
     out = ["--out", str(tmp_path / "o.parquet")]
-    assert "needs --engine ray" in _one_line_error(capsys, main(["scan", str(inp), *out, "--workers", "2"]))
-    err = _one_line_error(capsys, main(["scan", str(inp), *out, "--engine", "ray", "--gpus-per-worker", "1"]))
+    assert "needs --engine ray" in one_line_error(capsys, main(["scan", str(inp), *out, "--workers", "2"]))
+    err = one_line_error(capsys, main(["scan", str(inp), *out, "--engine", "ray", "--gpus-per-worker", "1"]))
     assert "has no GPU" in err
-    err = _one_line_error(capsys, main(["scan", str(inp), *out, "--engine", "ray", "--worker-engine", "ray"]))
+    err = one_line_error(capsys, main(["scan", str(inp), *out, "--engine", "ray", "--worker-engine", "ray"]))
     assert "unknown engine 'ray'" in err
-    assert "no file matches" in _one_line_error(capsys, main(["scan", str(tmp_path / "*.jsonl"), *out, "--engine", "ray"]))
+    assert "no file matches" in one_line_error(capsys, main(["scan", str(tmp_path / "*.jsonl"), *out, "--engine", "ray"]))
 
 
 def test_without_ray_installed_says_how_to_install(tmp_path, monkeypatch, capsys):
     inp = tmp_path / "p.txt"
     inp.write_text("a cat\n")
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    err = _one_line_error(capsys, main(["scan", str(inp), "--out", str(tmp_path / "o.parquet"), "--engine", "ray"]))
+    err = one_line_error(capsys, main(["scan", str(inp), "--out", str(tmp_path / "o.parquet"), "--engine", "ray"]))
     assert "pip install 'memscan[ray]'" in err
 
 
@@ -215,7 +215,7 @@ def test_a_runaway_csv_quote_stops_the_file_after_the_good_rows(tmp_path, capsys
     with pytest.raises(MemscanError) as error:
         count_rows(csv_path)
     assert str(error.value) == message
-    err = _one_line_error(capsys, main(["scan", str(csv_path), "--out", str(tmp_path / "o.jsonl")]))
+    err = one_line_error(capsys, main(["scan", str(csv_path), "--out", str(tmp_path / "o.jsonl")]))
     assert err == f"memscan: error: {message}"
 
 

@@ -15,6 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cli_output import one_line_error
+
 from scanner import scan as scan_module
 from scanner.cli import main
 from scanner.detect import DetectSettings, Scanner
@@ -143,26 +145,20 @@ def test_resume_after_sigkill(tmp_path, tiny_sd1):
     assert [rows[i]["score"] for i in sample] == pytest.approx(expected.tolist(), rel=1e-5)
 
 
-def _one_line_error(capsys, code: int) -> str:
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("memscan: error:") and "\n" not in err and "Traceback" not in err
-    return err
-
-
 def test_user_errors_exit_2_with_one_line(tmp_path, tiny_sd1, capsys):
     inp = tmp_path / "p.txt"
     inp.write_text("a cat\n")
     model = ["--model", str(tiny_sd1)]
-    assert "no such file" in _one_line_error(capsys, main(["scan", str(tmp_path / "missing.txt"), *model, "--out", str(tmp_path / "o.jsonl")]))
-    assert "unsupported input" in _one_line_error(capsys, main(["scan", str(tmp_path / "x.docx"), *model, "--out", str(tmp_path / "o.jsonl")]))
-    assert "does not exist" in _one_line_error(capsys, main(["scan", str(inp), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o.jsonl")]))
-    assert "not a Stable Diffusion" in _one_line_error(capsys, main(["scan", str(inp), "--model", str(tmp_path), "--out", str(tmp_path / "o.jsonl")]))
-    assert "does not exist" in _one_line_error(capsys, main(["scan", str(inp), *model, "--out", str(tmp_path / "no" / "o.jsonl")]))
-    assert "must end in" in _one_line_error(capsys, main(["scan", str(inp), *model, "--out", str(tmp_path / "o.txt")]))
-    assert "step window" in _one_line_error(capsys, main(["scan", str(inp), *model, "--out", str(tmp_path / "o.jsonl"), "--steps", "0"]))
+    assert "no such file" in one_line_error(capsys, main(["scan", str(tmp_path / "missing.txt"), *model, "--out", str(tmp_path / "o.jsonl")]))
+    assert "unsupported input" in one_line_error(capsys, main(["scan", str(tmp_path / "x.docx"), *model, "--out", str(tmp_path / "o.jsonl")]))
+    assert "does not exist" in one_line_error(capsys, main(["scan", str(inp), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o.jsonl")]))
+    assert "not a Stable Diffusion" in one_line_error(capsys, main(["scan", str(inp), "--model", str(tmp_path), "--out", str(tmp_path / "o.jsonl")]))
+    assert "does not exist" in one_line_error(capsys, main(["scan", str(inp), *model, "--out", str(tmp_path / "no" / "o.jsonl")]))
+    assert "must end in" in one_line_error(capsys, main(["scan", str(inp), *model, "--out", str(tmp_path / "o.txt")]))
+    assert "step window" in one_line_error(capsys, main(["scan", str(inp), *model, "--out", str(tmp_path / "o.jsonl"), "--steps", "0"]))
     csv_path = tmp_path / "p.csv"
     csv_path.write_text("a,b\n1,2\n")
-    assert "--field" in _one_line_error(capsys, main(["scan", str(csv_path), *model, "--out", str(tmp_path / "o.jsonl")]))
+    assert "--field" in one_line_error(capsys, main(["scan", str(csv_path), *model, "--out", str(tmp_path / "o.jsonl")]))
 
 
 def test_unwritable_output_exits_2(tmp_path, tiny_sd1, capsys):
@@ -172,7 +168,7 @@ def test_unwritable_output_exits_2(tmp_path, tiny_sd1, capsys):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     for folder in ([locked] if os.geteuid() else []) + [Path("/proc")]:
-        err = _one_line_error(capsys, main(["scan", str(inp), "--model", str(tiny_sd1), "--out", str(folder / "o.jsonl")]))
+        err = one_line_error(capsys, main(["scan", str(inp), "--model", str(tiny_sd1), "--out", str(folder / "o.jsonl")]))
         assert "not writable" in err or "cannot write" in err
 
 
@@ -183,12 +179,12 @@ def test_existing_output_and_foreign_partial_are_refused(tmp_path, tiny_sd1, cap
     args = ["scan", str(inp), "--model", str(tiny_sd1), "--out", str(out)]
     assert main(args) == 0
     capsys.readouterr()
-    assert "already exists" in _one_line_error(capsys, main(args))
+    assert "already exists" in one_line_error(capsys, main(args))
     assert main([*args, "--overwrite"]) == 0
     (tmp_path / "o.jsonl.parts").mkdir()
     (tmp_path / "o.jsonl.parts" / "manifest.json").write_text('{"other": "run"}')
     capsys.readouterr()
-    assert "different run" in _one_line_error(capsys, main(args))
+    assert "different run" in one_line_error(capsys, main(args))
 
 
 def test_fail_on_flagged_exit_code(tmp_path, tiny_sd1):

@@ -119,21 +119,21 @@ def test_serve_mitigates_as_memscan_mitigate_does_with_a_calibration():
     from argparse import Namespace
 
     from scanner.calibration import load_calibration
-    from scanner.cli import _serve_mitigation
+    from scanner.cli.serve import serve_mitigation
     from scanner.mitigate import model_budget
     from scanner.testbed import default_model_path
 
     folder = default_model_path()
     calibration = load_calibration(folder / "calibration.json")
     testbed = Scanner(load_model(folder, device="cpu"), DetectSettings())
-    settings = _serve_mitigation(Namespace(model=str(folder), calibration=str(folder / "calibration.json")), testbed,
+    settings = serve_mitigation(Namespace(model=str(folder), calibration=str(folder / "calibration.json")), testbed,
                                  calibration.threshold)
     assert (settings.target, settings.trigger) == (calibration.normal_median, calibration.threshold)
     assert settings.learning_rate == model_budget(folder)["learning_rate"]
     # With --threshold alone there is one target, the threshold; with neither, nothing to aim for.
-    plain = _serve_mitigation(Namespace(model=str(folder), calibration=None), testbed, 0.5)
+    plain = serve_mitigation(Namespace(model=str(folder), calibration=None), testbed, 0.5)
     assert (plain.target, plain.trigger) == (0.5, None)
-    assert _serve_mitigation(Namespace(model=str(folder), calibration=None), testbed, None) is None
+    assert serve_mitigation(Namespace(model=str(folder), calibration=None), testbed, None) is None
 
 
 def test_healthz_and_page(client, scanner):

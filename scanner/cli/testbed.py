@@ -1,9 +1,4 @@
-"""The `memscan testbed build`, `memscan finetune`, `memscan eval`, `memscan eval-mitigation` and `memscan demo` subcommands
-(part of the CLI face).
-
-Registered by `scanner.cli.build_parser`; like the rest of the CLI they only parse,
-call the library and print.
-"""
+"""`memscan testbed build`, `finetune`, `eval`, `eval-mitigation` and `demo`: the commands of the bundled testbed."""
 
 from __future__ import annotations
 
@@ -11,28 +6,35 @@ import argparse
 import json
 import shlex
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from .errors import MemscanError
+from ..errors import MemscanError
+from .common import (
+    EXIT_OK,
+    add_detect_options,
+    add_model_options,
+    command_parser,
+    load_scanner,
+    output_file,
+    output_folder,
+    positive,
+    quiet_libraries,
+    writing,
+)
+from .generation import METHOD_NAMES, add_generation_options, add_mitigation_options, check_generation_options, mitigation_plan
 
 DEMO_TOP = 10
-AddOptions = Callable[..., None]  # one of scanner.cli's option-group adders
 
 
 def _method_list(text: str) -> list[str]:
-    from .mitigate import METHODS
-
     methods = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown or not methods:
-        raise argparse.ArgumentTypeError(f"methods are comma-separated names of {', '.join(METHODS)}; got {text!r}")
+        raise argparse.ArgumentTypeError(f"methods are comma-separated names of {', '.join(METHOD_NAMES)}; got {text!r}")
     return methods
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    from .cli import writing
-
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
@@ -44,28 +46,18 @@ def _plot_file(path: str | None) -> Path | None:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from .cli import output_file
-
     return output_file(path, tuple(f".{ext}" for ext in FigureCanvasAgg.get_supported_filetypes()))
-
-
-def _positive(value: int | None, option: str) -> int | None:
-    """An optional count option: None (not given) or >= 1."""
-    if value is not None and value < 1:
-        raise MemscanError(f"{option} must be >= 1, got {value}")
-    return value
 
 
 def cmd_testbed_build(args: argparse.Namespace) -> int:
     """Train the testbed model into --out."""
     from dataclasses import replace
 
-    from .cli import _quiet_libraries, output_folder
-    from .testbed.build import SMOKE_CONFIG, BuildConfig, build_testbed
+    from ..testbed.build import SMOKE_CONFIG, BuildConfig, build_testbed
 
-    _quiet_libraries()  # the ground truth's pipeline would log every truncated random-token prompt
+    quiet_libraries()  # the ground truth's pipeline would log every truncated random-token prompt
     cfg = SMOKE_CONFIG if args.smoke else BuildConfig()
-    if _positive(args.threads, "--threads") is not None:
+    if positive(args.threads, "--threads") is not None:
         cfg = replace(cfg, threads=args.threads)
     output_folder(args.out)
     command = f"memscan testbed build --out {shlex.quote(args.out)} --seed {args.seed}"
@@ -76,17 +68,16 @@ def cmd_testbed_build(args: argparse.Namespace) -> int:
         f"built {args.out} in {stats['total_seconds'] / 60:.1f} min ({stats['bundle_bytes'] / 2**20:.1f} MB): "
         f"planted reproduced {gt['planted_reproduced']:.1%}, normal close to training {gt['normal_close_to_training']:.1%}"
     )
-    return 0
+    return EXIT_OK
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Train the testbed recipe with or without the memorization filter (or compare two runs)."""
     from dataclasses import replace
 
-    from .cli import _quiet_libraries, output_folder
-    from .testbed.build import SMOKE_CONFIG, BuildConfig
-    from .testbed.filtering import SMOKE_FILTER, FilterSettings
-    from .testbed.finetune import REPORT, REPORT_KEYS, comparison_table, evaluate_build, run_finetune
+    from ..testbed.build import SMOKE_CONFIG, BuildConfig
+    from ..testbed.filtering import SMOKE_FILTER, FilterSettings
+    from ..testbed.finetune import REPORT, REPORT_KEYS, comparison_table, evaluate_build, run_finetune
 
     if args.compare:
         unfiltered, filtered = (_read_json(Path(path)) for path in args.compare)
@@ -94,7 +85,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 unfiltered["filtered"] or not filtered["filtered"]:
             raise MemscanError(f"--compare takes UNFILTERED FILTERED: the {REPORT} of a --no-filter run, then of a filtered one")
         print(comparison_table(unfiltered, filtered, args.overhead and _read_json(Path(args.overhead))))
-        return 0
+        return EXIT_OK
     if not args.out:
         raise MemscanError("--out is required (unless --compare)")
     if args.from_build and not args.no_filter:
@@ -102,12 +93,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if not 0.0 < args.quantile <= 1.0:
         raise MemscanError(f"--quantile must be in (0, 1], got {args.quantile}")
     cfg = SMOKE_CONFIG if args.smoke else BuildConfig()
-    given = {"train_steps": _positive(args.steps, "--steps"), "threads": _positive(args.threads, "--threads")}
+    given = {"train_steps": positive(args.train_steps, "--train-steps"), "threads": positive(args.threads, "--threads")}
     cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
     output_folder(args.out)
     filtering = None if args.no_filter else replace(SMOKE_FILTER if args.smoke else FilterSettings(),
                                                     quantile=args.quantile, seed=args.seed)
-    _quiet_libraries()
+    quiet_libraries()
     command = _finetune_command(args)
     if args.from_build:
         report = evaluate_build(args.from_build, args.out, args.seed, cfg, command=command)
@@ -121,7 +112,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         f"colour shown {report['attributes']['named_colour_shown']:.1%} (another colour {report['attributes']['other_colour_shown']:.1%}), "
         f"dropped planted {dropped['planted']:.1%} normal {dropped['normal']:.2%}; wrote {Path(args.out) / REPORT}"
     )
-    return 0
+    return EXIT_OK
 
 
 def _finetune_command(args: argparse.Namespace) -> str:
@@ -129,7 +120,8 @@ def _finetune_command(args: argparse.Namespace) -> str:
     words = ["memscan", "finetune", "--out", args.out, "--seed", str(args.seed)]
     words += ["--no-filter"] if args.no_filter else ["--quantile", str(args.quantile)]
     words += ["--smoke"] * args.smoke + ["--from-build", args.from_build] * bool(args.from_build)
-    words += [w for opt in ("steps", "threads") if getattr(args, opt) is not None for w in (f"--{opt}", str(getattr(args, opt)))]
+    words += [w for opt in ("train_steps", "threads") if getattr(args, opt) is not None
+              for w in (f"--{opt.replace('_', '-')}", str(getattr(args, opt)))]
     return shlex.join(words)
 
 
@@ -141,11 +133,10 @@ def _read_json(path: Path) -> dict:
 
 
 def _evaluate(args: argparse.Namespace, labels: str):
-    from .cli import _scanner
-    from .evaluate import evaluate, read_labelled_prompts
+    from ..evaluate import evaluate, read_labelled_prompts
 
     rows = read_labelled_prompts(labels)  # input errors before the slow model load
-    return evaluate(_scanner(args), rows, batch_size=args.batch_size)
+    return evaluate(load_scanner(args), rows, batch_size=args.batch_size)
 
 
 def _print_summary(summary: dict) -> None:
@@ -160,10 +151,8 @@ def _print_summary(summary: dict) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Score labelled prompts and write the metrics."""
-    from .evaluate import plot_evaluation
-    from .testbed import default_labels_path
-
-    from .cli import output_file, writing
+    from ..evaluate import plot_evaluation
+    from ..testbed import default_labels_path
 
     labels = args.labels or str(default_labels_path())
     json_path, plot = output_file(args.json), _plot_file(args.plot)  # before the scoring, not after it
@@ -175,14 +164,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         with writing(plot):
             plot_evaluation(evaluation, plot)
     _print_summary(evaluation.summary)
-    return 0
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Scan the bundled testbed's evaluation prompts with the bundled model."""
-    from .cli import output_folder, writing
-    from .evaluate import plot_evaluation, write_scores
-    from .testbed import default_labels_path, default_model_path
+    from ..evaluate import plot_evaluation, write_scores
+    from ..testbed import default_labels_path, default_model_path
 
     out = output_folder(args.out)
     args.model = str(default_model_path())
@@ -198,34 +186,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
         write_scores(evaluation, out / "scores.jsonl")
         plot_evaluation(evaluation, out / "roc.png")
     print(f"wrote {out / 'scores.jsonl'}, {out / 'summary.json'}, {out / 'roc.png'}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_eval_mitigation(args: argparse.Namespace) -> int:
     """Mitigate planted and normal testbed prompts with each method and tabulate the outcome."""
     from tqdm import tqdm
 
-    from .cli import _check_mitigation_options, _quiet_libraries, mitigation_settings, output_file, writing
-    from .detect import DetectSettings, Scanner
-    from .model import load_model
-    from .testbed.build import load_build_data
-    from .testbed.mitigation_eval import evaluate_mitigation, markdown_table, select_cases
+    from ..detect import DetectSettings
+    from ..testbed.build import load_build_data
+    from ..testbed.mitigation_eval import evaluate_mitigation, markdown_table, select_cases
 
-    if args.normal < 0 or args.steps < 1:
-        raise MemscanError("--normal must be >= 0 and --steps >= 1")
+    if args.normal < 0:
+        raise MemscanError(f"--normal must be >= 0, got {args.normal}")
+    check_generation_options(args)
     json_path = output_file(args.json)  # both before the evaluation, which takes minutes to hours
     markdown = output_file(args.markdown) if args.markdown else None
-    _check_mitigation_options(args)
-    _quiet_libraries()
+    plan = mitigation_plan(args)
+    quiet_libraries()
     data = load_build_data(args.model)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    scanner = Scanner(model, DetectSettings(num_inference_steps=args.steps))
-    settings = mitigation_settings(args, scanner)
+    scanner = load_scanner(args, DetectSettings(num_inference_steps=args.inference_steps))
+    settings = plan.settings(scanner)
     started = time.time()
     with tqdm(total=len(select_cases(data, args.normal)), desc="eval-mitigation", unit=" prompts", disable=None) as bar:
-        report = evaluate_mitigation(scanner, data, args.methods, settings, args.seeds, args.normal, args.guidance,
+        report = evaluate_mitigation(scanner, data, args.methods, settings, args.seeds, args.normal, args.guidance_scale,
                                      progress=bar.update)
-    report.update(model=args.model, fingerprint=model.fingerprint, seconds=round(time.time() - started, 1))
+    report.update(model=args.model, fingerprint=scanner.model.fingerprint, seconds=round(time.time() - started, 1))
     _write_json(json_path, report)
     table = markdown_table(report)
     if markdown:
@@ -234,31 +220,24 @@ def cmd_eval_mitigation(args: argparse.Namespace) -> int:
     print(table)
     print(f"named colour shown by chance (another colour): {report['chance_attribute_rate']:.1%}; target {settings.target:.4f}, "
           f"lr {settings.learning_rate}, at most {settings.max_iterations} iterations")
-    return 0
+    return EXIT_OK
 
 
-def add_testbed_commands(
-    commands: argparse._SubParsersAction, add_model_options: AddOptions, add_detect_options: AddOptions,
-    add_generation_options: AddOptions, add_mitigation_options: AddOptions,
-) -> None:
+def add_testbed_commands(commands: argparse._SubParsersAction) -> None:
     """Register `testbed build`, `finetune`, `eval`, `eval-mitigation` and `demo` on the `memscan` subparsers."""
-    from .cli import EXIT_CODES_HELP
-    from .mitigate import METHODS
-
-    documented = {"epilog": EXIT_CODES_HELP, "formatter_class": argparse.RawDescriptionHelpFormatter}
-    testbed = commands.add_parser("testbed", help="the bundled test model with planted memorization", **documented)
+    testbed = command_parser(commands, "testbed", None, help="the bundled test model with planted memorization")
     testbed_commands = testbed.add_subparsers(dest="testbed_command", required=True, metavar="COMMAND")
-    build = testbed_commands.add_parser(
-        "build", help="train the testbed model (deterministic for a seed and device)", **documented
+    build = command_parser(
+        testbed_commands, "build", cmd_testbed_build, help="train the testbed model (deterministic for a seed and device)"
     )
     build.add_argument("--out", required=True, help="output folder (a StableDiffusionPipeline layout)")
     build.add_argument("--seed", type=int, default=0, help="seed of data, initialization and training (default: 0)")
     build.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (for CI)")
     build.add_argument("--threads", type=int, help="torch CPU threads (default: the build config's)")
-    build.set_defaults(handler=cmd_testbed_build)
 
-    finetune = commands.add_parser(
-        "finetune", help="train the testbed recipe with the memorization filter (or without) and measure it",
+    finetune = command_parser(
+        commands, "finetune", cmd_finetune,
+        help="train the testbed recipe with the memorization filter (or without) and measure it",
         description=(
             "Train the testbed's recipe (its data, seed and steps) with the training-time memorization filter\n"
             "(a sample is dropped from the loss when its text-conditional magnitude reaches the --quantile of\n"
@@ -267,14 +246,13 @@ def add_testbed_commands(
             "--out/finetune.json: planted reproduction rate, held-out normal loss, colour attribute check,\n"
             "samples dropped, wall time."
         ),
-        **documented,
     )
     finetune.add_argument("--out", help="output folder (pipeline and finetune.json)")
     finetune.add_argument("--no-filter", action="store_true", help="train without the filter (the testbed build)")
     finetune.add_argument("--quantile", type=float, default=0.99,
                           help="threshold: this quantile of normal pairs' magnitudes per timestep bin (default: 0.99)")
     finetune.add_argument("--seed", type=int, default=0, help="seed of data, initialization and training (default: 0)")
-    finetune.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    finetune.add_argument("--train-steps", type=int, help="training steps (default: the recipe's)")
     finetune.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (for CI)")
     finetune.add_argument("--threads", type=int, help="torch CPU threads (default: the recipe's)")
     finetune.add_argument("--from-build", metavar="DIR",
@@ -283,33 +261,30 @@ def add_testbed_commands(
                           help="print the Markdown table of two runs' finetune.json files and exit")
     finetune.add_argument("--overhead", metavar="JSON",
                           help="with --compare: add the timing row from bench/finetune_overhead.py --json")
-    finetune.set_defaults(handler=cmd_finetune)
 
-    evaluate = commands.add_parser("eval", help="AUC / TPR@1%%FPR of the detector on labelled prompts", **documented)
+    evaluate = command_parser(commands, "eval", cmd_eval, help="AUC / TPR@1%%FPR of the detector on labelled prompts")
     evaluate.add_argument("--labels", help="JSONL with prompt, label (1 memorized, 0 normal), kind (default: the testbed's)")
     evaluate.add_argument("--json", required=True, help="where to write the metrics")
     evaluate.add_argument("--plot", help="PNG with the ROC curve and score histograms")
     add_model_options(evaluate)
     add_detect_options(evaluate)
-    evaluate.set_defaults(handler=cmd_eval)
 
-    mitigation = commands.add_parser(
-        "eval-mitigation", help="memorization rate, fidelity and time of each mitigation method on the testbed",
-        **documented,
+    mitigation = command_parser(
+        commands, "eval-mitigation", cmd_eval_mitigation,
+        help="memorization rate, fidelity and time of each mitigation method on the testbed",
     )
-    mitigation.add_argument("--methods", type=_method_list, default=list(METHODS),
-                            help=f"comma-separated methods (default: {','.join(METHODS)})")
+    mitigation.add_argument("--methods", type=_method_list, default=list(METHOD_NAMES),
+                            help=f"comma-separated methods (default: {','.join(METHOD_NAMES)})")
     add_mitigation_options(mitigation)
     mitigation.add_argument("--normal", type=int, default=50, help="prompts of each normal kind (default: 50)")
     mitigation.add_argument("--json", required=True, help="where to write the report")
     mitigation.add_argument("--markdown", help="where to write the table (markdown)")
     add_generation_options(mitigation)
     add_model_options(mitigation, engine_help=None)  # the optimization needs autograd: torch
-    mitigation.set_defaults(handler=cmd_eval_mitigation)
 
-    demo = commands.add_parser(
-        "demo", help="scan the bundled evaluation prompts with the bundled testbed model", **documented
+    demo = command_parser(
+        commands, "demo", cmd_demo, help="scan the bundled evaluation prompts with the bundled testbed model"
     )
     demo.add_argument("--out", default="memscan-demo", help="folder for scores.jsonl, summary.json, roc.png")
     add_detect_options(demo)
-    demo.set_defaults(handler=cmd_demo, device="auto", dtype="auto", engine="torch")
+    demo.set_defaults(device="auto", dtype="auto", engine="torch")

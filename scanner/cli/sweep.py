@@ -1,24 +1,19 @@
-"""The `memscan sweep` subcommand (part of the CLI face).
-
-Registered by `scanner.cli.build_parser`; like the rest of the CLI it only parses, calls the
-library and prints.
-"""
+"""`memscan sweep`: score only the prompts a store has not seen, keep them, report the sweep."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 
-from .errors import MemscanError
+from ..errors import MemscanError
+from .common import EXIT_FLAGGED, EXIT_OK, add_threshold_options, model_command, scanner_and_threshold
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Score the prompts new to the store, add them, and report."""
     from tqdm import tqdm
 
-    from .cli import EXIT_FLAGGED, EXIT_OK, _scanner_and_threshold
-    from .sweep import SweepStore, prepare_report_dir, run_sweep, usable_inputs, write_report
+    from ..sweep import SweepStore, prepare_report_dir, run_sweep, usable_inputs, write_report
 
     if args.checkpoint_rows < 1 or args.top < 0:
         raise MemscanError("--checkpoint-rows must be >= 1 and --top >= 0")
@@ -26,7 +21,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     paths, rejected_files = usable_inputs(args.inputs, args.field)
     report_dir = prepare_report_dir(args.report) if args.report else None
     with SweepStore(args.store, wait_s=args.wait) as store:
-        scanner, threshold = _scanner_and_threshold(args)
+        scanner, threshold = scanner_and_threshold(args)
         with tqdm(desc="sweeping", unit=" prompts", disable=None, dynamic_ncols=True) as bar:
             summary = run_sweep(
                 scanner,
@@ -55,15 +50,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return EXIT_FLAGGED if args.fail_on_flagged and summary.flagged else EXIT_OK
 
 
-def add_sweep_command(
-    commands: argparse._SubParsersAction, add_command: Callable[..., argparse.ArgumentParser],
-    add_threshold_options: Callable[[argparse.ArgumentParser, str], None],
-) -> None:
+def add_sweep_command(commands: argparse._SubParsersAction) -> None:
     """Register `sweep` on the `memscan` subparsers."""
-    sweep = add_command(
+    sweep = model_command(
         commands,
         "sweep",
         cmd_sweep,
+        flagged=True,
+        resumable=True,
         help="score only the prompts a store has not seen, keep them, report the sweep",
         description=(
             "Score the prompts of the inputs that the SQLite --store does not hold yet for this model and\n"
@@ -77,7 +71,7 @@ def add_sweep_command(
     sweep.add_argument("--store", required=True, metavar="DB", help="SQLite store of scored prompts (created if missing)")
     sweep.add_argument("--report", metavar="DIR", help="folder for sweep-ID-DATE.html, .json and .rejects.jsonl")
     sweep.add_argument("--field", help="jsonl/csv/parquet field holding the prompt (default: prompt, caption or text)")
-    add_threshold_options(sweep, "")
+    add_threshold_options(sweep)
     sweep.add_argument("--fail-on-flagged", action="store_true", help="exit with code 3 when a new prompt is flagged")
     sweep.add_argument("--top", type=int, default=10, help="flagged prompts explained word by word in the report (default: 10)")
     sweep.add_argument("--wait", type=float, default=60.0, help="seconds to wait for another sweep's store lock (default: 60)")

@@ -1,27 +1,24 @@
-"""The `memscan calibrate` subcommand (part of the CLI face).
-
-Registered by `scanner.cli.build_parser`; like the rest of the CLI it only parses, calls the
-library and prints.
-"""
+"""`memscan calibrate`: fit the flagging threshold for a target false-positive rate."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+
+from .common import EXIT_OK, load_scanner, model_command, output_file
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Score labelled prompts and write the threshold that meets the target false-positive rate."""
     import numpy as np
 
-    from .calibration import check_target_fpr, fit_calibration
-    from .cli import _scanner
-    from .evaluate import read_labelled_prompts, score_prompts
-    from .scan import scanner_settings
+    from ..calibration import check_target_fpr, fit_calibration
+    from ..evaluate import read_labelled_prompts, score_prompts
+    from ..scan import scanner_settings
 
-    check_target_fpr(args.target_fpr)  # option and label errors before the slow model load
+    check_target_fpr(args.target_fpr)  # option, label and output errors before the slow model load
     rows = read_labelled_prompts(args.labels)
-    scanner = _scanner(args)
+    out = output_file(args.out)
+    scanner = load_scanner(args)
     scores = score_prompts(scanner, [row["prompt"] for row in rows], args.batch_size)
     calibration = fit_calibration(
         np.array([row["label"] for row in rows]),
@@ -31,18 +28,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         settings=scanner_settings(scanner),
         labels_file=args.labels,
     )
-    calibration.save(args.out)
+    calibration.save(out)
     print(
         f"threshold {calibration.threshold:.6g}: TPR {calibration.tpr:.3f}, FPR {calibration.fpr:.4f} "
         f"(target {calibration.target_fpr:g}) on {calibration.n_pos} memorized and {calibration.n_neg} normal prompts, "
         f"AUC {calibration.auc:.3f} -> {args.out}"
     )
-    return 0
+    return EXIT_OK
 
 
-def add_calibrate_command(commands: argparse._SubParsersAction, add_command: Callable[..., argparse.ArgumentParser]) -> None:
+def add_calibrate_command(commands: argparse._SubParsersAction) -> None:
     """Register `calibrate` on the `memscan` subparsers."""
-    calibrate = add_command(
+    calibrate = model_command(
         commands,
         "calibrate",
         cmd_calibrate,

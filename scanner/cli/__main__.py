@@ -1,0 +1,7 @@
+"""`python -m scanner.cli`: the `memscan` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,102 @@
+"""`memscan bench`: first-step throughput side by side, or the orchestrator's alone."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import MemscanError
+from .common import ENGINE_NAMES, EXIT_OK, add_model_options, command_parser, output_file, quiet_libraries, start_loading, writing
+
+
+def bench_model(args: argparse.Namespace):
+    """The model to time: the SD 1.5-shaped random one of `--sd15`, else `--model`."""
+    from ..model import load_model, resolve_device, resolve_dtype
+
+    quiet_libraries()
+    if args.sd15:
+        from ..benchmark import sd15_model
+
+        device = resolve_device(args.device)
+        return sd15_model(str(device), resolve_dtype(args.dtype, device))
+    start_loading(args.model, args.device, args.dtype)
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def torch_threads() -> int:
+    """Threads torch computes with (what a CPU figure depends on)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time first-step detection side by side (modes a-d), or the orchestrator with no-op models."""
+    import json
+    import tempfile
+
+    from .. import benchmark
+
+    if args.batch_size < 1 or (args.prompts is not None and args.prompts < 1):
+        raise MemscanError("--batch-size and --prompts must be >= 1")
+    json_out = output_file(args.json) if args.json else None  # before the timing, not after it
+    if args.orchestrator:
+        count = args.prompts or (100_000 if args.quick else 1_000_000)
+        with tempfile.TemporaryDirectory() as folder:
+            result = benchmark.orchestrator_throughput(count, args.batch_size, Path(folder))
+        print(
+            f"orchestrator, no-op model: {result.prompts} prompts, batch {args.batch_size}: {result.prompts_per_s:,.0f} prompts/s; "
+            f"RSS {result.rss_tenth_mb:.0f} MB at 10%, {result.rss_end_mb:.0f} MB at the end, peak {result.peak_rss_mb:.0f} MB"
+        )
+        if json_out:
+            with writing(json_out):
+                json_out.write_text(json.dumps([{"name": "orchestrator (no-op model)", **vars(result)}], indent=2) + "\n")
+        return EXIT_OK
+    model = bench_model(args)
+    count = args.prompts or (2 if args.sd15 else 16) * (1 if args.quick else 4)
+    if args.engines is None:
+        engines = benchmark.default_engines(model.device, args.quick)
+    else:  # --engines "" times modes (a) to (c) only
+        engines = [name for name in args.engines.split(",") if name]
+    from ..cache import cache_dir
+
+    results = benchmark.compare_modes(
+        model,
+        benchmark.sample_prompts(count),
+        args.batch_size,
+        engines,
+        cache_dir=cache_dir(),
+        on_skip=lambda name, reason: print(f"engine {name} skipped: {reason}", file=sys.stderr),
+    )
+    print(f"{model.source}: {count} prompts, batch {args.batch_size}, {model.device}, {model.dtype}, {torch_threads()} threads")
+    print(benchmark.format_table(results))
+    if json_out:
+        with writing(json_out):
+            benchmark.write_json(results, json_out)
+    return EXIT_OK
+
+
+def add_bench_command(commands: argparse._SubParsersAction) -> None:
+    """Register `bench` on the `memscan` subparsers."""
+    bench = command_parser(
+        commands,
+        "bench",
+        cmd_bench,
+        help="measure first-step throughput: reference-style loop vs scanner vs engines",
+        description="Prompts/s of first-step detection, side by side on the same prompts and model, as ratios "
+        "to a reference-style loop; or, with --orchestrator, of reading/tokenizing/writing alone.",
+    )
+    add_model_options(bench, engine_help=None)  # --engines chooses the engines of mode (d)
+    bench.add_argument("--sd15", action="store_true", help="an SD 1.5-shaped model with random weights instead of --model")
+    bench.add_argument(
+        "--engines", help=f"comma-separated engines for mode (d) (default: all of {', '.join(ENGINE_NAMES)} but torch)"
+    )
+    bench.add_argument(
+        "--prompts", type=int,
+        help="prompts to time (default: 64, 16 with --quick; 8, 2 with --sd15; 1,000,000, 100,000 with --orchestrator)",
+    )
+    bench.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default: 16)")
+    bench.add_argument("--quick", action="store_true", help="fewer prompts (see --prompts); on the CPU, skip compile")
+    bench.add_argument("--orchestrator", action="store_true", help="time a scan with no-op UNet and text encoder")
+    bench.add_argument("--json", help="also write the results to this JSON file")

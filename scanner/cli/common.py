@@ -1,0 +1,246 @@
+"""What every `memscan` command shares: exit codes, output checks, the model and detection
+options, and the one place a `Scanner` and its flagging threshold are built from them.
+
+Nothing here imports torch at import time: `memscan --help` and `--version` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import MemscanError
+
+if TYPE_CHECKING:
+    from ..detect import DetectSettings, Scanner, ScannerSpec
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FLAGGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+# The names of `scanner.engines.ENGINES`, spelled out because importing that package imports
+# torch; tests/test_cli_package.py keeps the two equal.
+ENGINE_NAMES = ("torch", "compile", "onnx", "tensorrt")
+ENGINE_HELP = f"UNet backend: {', '.join(ENGINE_NAMES)} (default: torch)"
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def exit_codes_help(flagged: bool = False, resumable: bool = False) -> str:
+    """The `exit codes:` epilog of a command that can exit 3 (`flagged`) or be resumed after 130 (`resumable`)."""
+    lines = [
+        "exit codes:",
+        "  0    success",
+        "  1    internal error (a bug; please report it with the traceback)",
+        "  2    usage or input error (bad option, missing file, bad model, unwritable output)",
+    ]
+    if flagged:
+        lines.append("  3    prompts flagged and --fail-on-flagged given")
+    lines.append("  130  interrupted" + (" (re-run the same command to resume)" if resumable else ""))
+    return "\n".join(lines)
+
+
+def command_parser(
+    commands: argparse._SubParsersAction, name: str, handler: Handler | None, *, flagged: bool = False,
+    resumable: bool = False, **kwargs: str,
+) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with the exit codes it can return; `kwargs` as for `add_parser`."""
+    command = commands.add_parser(
+        name, epilog=exit_codes_help(flagged, resumable), formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
+    )
+    if handler is not None:  # a group of subcommands leaves the handler to them
+        # `main` words the interrupted message after `resumable`.
+        command.set_defaults(handler=handler, resumable=resumable)
+    return command
+
+
+def model_command(
+    commands: argparse._SubParsersAction, name: str, handler: Handler, *, engine_help: str = ENGINE_HELP,
+    flagged: bool = False, resumable: bool = False, **kwargs: str,
+) -> argparse.ArgumentParser:
+    """A subcommand that scores prompts: the model and detection options come with it."""
+    command = command_parser(commands, name, handler, flagged=flagged, resumable=resumable, **kwargs)
+    add_model_options(command, engine_help)
+    add_detect_options(command)
+    return command
+
+
+def output_file(path: str, suffixes: Sequence[str] = (), create_parent: bool = True) -> Path:
+    """`path` as a file to write at the end of long work, checked now: a folder is refused, its folder made
+    (or, unless `create_parent`, required to exist) and proved writable."""
+    target = Path(path)
+    if suffixes and target.suffix.lower() not in suffixes:
+        raise MemscanError(f"{target}: the file name must end in one of {', '.join(suffixes)}")
+    if target.is_dir():
+        raise MemscanError(f"{target} is a folder, not a file")
+    if not create_parent and not target.parent.is_dir():
+        raise MemscanError(f"{target}: output folder {target.parent} does not exist")
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        prove_writable(target.parent)
+    return target
+
+
+def output_folder(path: str, create: bool = True) -> Path:
+    """`path` as an output folder, checked now: a file there is refused; made now unless `create` is False,
+    in which case the nearest existing folder above it must take new files."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise MemscanError(f"{out} exists and is not a folder")
+    existing = out if create else next(folder for folder in (out, *out.absolute().parents) if folder.exists())
+    with writing(out):
+        if create:
+            out.mkdir(parents=True, exist_ok=True)
+        prove_writable(existing)
+    return out
+
+
+def prove_writable(folder: Path) -> None:
+    """Create and delete a file in `folder`: permission bits alone miss read-only mounts, /proc, and root."""
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn a failure to write `path` into a one-line `MemscanError`."""
+    try:
+        yield
+    except OSError as exc:
+        raise MemscanError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def positive(value: int | None, option: str) -> int | None:
+    """An optional count option: None (not given) or >= 1."""
+    if value is not None and value < 1:
+        raise MemscanError(f"{option} must be >= 1, got {value}")
+    return value
+
+
+def quiet_libraries() -> None:
+    """Silence load-time chatter of diffusers/transformers; memscan reports what matters."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for logging in (diffusers_logging, transformers_logging):
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def default_model() -> str:
+    """The bundled testbed's folder: the default `--model`."""
+    from ..testbed import default_model_path
+
+    return str(default_model_path())
+
+
+def add_model_options(parser: argparse.ArgumentParser, engine_help: str | None = ENGINE_HELP) -> None:
+    """--model, --device, --dtype and (unless `engine_help` is None: commands that need autograd, which run
+    the torch UNet) --engine."""
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model", default=default_model(), help="diffusers pipeline folder, or a hub id in the local HF cache (default: the bundled testbed)"
+    )
+    group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N (default: auto)")
+    group.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    if engine_help is None:
+        parser.set_defaults(engine="torch")
+    else:
+        group.add_argument("--engine", default="torch", help=engine_help)
+
+
+def add_trajectory_options(group: argparse._ActionsContainer) -> None:
+    """--inference-steps and --guidance-scale: the DDIM trajectory that is scored or generated."""
+    group.add_argument("--inference-steps", type=int, default=50, help="DDIM inference steps: the trajectory's length (default: 50)")
+    group.add_argument(
+        "--guidance-scale", type=float, default=7.5,
+        help="classifier-free guidance scale (default: 7.5; the first step's score does not depend on it)",
+    )
+
+
+def add_detect_options(parser: argparse.ArgumentParser) -> None:
+    """The detection settings: which steps of which trajectory are scored, from which latents, in which batches."""
+    group = parser.add_argument_group("detection")
+    group.add_argument("--steps", type=int, default=1, help="score sampling steps [0, N) (default: 1, the first step)")
+    add_trajectory_options(group)
+    group.add_argument("--generations", type=int, default=1, help="initial latents per prompt (default: 1)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the initial latents (default: 0)")
+    group.add_argument(
+        "--noise",
+        choices=("shared", "reference"),
+        default="shared",
+        help="shared: the same latents for every prompt (default); reference: seed = row index + seed, as the paper's code",
+    )
+    group.add_argument("--batch-size", type=int, default=16, help="prompts per UNet batch (default: 16)")
+
+
+def add_threshold_options(parser: argparse.ArgumentParser, flagged: str = "") -> None:
+    """`--threshold` or `--calibration` (not both): where the flagging threshold comes from."""
+    group = parser.add_argument_group("flagging").add_mutually_exclusive_group()
+    group.add_argument("--threshold", type=float, help=f"flag prompts whose score is >= this{flagged}")
+    group.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="take the threshold from `memscan calibrate`'s FILE (refused for another model or other settings)",
+    )
+
+
+def detect_settings(args: argparse.Namespace) -> DetectSettings:
+    """`DetectSettings` from the detection options."""
+    from ..detect import DetectSettings
+
+    if args.batch_size < 1:
+        raise MemscanError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return DetectSettings(
+        num_inference_steps=args.inference_steps,
+        end_step=args.steps,
+        generations=args.generations,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        noise=args.noise,
+    )
+
+
+def scanner_spec(args: argparse.Namespace, settings: DetectSettings | None = None, engine: str | None = None) -> ScannerSpec:
+    """The scanner the options describe, checked but not loaded; `settings` and `engine` (default: the options')
+    for commands that score with fixed settings or elsewhere (Ray workers)."""
+    from ..detect import ScannerSpec
+
+    return ScannerSpec(
+        args.model, detect_settings(args) if settings is None else settings, args.device, args.dtype, engine or args.engine
+    )
+
+
+def start_loading(model: str, device: str, dtype: str) -> None:
+    """Check the model folder, device and dtype, then say on stderr that the slow load starts (so a quiet
+    terminal is not taken for a hang, and a bad option is still a one-line error)."""
+    from ..families import family_for
+    from ..model import resolve_device, resolve_dtype, resolve_model_path
+
+    family_for(resolve_model_path(model))  # the folder's family and its own refusals
+    resolved = resolve_device(device)
+    resolve_dtype(dtype, resolved)
+    print(f"memscan: loading model {model} on {resolved} ...", file=sys.stderr, flush=True)
+
+
+def load_scanner(args: argparse.Namespace, settings: DetectSettings | None = None) -> Scanner:
+    """The one place a command's `Scanner` is built: checked first, then loaded; `settings` as for `scanner_spec`."""
+    spec = scanner_spec(args, settings)  # option errors before the slow load
+    start_loading(spec.model, spec.device, spec.dtype)
+    quiet_libraries()
+    return spec.load()
+
+
+def scanner_and_threshold(args: argparse.Namespace) -> tuple[Scanner, float | None]:
+    """The scanner and the flagging threshold: `--threshold`, or `--calibration`'s checked against the scanner."""
+    from ..calibration import load_calibration
+
+    calibration = load_calibration(args.calibration) if args.calibration else None  # before the slow model load
+    scanner = load_scanner(args)
+    return scanner, args.threshold if calibration is None else calibration.threshold_for(scanner)

@@ -1,0 +1,140 @@
+"""`memscan scan`: score prompt files into a resumable Parquet/JSONL output, here or on Ray (`--engine ray`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import MemscanError
+from .common import (
+    ENGINE_HELP,
+    ENGINE_NAMES,
+    EXIT_FLAGGED,
+    EXIT_OK,
+    add_threshold_options,
+    model_command,
+    output_file,
+    quiet_libraries,
+    scanner_and_threshold,
+    scanner_spec,
+)
+
+if TYPE_CHECKING:
+    from ..scan import ScanSummary
+
+RAY_OPTIONS = ("ray_address", "workers", "gpus_per_worker", "worker_engine")
+
+
+def check_scan_output(path: str, overwrite: bool) -> Path:
+    """The checks of `--out` that need no model, made before the slow load: suffix, folder, an existing output."""
+    from ..io.journal import OUTPUT_SUFFIXES
+
+    out = output_file(path, OUTPUT_SUFFIXES, create_parent=False)
+    # With OUT.parts beside it the run resumes (or is refused, once the model fingerprint is known).
+    if out.exists() and not overwrite and not out.with_name(out.name + ".parts").is_dir():
+        raise MemscanError(f"{out} already exists; pass --overwrite to replace it")
+    return out
+
+
+def check_ray_options(args: argparse.Namespace) -> bool:
+    """True for `--engine ray`; a Ray option without it is a usage error."""
+    given = [name for name in RAY_OPTIONS if getattr(args, name) is not None]
+    if given and args.engine != "ray":
+        raise MemscanError(f"--{given[0].replace('_', '-')} needs --engine ray")
+    return args.engine == "ray"
+
+
+def scan_on_ray(args: argparse.Namespace, **options: Any) -> ScanSummary:
+    """The scan of `args` scored by a pool of Ray workers; `options` as for `run_scan`."""
+    from ..ray_scan import ray_connection, run_ray_scan
+
+    spec = scanner_spec(args, engine=args.worker_engine or "torch")
+    with ray_connection(args.ray_address):
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False  # the command shows its own
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # not every run's execution plan
+        return run_ray_scan(
+            spec,
+            args.inputs,
+            args.out,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+            worker_setup=quiet_libraries,
+            **options,
+        )
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    """Score prompt files into a Parquet/JSONL output."""
+    from tqdm import tqdm
+
+    from ..io import check_inputs
+    from ..scan import run_scan
+
+    check_inputs(args.inputs, args.field)  # input and output errors before the slow model load
+    check_scan_output(args.out, args.overwrite)
+    if args.checkpoint_rows < 1:
+        raise MemscanError(f"--checkpoint-rows must be >= 1, got {args.checkpoint_rows}")
+    if check_ray_options(args):  # the workers load the model; a calibration is checked against their settings
+        from ..calibration import load_calibration
+
+        scanner, calibration = None, load_calibration(args.calibration) if args.calibration else None
+        threshold = calibration.threshold if calibration else args.threshold
+    else:
+        scanner, threshold = scanner_and_threshold(args)
+    with tqdm(desc="scanning", unit=" prompts", disable=None, dynamic_ncols=True) as bar:
+        options = dict(
+            field=args.field, batch_size=args.batch_size, overwrite=args.overwrite, progress=bar.update,
+            commit_rows=args.checkpoint_rows,
+        )
+        if scanner is None:
+            summary = scan_on_ray(args, threshold=args.threshold, calibration=calibration, **options)
+        else:
+            summary = run_scan(scanner, args.inputs, args.out, threshold=threshold, **options)
+    flagged = "n/a (no --threshold)" if threshold is None else str(summary.flagged)
+    resumed = f" ({summary.resumed} rows resumed)" if summary.resumed else ""
+    print(
+        f"scored {summary.scored}{resumed}, flagged {flagged}, rejected {summary.rejected}, "
+        f"{summary.prompts_per_s:.1f} prompts/s -> {summary.out} (rejects: {summary.rejects})"
+    )
+    return EXIT_FLAGGED if args.fail_on_flagged and summary.flagged else EXIT_OK
+
+
+def add_ray_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `scan --engine ray`."""
+    group = parser.add_argument_group("Ray (with --engine ray)")
+    group.add_argument("--ray-address", help="Ray cluster to run on (default: $RAY_ADDRESS, else a new local Ray)")
+    group.add_argument(
+        "--workers", type=int, help="scoring workers, each with the model loaded (default: one per GPU, else one per CPU)"
+    )
+    group.add_argument(
+        "--gpus-per-worker", type=float, help="GPUs each worker takes (default: 1 where the cluster has GPUs, else 0: CPU workers)"
+    )
+    group.add_argument("--worker-engine", help=f"each worker's UNet backend: {', '.join(ENGINE_NAMES)} (default: torch)")
+
+
+def add_scan_command(commands: argparse._SubParsersAction) -> None:
+    """Register `scan` on the `memscan` subparsers."""
+    scan = model_command(
+        commands,
+        "scan",
+        cmd_scan,
+        flagged=True,
+        resumable=True,
+        help="score prompt files for memorization",
+        description="Score every prompt of the inputs; resumable: re-run the same command after a crash.",
+        engine_help=f"{ENGINE_HELP}; or ray: score on a Ray cluster, each worker running --worker-engine",
+    )
+    scan.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt (a prompt a line), .jsonl, .csv or .parquet; or a quoted glob")
+    scan.add_argument("--out", required=True, help="output file, .parquet or .jsonl (rejects go to STEM.rejects.jsonl beside it)")
+    scan.add_argument("--field", help="jsonl/csv/parquet field holding the prompt (default: prompt, caption or text)")
+    add_threshold_options(scan)
+    scan.add_argument("--fail-on-flagged", action="store_true", help="exit with code 3 when any prompt is flagged")
+    scan.add_argument("--overwrite", action="store_true", help="replace an existing output or another run's partial output")
+    scan.add_argument(
+        "--checkpoint-rows", type=int, default=2048, help="commit results at least every N rows (and every 30 s)"
+    )
+    add_ray_options(scan)

@@ -1,0 +1,60 @@
+"""`memscan serve`: the HTTP API and the prompt page, with the model loaded once."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from ..errors import MemscanError
+from .common import EXIT_OK, add_threshold_options, model_command, scanner_and_threshold
+from .generation import MitigationPlan, mitigation_budget
+
+if TYPE_CHECKING:
+    from ..detect import Scanner
+    from ..mitigate import MitigationSettings
+
+
+def serve_mitigation(args: argparse.Namespace, scanner: Scanner, threshold: float | None) -> MitigationSettings | None:
+    """What `POST /v1/mitigate` aims for: as `memscan mitigate` with the service's calibration, else its threshold."""
+    from ..calibration import load_calibration
+
+    if threshold is None:
+        return None
+    calibration = load_calibration(args.calibration) if args.calibration else None
+    return MitigationPlan(None if calibration else threshold, calibration, mitigation_budget(args)).settings(scanner)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the score/explain API and the prompt page until interrupted."""
+    try:
+        import uvicorn
+
+        from ..service import create_app
+    except ImportError as exc:
+        raise MemscanError(f"memscan serve needs the serve extra: pip install 'memscan[serve]' ({exc.name} missing)") from exc
+
+    if not 0 <= args.port <= 65535:
+        raise MemscanError(f"--port must be in 0..65535, got {args.port}")
+    scanner, threshold = scanner_and_threshold(args)
+    app = create_app(scanner, threshold=threshold, mitigation=serve_mitigation(args, scanner, threshold), batch_size=args.batch_size)
+    print(f"memscan: serving {scanner.model.source} on http://{args.host}:{args.port}/", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return EXIT_OK
+
+
+def add_serve_command(commands: argparse._SubParsersAction) -> None:
+    """Register `serve` on the `memscan` subparsers."""
+    serve = model_command(
+        commands,
+        "serve",
+        cmd_serve,
+        help="HTTP API and interactive prompt page",
+        description=(
+            "Serve POST /v1/score, POST /v1/explain, POST /v1/mitigate, GET /healthz and the prompt page at /, "
+            "with the model loaded once. API schema: /docs and /openapi.json."
+        ),
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    add_threshold_options(serve, " (the page shows the verdict)")

@@ -1,0 +1,14 @@
+"""What the tests of `memscan` commands read from their stderr."""
+
+from __future__ import annotations
+
+LOADING = "memscan: loading model "
+
+
+def one_line_error(capsys, code: int) -> str:
+    """The one `memscan: error:` line of a usage error (exit 2), besides the loading lines of the commands run
+    (an error found only once the model is loaded, such as a calibration for another model, follows one)."""
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if not line.startswith(LOADING)]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("memscan: error:") and "Traceback" not in err, err
+    return lines[0]

@@ -1,0 +1,171 @@
+"""The `memscan` command as a whole: help without torch, one meaning per option name, each command's exit
+codes, every output and option checked before the model loads, and the loading line on stderr."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli_output import LOADING, one_line_error
+
+from scanner.cli import EXIT_USAGE, build_parser, main
+from scanner.errors import MemscanError
+from scanner.testbed import default_labels_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _leaf_commands() -> dict[str, object]:
+    """Every runnable subcommand's parser by its name ("scan", "testbed build", ...)."""
+    pending, leaves = [("", build_parser())], {}
+    while pending:
+        name, parser = pending.pop()
+        subparsers = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+        if not subparsers and name:
+            leaves[name] = parser
+        for action in subparsers:
+            pending += [(f"{name} {sub}".strip(), child) for sub, child in action.choices.items()]
+    return leaves
+
+
+def test_help_and_version_do_not_import_torch():
+    code = (
+        "import sys\n"
+        "from scanner.cli import main\n"
+        "for argv in (['--help'], ['--version'], ['scan', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "memscan 0." in proc.stdout and proc.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_names_spelled_out_for_help_match_the_library():
+    from scanner.cli.common import ENGINE_NAMES
+    from scanner.cli.generation import METHOD_NAMES
+    from scanner.engines import ENGINES
+    from scanner.mitigate import METHODS
+
+    assert ENGINE_NAMES == tuple(ENGINES) and METHOD_NAMES == METHODS
+
+
+def test_each_command_lists_only_the_exit_codes_it_can_return():
+    leaves = _leaf_commands()
+    assert {"scan", "sweep", "generate", "testbed build", "demo", "eval-mitigation"} <= set(leaves)
+    for name, parser in leaves.items():
+        epilog = parser.format_help().split("exit codes:")[1]
+        codes = re.findall(r"^  (\d+) ", epilog, flags=re.M)
+        assert codes == (["0", "1", "2", "3", "130"] if name in ("scan", "sweep") else ["0", "1", "2", "130"]), name
+        assert ("resume" in epilog) == (name in ("scan", "sweep")), name
+
+
+def test_option_names_mean_one_thing():
+    helps: dict[str, set[str]] = {}
+    for name, parser in _leaf_commands().items():
+        for action in parser._actions:
+            for option in action.option_strings:
+                helps.setdefault(option, set()).add(action.help)
+        assert "--guidance" not in parser._option_string_actions, name
+    # --steps is the scored window wherever it is offered; the trajectory is --inference-steps.
+    for option in ("--steps", "--inference-steps", "--guidance-scale"):
+        assert len(helps[option]) == 1, (option, helps[option])
+    assert "score sampling steps" in helps["--steps"].pop()
+    generate = _leaf_commands()["generate"]._option_string_actions
+    assert "--steps" not in generate and {"--inference-steps", "--guidance-scale"} <= set(generate)
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[str]:
+    """Record (and stop) every way a command loads a model."""
+    import scanner.detect
+    import scanner.model
+
+    calls: list[str] = []
+
+    def load(*args, **kwargs):
+        calls.append("load")
+        raise AssertionError("the model was loaded before the options were checked")
+
+    for module, name in ((scanner.detect.ScannerSpec, "load"), (scanner.model, "load_model"), (scanner.detect, "load_model")):
+        monkeypatch.setattr(module, name, load)
+    return calls
+
+
+def test_outputs_and_options_are_checked_before_the_model_loads(tmp_path, tiny_sd1, capsys, loads):
+    model = ["--model", str(tiny_sd1), "--device", "cpu"]
+    inp = tmp_path / "p.txt"
+    inp.write_text("a cat\n")
+    a_file, a_folder, existing = tmp_path / "a-file", tmp_path / "a-folder.jsonl", tmp_path / "done.jsonl"
+    a_file.write_text("")
+    a_folder.mkdir()
+    existing.write_text("{}\n")
+    unwritable = Path("/proc/memscan-out")  # refuses new files even to root
+    cases = [
+        (["scan", str(inp), *model, "--out", str(tmp_path / "o.csv")], "must end in"),
+        (["scan", str(inp), *model, "--out", str(existing)], "already exists"),
+        (["scan", str(inp), *model, "--out", str(a_folder)], "is a folder"),
+        (["scan", str(inp), *model, "--out", str(tmp_path / "no" / "o.jsonl")], "does not exist"),
+        (["scan", str(inp), *model, "--out", f"{unwritable}.jsonl"], "cannot write"),
+        (["scan", str(inp), "--model", str(tiny_sd1), "--device", "tpu", "--out", str(tmp_path / "o.jsonl")], "unknown device"),
+        (["calibrate", "--labels", str(default_labels_path()), *model, "--out", str(a_folder)], "is a folder"),
+        (["calibrate", "--labels", str(default_labels_path()), *model, "--out", f"{unwritable}.json"], "cannot write"),
+        (["eval", *model, "--json", str(a_file / "m.json")], "cannot write"),
+        (["demo", "--out", str(a_file)], "not a folder"),
+        (["demo", "--out", str(unwritable)], "cannot write"),
+        (["generate", "a cat", *model, "--out", str(a_file)], "not a folder"),
+        (["generate", "a cat", *model, "--out", str(a_file / "sub")], "cannot write"),
+        (["generate", "a cat", *model, "--out", str(unwritable)], "cannot write"),
+        (["generate", "a cat", *model, "--out", str(tmp_path / "g"), "--inference-steps", "0"], "--inference-steps"),
+        (["mitigate", "a cat", *model, "--out", str(unwritable), "--target", "0"], "cannot write"),
+        (["mitigate", "a cat", *model, "--out", str(tmp_path / "m"), "--lr", "0", "--target", "0"], "--lr"),
+        (["mitigate", "a cat", *model, "--out", str(tmp_path / "m"), "--calibration", str(a_file)], "calibration"),
+        (["mitigate", "a cat", *model, "--out", str(tmp_path / "m")], "needs a target"),
+        (["explain", *model], "no prompts"),
+        (["explain", "a cat", *model, "--calibration", str(tmp_path / "missing.json")], "missing.json"),
+        (["sweep", str(inp), *model, "--store", str(tmp_path / "s.db"), "--report", str(a_file)], "report folder"),
+        (["serve", *model, "--port", "70000"], "--port"),
+        (["bench", *model, "--json", str(a_folder)], "not a file"),
+        (["eval-mitigation", *model, "--json", str(unwritable / "r.json")], "cannot write"),
+    ]
+    for argv, message in cases:
+        err = one_line_error(capsys, main(argv))
+        assert message in err, (argv, err)
+        assert not loads and LOADING not in err, argv
+    assert not (tmp_path / "g").exists() and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("command", ["demo", "calibrate", "eval", "generate", "mitigate", "explain", "scan", "sweep"])
+def test_a_status_line_says_the_model_is_loading(tmp_path, tiny_sd1, capsys, monkeypatch, command):
+    import scanner.detect
+
+    def stop(spec):
+        raise MemscanError("stopped at the load")
+
+    monkeypatch.setattr(scanner.detect.ScannerSpec, "load", stop)
+    inp = tmp_path / "p.txt"
+    inp.write_text("a cat\n")
+    model = ["--model", str(tiny_sd1), "--device", "cpu"]
+    argv = {
+        "demo": ["demo", "--out", str(tmp_path / "demo")],
+        "calibrate": ["calibrate", "--labels", str(default_labels_path()), "--out", str(tmp_path / "c.json"), *model],
+        "eval": ["eval", "--json", str(tmp_path / "m.json"), *model],
+        "generate": ["generate", "a cat", "--out", str(tmp_path / "g"), *model],
+        "mitigate": ["mitigate", "a cat", "--out", str(tmp_path / "m"), "--target", "0.1", *model],
+        "explain": ["explain", "a cat", *model],
+        "scan": ["scan", str(inp), "--out", str(tmp_path / "s.jsonl"), *model],
+        "sweep": ["sweep", str(inp), "--store", str(tmp_path / "s.db"), *model],
+    }[command]
+    assert main(argv) == EXIT_USAGE
+    out, err = capsys.readouterr()
+    loading, error = err.strip().splitlines()
+    name = "scanner/data/testbed" if command == "demo" else re.escape(str(tiny_sd1))
+    assert re.fullmatch(rf"memscan: loading model \S*{name} on (cpu|cuda\S*) \.\.\.", loading), loading
+    assert error == "memscan: error: stopped at the load" and out == ""  # stdout stays the command's result
