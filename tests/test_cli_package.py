@@ -169,3 +169,50 @@ def test_a_status_line_says_the_model_is_loading(tmp_path, tiny_sd1, capsys, mon
     name = "scanner/data/testbed" if command == "demo" else re.escape(str(tiny_sd1))
     assert re.fullmatch(rf"memscan: loading model \S*{name} on (cpu|cuda\S*) \.\.\.", loading), loading
     assert error == "memscan: error: stopped at the load" and out == ""  # stdout stays the command's result
+
+
+def test_score_space_option_is_recorded_and_converts_v_prediction(tmp_path, tiny_sd2):
+    """`--score-space model` scores the raw v-prediction difference: epsilon-space scores / sqrt(abar_t0)."""
+    import json
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from scanner.detect import DetectSettings, Scanner
+    from scanner.model import load_model
+
+    inputs = tmp_path / "p.txt"
+    inputs.write_text("a photo of a cat\nThe No Limits Business Woman Podcast\n")
+    tables = {}
+    for space in ("epsilon", "model"):
+        out = tmp_path / f"{space}.parquet"
+        assert main(["scan", str(inputs), "--model", str(tiny_sd2), "--out", str(out), "--score-space", space]) == 0
+        tables[space] = pq.read_table(out).to_pylist()
+    assert [json.loads(r["settings"])["score_space"] for r in tables["model"]] == ["model", "model"]
+    scanner = Scanner(load_model(tiny_sd2, device="cpu"), DetectSettings())
+    alpha_bar = float(scanner.schedule.scheduler.alphas_cumprod[int(scanner.timesteps[0])])
+    ratio = np.array([e["score"] / m["score"] for e, m in zip(tables["epsilon"], tables["model"])])
+    np.testing.assert_allclose(ratio, alpha_bar**0.5, rtol=1e-5)
+
+
+def test_serve_takes_its_token_and_limits_from_the_options(tmp_path, tiny_sd1, capsys, monkeypatch):
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    empty = tmp_path / "empty-token"
+    empty.write_text("\n")
+    code = main(["serve", "--model", str(tiny_sd1), "--token-file", str(empty)])
+    assert "the token file is empty" in one_line_error(capsys, code)
+    assert LOADING not in capsys.readouterr().err  # refused before the load
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append(app))
+    assert main(["serve", "--model", str(tiny_sd1), "--device", "cpu", "--token-file", str(token), "--max-concurrency", "3"]) == 0
+    client = TestClient(served[0])
+    assert client.post("/v1/score", json={"prompts": ["a cat"]}).status_code == 401
+    answer = client.post("/v1/score", json={"prompts": ["a cat"]}, headers={"Authorization": "Bearer s3cret"})
+    assert answer.status_code == 200 and len(answer.json()["results"]) == 1
+    capsys.readouterr()
+    code = main(["serve", "--model", str(tiny_sd1), "--max-concurrency", "0"])
+    assert "--max-concurrency must be >= 1" in one_line_error(capsys, code)

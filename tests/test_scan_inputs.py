@@ -8,7 +8,10 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
+from cli_output import one_line_error
+
 from scanner import scan as scan_module
+from scanner.cli import main
 from scanner.detect import DetectSettings, Scanner
 from scanner.errors import MemscanError
 from scanner.io import MAX_PROMPT_CHARS, check_inputs, count_rows, read_prompts
@@ -104,7 +107,7 @@ def test_scan_output_with_bom_inputs_scores_the_prompt_without_it(tmp_path, scan
     assert row["prompt"] == "a cat" and row["score"] == pytest.approx(float(scanner.score(["a cat"]).score[0]), rel=1e-5)
 
 
-def test_truncated_safetensors_and_pickle_only_weights_are_refused_in_one_line(tmp_path, tiny_sd1):
+def test_truncated_safetensors_and_pickle_only_weights_are_refused_in_one_line(tmp_path, tiny_sd1, capsys, monkeypatch):
     import shutil
 
     from scanner.io.weights import check_weights
@@ -124,4 +127,7 @@ def test_truncated_safetensors_and_pickle_only_weights_are_refused_in_one_line(t
     (model / "text_encoder" / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(MemscanError, match="only as pickles"):
         check_weights(model)
-    check_weights(model, allow_pickle=True)
+    (tmp_path / "p.txt").write_text("a prompt\n")
+    monkeypatch.setattr("scanner.detect.ScannerSpec.load", lambda spec: pytest.fail("the model was loaded"))
+    code = main(["scan", str(tmp_path / "p.txt"), "--model", str(model), "--out", str(tmp_path / "o.parquet")])
+    assert "only as pickles" in one_line_error(capsys, code)  # the command refuses before the slow load

@@ -177,7 +177,14 @@ def add_detect_options(parser: argparse.ArgumentParser) -> None:
         default="shared",
         help="shared: the same latents for every prompt (default); reference: seed = row index + seed, as the paper's code",
     )
-    group.add_argument("--batch-size", type=int, default=16, help="prompts per UNet batch (default: 16)")
+    group.add_argument(
+        "--score-space",
+        choices=("auto", "epsilon", "model"),
+        default="auto",
+        help="where the difference is measured: epsilon (noise), model (the raw output: the velocity for flow models); "
+        "auto (default): epsilon for diffusion families, model for flow families (SD3, Flux)",
+    )
+    group.add_argument("--batch-size", type=int, default=16, help="prompts per denoiser batch (default: 16)")
 
 
 def add_threshold_options(parser: argparse.ArgumentParser, flagged: str = "") -> None:
@@ -204,6 +211,7 @@ def detect_settings(args: argparse.Namespace) -> DetectSettings:
         guidance_scale=args.guidance_scale,
         seed=args.seed,
         noise=args.noise,
+        score_space=args.score_space,
     )
 
 
@@ -221,9 +229,12 @@ def start_loading(model: str, device: str, dtype: str) -> None:
     """Check the model folder, device and dtype, then say on stderr that the slow load starts (so a quiet
     terminal is not taken for a hang, and a bad option is still a one-line error)."""
     from ..families import family_for
+    from ..io.weights import check_weights
     from ..model import resolve_device, resolve_dtype, resolve_model_path
 
-    family_for(resolve_model_path(model))  # the folder's family and its own refusals
+    path = resolve_model_path(model)
+    family_for(path)  # the folder's family and its own refusals
+    check_weights(path)  # truncated or pickle-only weights: one line, before the slow load
     resolved = resolve_device(device)
     resolve_dtype(dtype, resolved)
     print(f"memscan: loading model {model} on {resolved} ...", file=sys.stderr, flush=True)

@@ -93,7 +93,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         if scanner is None:
             summary = scan_on_ray(args, threshold=args.threshold, calibration=calibration, **options)
         else:
-            summary = run_scan(scanner, args.inputs, args.out, threshold=threshold, **options)
+            summary = run_scan(scanner, args.inputs, args.out, threshold=threshold, wait=args.wait, **options)
     flagged = "n/a (no --threshold)" if threshold is None else str(summary.flagged)
     resumed = f" ({summary.resumed} rows resumed)" if summary.resumed else ""
     print(
@@ -136,5 +136,9 @@ def add_scan_command(commands: argparse._SubParsersAction) -> None:
     scan.add_argument("--overwrite", action="store_true", help="replace an existing output or another run's partial output")
     scan.add_argument(
         "--checkpoint-rows", type=int, default=2048, help="commit results at least every N rows (and every 30 s)"
+    )
+    scan.add_argument(
+        "--wait", type=float, default=60.0, metavar="S",
+        help="if another scan is writing --out, wait up to S seconds for it, then exit 2 (default: 60)",
     )
     add_ray_options(scan)

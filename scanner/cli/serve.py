@@ -34,10 +34,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise MemscanError(f"memscan serve needs the serve extra: pip install 'memscan[serve]' ({exc.name} missing)") from exc
 
+    from ..service.guard import load_token
+
     if not 0 <= args.port <= 65535:
         raise MemscanError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_concurrency < 1:
+        raise MemscanError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+    token = load_token(args.token_file)  # before the load: a bad token file is a one-line error at once
     scanner, threshold = scanner_and_threshold(args)
-    app = create_app(scanner, threshold=threshold, mitigation=serve_mitigation(args, scanner, threshold), batch_size=args.batch_size)
+    app = create_app(
+        scanner, threshold=threshold, mitigation=serve_mitigation(args, scanner, threshold), batch_size=args.batch_size,
+        host=args.host, token=token, max_concurrency=args.max_concurrency, cors_origins=args.cors_origin or (),
+    )
     print(f"memscan: serving {scanner.model.source} on http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return EXIT_OK
@@ -57,4 +65,11 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument(
+        "--token-file", metavar="FILE",
+        help="require `Authorization: Bearer TOKEN` (the file's first line; default: $MEMSCAN_TOKEN) on every route but "
+        "/healthz; without one, a --host beyond loopback is warned about",
+    )
+    serve.add_argument("--max-concurrency", type=int, default=64, help="requests handled at once; more get 503 (default: 64)")
+    serve.add_argument("--cors-origin", action="append", metavar="URL", help="allow browser calls from this origin (repeatable; default: none)")
     add_threshold_options(serve, " (the page shows the verdict)")

@@ -28,19 +28,20 @@ def check_safetensors(path: Path) -> None:
         raise MemscanError(f"{path}: truncated safetensors file ({size} of {8 + header_len + end} bytes); copy it again")
 
 
-def check_weights(model: str | Path, allow_pickle: bool = False) -> None:
-    """Check every weight file under a local model folder (a hub id, not a folder, is left to the loader)."""
+def check_weights(model: str | Path) -> None:
+    """Check every weight file under a local model folder (a hub id, not a folder, is left to the loader).
+
+    memscan loads safetensors only (`use_safetensors=True`): a component with pickled weights alone is refused.
+    """
     folder = Path(model)
     if not folder.is_dir():
         return
     for path in sorted(folder.rglob("*.safetensors")):
         check_safetensors(path)
-    if allow_pickle:
-        return
     for component in sorted(p for p in folder.iterdir() if p.is_dir()):
         pickles = [p for p in component.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles and not any(component.glob("*.safetensors")):
             raise MemscanError(
                 f"{component}: weights only as pickles ({pickles[0].name}), which run code when loaded; "
-                "convert them to safetensors or allow pickles explicitly"
+                "convert them to safetensors (memscan loads no pickles)"
             )
