@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from .detect import Scanner
 
 FLAG_RULE = "flagged when score >= threshold"
+MODEL_CALIBRATION = "calibration.json"  # a model folder's own calibration, applied by default
 
 
 @dataclass(frozen=True)
@@ -45,22 +47,31 @@ class Calibration:
     rule: str = FLAG_RULE
     normal_median: float | None = None  # median score of the normal prompts: what mitigation aims for
 
-    def check(self, model: str, settings: dict) -> None:
-        """Raise `MemscanError` unless this calibration was made for `model` and `settings`."""
+    def mismatch(self, model: str, settings: dict) -> str | None:
+        """Why this calibration does not apply to `model` and `settings`; None when it does."""
         if model != self.model:
-            raise MemscanError(
-                f"calibration is for model {self.model}, not {model}; run memscan calibrate with this model"
-            )
+            return f"calibration is for model {self.model}, not {model}; run memscan calibrate with this model"
         if settings != self.settings:
             differing = sorted(k for k in self.settings.keys() | settings.keys() if self.settings.get(k) != settings.get(k))
             detail = ", ".join(f"{k} {self.settings.get(k)!r} vs {settings.get(k)!r}" for k in differing)
-            raise MemscanError(f"calibration was made with other detection settings ({detail}); use those or recalibrate")
+            return f"calibration was made with other detection settings ({detail}); use those or recalibrate"
+        return None
+
+    def check(self, model: str, settings: dict) -> None:
+        """Raise `MemscanError` unless this calibration was made for `model` and `settings`."""
+        reason = self.mismatch(model, settings)
+        if reason is not None:
+            raise MemscanError(reason)
 
     def threshold_for(self, scanner: Scanner) -> float:
         """The threshold, once checked against the scanner's model fingerprint and settings record."""
         from .scan import scanner_settings
 
-        self.check(scanner.model.fingerprint, scanner_settings(scanner))
+        return self.threshold_checked(scanner.model.fingerprint, scanner_settings(scanner))
+
+    def threshold_checked(self, model: str, settings: dict) -> float:
+        """The threshold, once checked against a model fingerprint and settings record."""
+        self.check(model, settings)
         return self.threshold
 
     def save(self, path: str | Path) -> None:
@@ -69,6 +80,58 @@ class Calibration:
             Path(path).write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         except OSError as exc:
             raise MemscanError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def format_threshold(threshold: float) -> str:
+    """A threshold for people: 3 significant digits (the fitted value sits halfway between two scores)."""
+    return f"{threshold:.3g}"
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The flagging threshold a command uses (None: no verdict) and where it came from, for people."""
+
+    value: float | None
+    source: str | None = None  # "--threshold", "calibration FILE", "the model's calibration FILE"
+
+    def describe(self) -> str:
+        """`threshold 0.628 from the model's calibration DIR/calibration.json`, or `no threshold`."""
+        if self.value is None:
+            return "no threshold"
+        return f"threshold {format_threshold(self.value)}" + (f" from {self.source}" if self.source else "")
+
+
+def model_calibration(model_path: str | Path) -> Path | None:
+    """The calibration a model folder ships (`MODEL_CALIBRATION` inside it), if there is one."""
+    path = Path(model_path) / MODEL_CALIBRATION
+    return path if path.is_file() else None
+
+
+def choose_threshold(
+    model: str, settings: dict, *, threshold: float | None = None, calibration: Calibration | None = None,
+    calibration_file: str | None = None, model_path: str | Path | None = None, use_model_calibration: bool = True,
+    warn: Callable[[str], None] | None = None,
+) -> Threshold:
+    """The threshold for a scanner with fingerprint `model` and settings record `settings`.
+
+    In order: `threshold`; `calibration` (read from `calibration_file`; refused, `MemscanError`, when it does
+    not apply); the model folder's own calibration, when `use_model_calibration` and it applies (when it does
+    not, `warn` gets one line and there is no verdict: the user asked for nothing, so nothing is refused).
+    """
+    if threshold is not None:
+        return Threshold(threshold, "--threshold")
+    if calibration is not None:
+        return Threshold(calibration.threshold_checked(model, settings), f"calibration {calibration_file}")
+    own = model_calibration(model_path) if use_model_calibration and model_path is not None else None
+    if own is None:
+        return Threshold(None)
+    shipped = load_calibration(own)
+    reason = shipped.mismatch(model, settings)
+    if reason is None:
+        return Threshold(shipped.threshold, f"the model's calibration {own}")
+    if warn is not None:
+        warn(f"the model's {own} does not apply ({reason}): scoring without a verdict (--no-calibration silences this)")
+    return Threshold(None)
 
 
 def load_calibration(path: str | Path) -> Calibration:

@@ -185,6 +185,7 @@ def run_ray_scan(
     batch_size: int = 16,
     threshold: float | None = None,
     calibration: Calibration | None = None,
+    choose_threshold: Callable[[str, str, dict], float | None] | None = None,
     overwrite: bool = False,
     workers: int | None = None,
     gpus_per_worker: float | None = None,
@@ -196,7 +197,8 @@ def run_ray_scan(
     """`run_scan` with the scoring spread over Ray workers (a connection to Ray must be open).
 
     `worker_setup`, a module-level function, runs in each worker before it loads the model.
-    A `calibration` (checked against the model and the workers' settings) sets the threshold.
+    A `calibration` (checked against the model and the workers' settings) sets the threshold, or
+    `choose_threshold(model folder, fingerprint, settings record)` does.
     """
     ray = require_ray()
     paths = check_inputs(inputs, field)
@@ -213,6 +215,8 @@ def run_ray_scan(
     if calibration is not None:
         calibration.check(model_fingerprint, json.loads(settings))
         threshold = calibration.threshold
+    if choose_threshold is not None:  # the CLI's resolution of its flagging options, once the model is known
+        threshold = choose_threshold(str(model_path), model_fingerprint, json.loads(settings))
     key = run_key(paths, field, model_fingerprint, settings, threshold)
     output = ScanOutput(out, key, inputs=paths, overwrite=overwrite, commit_rows=commit_rows, commit_seconds=commit_seconds)
     tasks = _read_tasks(paths, field, output.resumed)

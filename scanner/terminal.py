@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .calibration import format_threshold
 from .explain import Explanation
 
 # Background colours (xterm-256) of the significance levels 0..4 (explanation.segments).
@@ -27,8 +28,8 @@ def verdict(explanation: Explanation, threshold: float | None) -> str:
     text = f"score {explanation.score:.4f}"
     flagged = explanation.flagged(threshold)
     if flagged is None:
-        return text + "  (no --threshold: no verdict)"
-    return text + f"  {'FLAGGED' if flagged else 'safe'} (threshold {threshold:g})"
+        return text + "  (no threshold: no verdict)"
+    return text + f"  {'FLAGGED' if flagged else 'safe'} (threshold {format_threshold(threshold)})"
 
 
 def top_words(explanation: Explanation, count: int = 3) -> str:

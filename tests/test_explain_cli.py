@@ -44,7 +44,7 @@ def test_terminal_output_colours_only_when_asked(tiny_sd1, capsys, color):
     code = main(["explain", PROMPT, "--model", str(tiny_sd1), "--color", color])
     out = capsys.readouterr().out
     assert code == EXIT_OK
-    assert out.startswith("score ") and "no --threshold" in out
+    assert out.startswith("score ") and "no threshold: no verdict" in out
     assert ("\033[" in out) == (color == "always")
     if color == "never":
         assert "%]" in out  # shares shown in text instead

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from ..errors import MemscanError
 
 if TYPE_CHECKING:
+    from ..calibration import Threshold
     from ..detect import DetectSettings, Scanner, ScannerSpec
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FLAGGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -194,7 +195,11 @@ def add_threshold_options(parser: argparse.ArgumentParser, flagged: str = "") ->
     group.add_argument(
         "--calibration",
         metavar="FILE",
-        help="take the threshold from `memscan calibrate`'s FILE (refused for another model or other settings)",
+        help="take the threshold from `memscan calibrate`'s FILE (refused for another model or other settings); "
+        "default: the model folder's own calibration.json when it was made for this model and these settings",
+    )
+    group.add_argument(
+        "--no-calibration", action="store_true", help="do not apply the model folder's calibration.json: no verdict"
     )
 
 
@@ -248,10 +253,28 @@ def load_scanner(args: argparse.Namespace, settings: DetectSettings | None = Non
     return spec.load()
 
 
-def scanner_and_threshold(args: argparse.Namespace) -> tuple[Scanner, float | None]:
-    """The scanner and the flagging threshold: `--threshold`, or `--calibration`'s checked against the scanner."""
-    from ..calibration import load_calibration
+def threshold_resolver(args: argparse.Namespace) -> Callable[[str, str, dict], Threshold]:
+    """The one resolution of the flagging options of `scan`, `explain`, `serve` and `sweep`: reads `--calibration`
+    now (before the slow load), and returns `(model folder, fingerprint, settings record) -> Threshold` to call
+    once the model is known; a model calibration that does not apply is said on stderr, in one line."""
+    from ..calibration import choose_threshold, load_calibration
 
-    calibration = load_calibration(args.calibration) if args.calibration else None  # before the slow model load
+    calibration = load_calibration(args.calibration) if args.calibration else None
+
+    def resolve(model_path: str, fingerprint: str, settings: dict) -> Threshold:
+        return choose_threshold(
+            fingerprint, settings, threshold=args.threshold, calibration=calibration, calibration_file=args.calibration,
+            model_path=model_path, use_model_calibration=not args.no_calibration,
+            warn=lambda line: print(f"memscan: {line}", file=sys.stderr, flush=True),
+        )
+
+    return resolve
+
+
+def scanner_and_threshold(args: argparse.Namespace) -> tuple[Scanner, Threshold]:
+    """The scanner and its flagging threshold, as `threshold_resolver` resolves it."""
+    from ..scan import scanner_settings
+
+    resolve = threshold_resolver(args)
     scanner = load_scanner(args)
-    return scanner, args.threshold if calibration is None else calibration.threshold_for(scanner)
+    return scanner, resolve(scanner.model.source, scanner.model.fingerprint, scanner_settings(scanner))

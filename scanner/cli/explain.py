@@ -33,7 +33,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from ..terminal import highlight, top_words, verdict
 
     prompts = explain_inputs(args)  # input errors before the slow model load
-    scanner, threshold = scanner_and_threshold(args)
+    scanner, chosen = scanner_and_threshold(args)
+    threshold = chosen.value
+    print(f"memscan: {chosen.describe()}", file=sys.stderr, flush=True)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     for start in range(0, len(prompts), args.batch_size):
         for explanation in explain(scanner, prompts[start : start + args.batch_size], args.method):

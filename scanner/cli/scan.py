@@ -19,9 +19,11 @@ from .common import (
     quiet_libraries,
     scanner_and_threshold,
     scanner_spec,
+    threshold_resolver,
 )
 
 if TYPE_CHECKING:
+    from ..calibration import Threshold
     from ..scan import ScanSummary
 
 RAY_OPTIONS = ("ray_address", "workers", "gpus_per_worker", "worker_engine")
@@ -69,32 +71,39 @@ def scan_on_ray(args: argparse.Namespace, **options: Any) -> ScanSummary:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     """Score prompt files into a Parquet/JSONL output."""
-    from tqdm import tqdm
-
-    from ..io import check_inputs
+    from ..io import check_inputs, input_bytes
+    from .progress import ScanBar
     from ..scan import run_scan
 
     check_inputs(args.inputs, args.field)  # input and output errors before the slow model load
     check_scan_output(args.out, args.overwrite)
     if args.checkpoint_rows < 1:
         raise MemscanError(f"--checkpoint-rows must be >= 1, got {args.checkpoint_rows}")
-    if check_ray_options(args):  # the workers load the model; a calibration is checked against their settings
-        from ..calibration import load_calibration
+    chosen: list[Threshold] = []
+    if check_ray_options(args):  # the workers load the model; the threshold is resolved against their settings
+        resolve = threshold_resolver(args)
 
-        scanner, calibration = None, load_calibration(args.calibration) if args.calibration else None
-        threshold = calibration.threshold if calibration else args.threshold
+        def choose(model_path: str, fingerprint: str, settings: dict) -> float | None:
+            chosen.append(resolve(model_path, fingerprint, settings))
+            return chosen[-1].value
+
+        scanner = None
     else:
         scanner, threshold = scanner_and_threshold(args)
-    with tqdm(desc="scanning", unit=" prompts", disable=None, dynamic_ncols=True) as bar:
+        chosen.append(threshold)
+    # Bytes read of the inputs' size give the total and an ETA; Ray workers report rows only.
+    with ScanBar(None if scanner is None else input_bytes(args.inputs)) as bar:
         options = dict(
-            field=args.field, batch_size=args.batch_size, overwrite=args.overwrite, progress=bar.update,
+            field=args.field, batch_size=args.batch_size, overwrite=args.overwrite, progress=bar.add_rows,
             commit_rows=args.checkpoint_rows,
         )
         if scanner is None:
-            summary = scan_on_ray(args, threshold=args.threshold, calibration=calibration, **options)
+            summary = scan_on_ray(args, choose_threshold=choose, **options)
         else:
-            summary = run_scan(scanner, args.inputs, args.out, threshold=threshold, wait=args.wait, **options)
-    flagged = "n/a (no --threshold)" if threshold is None else str(summary.flagged)
+            summary = run_scan(scanner, args.inputs, args.out, threshold=chosen[0].value, wait=args.wait, read=bar.read,
+                               **options)
+    threshold = chosen[0]
+    flagged = "n/a (no threshold)" if threshold.value is None else f"{summary.flagged} ({threshold.describe()})"
     resumed = f" ({summary.resumed} rows resumed)" if summary.resumed else ""
     print(
         f"scored {summary.scored}{resumed}, flagged {flagged}, rejected {summary.rejected}, "

@@ -11,18 +11,21 @@ from .common import EXIT_OK, add_threshold_options, model_command, scanner_and_t
 from .generation import MitigationPlan, mitigation_budget
 
 if TYPE_CHECKING:
+    from ..calibration import Threshold
     from ..detect import Scanner
     from ..mitigate import MitigationSettings
 
 
-def serve_mitigation(args: argparse.Namespace, scanner: Scanner, threshold: float | None) -> MitigationSettings | None:
+def serve_mitigation(args: argparse.Namespace, scanner: Scanner, threshold: Threshold) -> MitigationSettings | None:
     """What `POST /v1/mitigate` aims for: as `memscan mitigate` with the service's calibration, else its threshold."""
-    from ..calibration import load_calibration
+    from ..calibration import load_calibration, model_calibration
 
-    if threshold is None:
+    if threshold.value is None:
         return None
-    calibration = load_calibration(args.calibration) if args.calibration else None
-    return MitigationPlan(None if calibration else threshold, calibration, mitigation_budget(args)).settings(scanner)
+    # The calibration the threshold came from also carries the normal prompts' median that mitigation aims for.
+    path = args.calibration or (None if args.threshold is not None else model_calibration(scanner.model.source))
+    calibration = load_calibration(path) if path else None
+    return MitigationPlan(None if calibration else threshold.value, calibration, mitigation_budget(args)).settings(scanner)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -42,8 +45,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise MemscanError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
     token = load_token(args.token_file)  # before the load: a bad token file is a one-line error at once
     scanner, threshold = scanner_and_threshold(args)
+    print(f"memscan: {threshold.describe()}", file=sys.stderr, flush=True)
     app = create_app(
-        scanner, threshold=threshold, mitigation=serve_mitigation(args, scanner, threshold), batch_size=args.batch_size,
+        scanner, threshold=threshold.value, mitigation=serve_mitigation(args, scanner, threshold), batch_size=args.batch_size,
         host=args.host, token=token, max_concurrency=args.max_concurrency, cors_origins=args.cors_origin or (),
     )
     print(f"memscan: serving {scanner.model.source} on http://{args.host}:{args.port}/", file=sys.stderr)

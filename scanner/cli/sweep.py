@@ -21,7 +21,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     paths, rejected_files = usable_inputs(args.inputs, args.field)
     report_dir = prepare_report_dir(args.report) if args.report else None
     with SweepStore(args.store, wait_s=args.wait) as store:
-        scanner, threshold = scanner_and_threshold(args)
+        scanner, chosen = scanner_and_threshold(args)
+        threshold = chosen.value
         with tqdm(desc="sweeping", unit=" prompts", disable=None, dynamic_ncols=True) as bar:
             summary = run_sweep(
                 scanner,
@@ -36,9 +37,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             )
         report = None
         if report_dir is not None:
-            source = f"calibration {args.calibration}" if args.calibration else "--threshold" if threshold is not None else None
-            report = write_report(store, summary, scanner, report_dir, threshold_source=source, top=args.top)
-    flagged = "n/a (no threshold)" if summary.flagged is None else summary.flagged
+            report = write_report(store, summary, scanner, report_dir, threshold_source=chosen.source, top=args.top)
+    flagged = "n/a (no threshold)" if summary.flagged is None else f"{summary.flagged} ({chosen.describe()})"
     print(
         f"sweep {summary.sweep}{' (resumed)' if summary.resumed else ''}: {summary.rows} rows, {summary.new} new, "
         f"{summary.known} already known, {summary.rejected} rejected, flagged {flagged}; "
