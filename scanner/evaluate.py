@@ -1,4 +1,4 @@
-"""Score labelled prompts with the detector and report AUC, TPR@1%FPR, accuracy, per kind.
+"""Score labelled prompts with the detector and report AUC, TPR@1%FPR, accuracy, per kind; plot them.
 
 Used by `memscan eval` and `memscan demo`; the scoring is the one `Scanner` in
 `scanner.detect`, so the figures are those of the detector users run.
@@ -7,6 +7,7 @@ Used by `memscan eval` and `memscan demo`; the scoring is the one `Scanner` in
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,11 +57,16 @@ def read_labelled_prompts(path: str | Path) -> list[dict]:
     return rows
 
 
-def score_prompts(scanner: Scanner, prompts: list[str], batch_size: int = 256) -> np.ndarray:
-    """Each prompt's memorization score, in input order."""
-    return np.concatenate(
-        [scanner.score(prompts[i : i + batch_size]).score for i in range(0, len(prompts), batch_size)]
-    )
+def score_prompts(
+    scanner: Scanner, prompts: list[str], batch_size: int = 256, progress: Callable[[int], None] | None = None
+) -> np.ndarray:
+    """Each prompt's memorization score, in input order; `progress` gets the prompts done after each batch."""
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        scores.append(scanner.score(prompts[start : start + batch_size]).score)
+        if progress is not None:
+            progress(len(scores[-1]))
+    return np.concatenate(scores)
 
 
 def summarize(rows: list[dict], scores: np.ndarray) -> dict:
@@ -83,9 +89,11 @@ def summarize(rows: list[dict], scores: np.ndarray) -> dict:
     return summary
 
 
-def evaluate(scanner: Scanner, rows: list[dict], batch_size: int = 256) -> Evaluation:
-    """Score the labelled prompts and summarize."""
-    scores = score_prompts(scanner, [row["prompt"] for row in rows], batch_size)
+def evaluate(
+    scanner: Scanner, rows: list[dict], batch_size: int = 256, progress: Callable[[int], None] | None = None
+) -> Evaluation:
+    """Score the labelled prompts and summarize; `progress` as for `score_prompts`."""
+    scores = score_prompts(scanner, [row["prompt"] for row in rows], batch_size, progress)
     summary = summarize(rows, scores)
     summary["settings"] = {**scanner.settings.to_dict(), "engine": scanner.engine.name}
     return Evaluation(rows=rows, scores=scores, summary=summary)
@@ -98,27 +106,59 @@ def write_scores(evaluation: Evaluation, path: str | Path) -> None:
             f.write(json.dumps({**row, "score": float(score)}, ensure_ascii=False) + "\n")
 
 
-def plot_evaluation(evaluation: Evaluation, path: str | Path) -> None:
-    """ROC curve (1% FPR marked) and score histograms by label, as one PNG."""
+def evaluation_figure(evaluation: Evaluation, threshold: float | None = None):
+    """The ROC curve on a log FPR axis (1% FPR marked) beside the score histograms by label with the
+    threshold: `threshold`, else the one `memscan calibrate` fits for 1% FPR on these prompts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    from .calibration import fit_threshold
 
     labels = np.array([row["label"] for row in evaluation.rows])
-    fpr, tpr, _ = roc_curve(labels, evaluation.scores)
+    scores = evaluation.scores
+    if threshold is None:
+        threshold, source = fit_threshold(labels, scores, 0.01), "fitted for 1% FPR"
+    else:
+        source = "given"
+    fpr, tpr, _ = roc_curve(labels, scores)
     s = evaluation.summary
-    fig, (roc_ax, hist_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    roc_ax.plot(fpr, tpr, drawstyle="steps-post")
-    roc_ax.plot([0, 1], [0, 1], ls=":", c="gray")
-    roc_ax.axvline(0.01, ls="--", c="gray", lw=0.8)
-    roc_ax.set(xlabel="false positive rate", ylabel="true positive rate",
+    fig, (roc_ax, hist_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    # Log FPR: on a linear axis the whole region that matters (FPR <= 1%) is one pixel column.
+    # FPR 0 has no place on it: those points sit at half the smallest non-zero FPR, the left edge.
+    floor = 0.5 / max(1, int((labels == 0).sum()))
+    roc_ax.plot(np.maximum(fpr, floor), tpr, drawstyle="steps-post", label="detector")
+    chance = np.geomspace(floor, 1, 100)
+    roc_ax.plot(chance, chance, ls=":", c="gray", label="chance")
+    roc_ax.axvline(0.01, ls="--", c="crimson", lw=1, label="1% FPR")
+    roc_ax.set_xscale("log")
+    roc_ax.set_xlim(floor, 1)
+    roc_ax.set_ylim(0, 1.02)
+    roc_ax.xaxis.set_major_locator(LogLocator(base=10))
+    roc_ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{100 * value:g}%"))
+    roc_ax.xaxis.set_minor_formatter(NullFormatter())
+    roc_ax.set(xlabel="false positive rate (log scale)", ylabel="true positive rate",
                title=f"ROC: AUC {s['auc']:.3f}, TPR@1%FPR {s['tpr_at_1pct_fpr']:.3f}")
-    bins = np.linspace(evaluation.scores.min(), evaluation.scores.max(), 50)
+    roc_ax.legend(loc="lower right", fontsize=8)
+    bins = np.linspace(min(scores.min(), threshold), max(scores.max(), threshold), 50)
     for label, name in ((0, "normal"), (1, "memorized")):
-        hist_ax.hist(evaluation.scores[labels == label], bins=bins, alpha=0.6, label=f"{name} (n={int((labels == label).sum())})")
+        hist_ax.hist(scores[labels == label], bins=bins, alpha=0.6, label=f"{name} (n={int((labels == label).sum())})")
+    flagged = scores >= threshold
+    hist_ax.axvline(threshold, c="crimson", ls="--",
+                    label=f"threshold {threshold:.3g} ({source})\nflags {int(flagged[labels == 1].sum())} memorized, "
+                          f"{int(flagged[labels == 0].sum())} normal")
     hist_ax.set(xlabel="memorization score", ylabel="prompts", title="scores by label")
-    hist_ax.legend()
+    hist_ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
+    return fig
+
+
+def plot_evaluation(evaluation: Evaluation, path: str | Path, threshold: float | None = None) -> None:
+    """`evaluation_figure` as one image file (PNG, or any format matplotlib writes)."""
+    import matplotlib.pyplot as plt
+
+    fig = evaluation_figure(evaluation, threshold)
     fig.savefig(path, dpi=100)
     plt.close(fig)

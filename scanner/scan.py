@@ -172,6 +172,7 @@ def run_scan(
     threshold: float | None = None,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
+    read: Callable[[int], None] | None = None,
     commit_rows: int = 2048,
     commit_seconds: float = 30.0,
     wait: float = 60.0,
@@ -180,7 +181,8 @@ def run_scan(
     """Score every prompt of `inputs` into `out` (.parquet or .jsonl), resuming an interrupted run.
 
     Another scan writing `out` is waited for up to `wait` seconds; prompts over `max_prompt_chars`
-    characters are rejected unscored."""
+    characters are rejected unscored. `progress` gets the rows done after each batch, `read` the
+    input bytes done through it (of `scanner.io.input_bytes(inputs)`)."""
     paths = check_inputs(inputs, field)
     model = scanner.model.fingerprint
     settings = settings_record(scanner.settings, scanner.model.dtype, scanner.engine.name)
@@ -203,6 +205,8 @@ def run_scan(
             output.add(results, rejects, group[-1].index + 1)
             if progress is not None:
                 progress(len(group))
+            if read is not None:
+                read(group[-1].offset)
         return output.finish()
     finally:
         output.close()  # after finish a no-op; after a failure the next run may take the output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .common import EXIT_OK, load_scanner, model_command, output_file
+from .progress import bar
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -19,7 +20,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     rows = read_labelled_prompts(args.labels)
     out = output_file(args.out)
     scanner = load_scanner(args)
-    scores = score_prompts(scanner, [row["prompt"] for row in rows], args.batch_size)
+    with bar("scoring", total=len(rows)) as progress:
+        scores = score_prompts(scanner, [row["prompt"] for row in rows], args.batch_size, progress.update)
     calibration = fit_calibration(
         np.array([row["label"] for row in rows]),
         scores,

@@ -22,6 +22,7 @@ from .common import (
     writing,
 )
 from .generation import METHOD_NAMES, add_generation_options, add_mitigation_options, check_generation_options, mitigation_plan
+from .progress import bar
 
 DEMO_TOP = 10
 
@@ -136,7 +137,9 @@ def _evaluate(args: argparse.Namespace, labels: str):
     from ..evaluate import evaluate, read_labelled_prompts
 
     rows = read_labelled_prompts(labels)  # input errors before the slow model load
-    return evaluate(load_scanner(args), rows, batch_size=args.batch_size)
+    scanner = load_scanner(args)
+    with bar("scoring", total=len(rows)) as progress:
+        return evaluate(scanner, rows, batch_size=args.batch_size, progress=progress.update)
 
 
 def _print_summary(summary: dict) -> None:
@@ -191,8 +194,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_eval_mitigation(args: argparse.Namespace) -> int:
     """Mitigate planted and normal testbed prompts with each method and tabulate the outcome."""
-    from tqdm import tqdm
-
     from ..detect import DetectSettings
     from ..testbed.build import load_build_data
     from ..testbed.mitigation_eval import evaluate_mitigation, markdown_table, select_cases
@@ -208,9 +209,9 @@ def cmd_eval_mitigation(args: argparse.Namespace) -> int:
     scanner = load_scanner(args, DetectSettings(num_inference_steps=args.inference_steps))
     settings = plan.settings(scanner)
     started = time.time()
-    with tqdm(total=len(select_cases(data, args.normal)), desc="eval-mitigation", unit=" prompts", disable=None) as bar:
+    with bar("eval-mitigation", total=len(select_cases(data, args.normal))) as progress:
         report = evaluate_mitigation(scanner, data, args.methods, settings, args.seeds, args.normal, args.guidance_scale,
-                                     progress=bar.update)
+                                     progress=progress.update)
     report.update(model=args.model, fingerprint=scanner.model.fingerprint, seconds=round(time.time() - started, 1))
     _write_json(json_path, report)
     table = markdown_table(report)

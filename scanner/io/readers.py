@@ -35,6 +35,13 @@ MAX_PROMPT_CHARS = 10_000
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
+class _Position:
+    """How far a reader has got into its file, in bytes (what `InputRow.offset` reports)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
 @dataclass(frozen=True)
 class InputRow:
     """One data row: `id` is `file:line` (txt, jsonl) or `file:row` (csv, parquet; 1-based)."""
@@ -43,6 +50,7 @@ class InputRow:
     index: int  # 0-based position over all inputs, in order (the reference's prompt number)
     prompt: str | None
     error: str | None = None
+    offset: int = 0  # bytes of the inputs read through this row (all inputs, in order): scan's progress
 
 
 def _expand_globs(paths: Sequence[str | Path]) -> list[Path]:
@@ -136,16 +144,23 @@ def read_prompts(
     Relative paths are opened under `base` (default: the working folder); ids keep them as given.
     Prompts over `max_chars` characters are rejected (never tokenized).
     """
-    index = first_index
+    index, done = first_index, 0
     for path in paths:
-        reader = _READERS[path.suffix.lower()]
-        for number, prompt, error in reader(base / path if base else path, field):
+        reader, at = _READERS[path.suffix.lower()], _Position()
+        opened = base / path if base else path
+        for number, prompt, error in reader(opened, field, at):
             if error is None and not prompt.strip():
                 prompt, error = None, "empty prompt"
             elif error is None and len(prompt) > max_chars:
                 prompt, error = None, f"prompt of {len(prompt)} characters, over the limit of {max_chars}"
-            yield InputRow(f"{path}:{number}", index, prompt if error is None else None, error)
+            yield InputRow(f"{path}:{number}", index, prompt if error is None else None, error, done + at.bytes)
             index += 1
+        done += opened.stat().st_size  # the whole file, so the last row's offset reaches `input_bytes`
+
+
+def input_bytes(paths: Sequence[str | Path]) -> int:
+    """The size of the inputs (globs expanded): the total of `InputRow.offset`."""
+    return sum(path.stat().st_size for path in _expand_globs(paths))
 
 
 def count_rows(path: Path, field: str | None = None) -> int:
@@ -170,7 +185,7 @@ def _unreadable(path: Path, rows: int, exc: Exception) -> MemscanError:
     return MemscanError(f"{path}: unreadable after row {rows}: {one_line(exc)}")
 
 
-def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
+def _numbered_lines(path: Path, at: _Position) -> Iterator[tuple[int, bytes | None]]:
     """The raw lines of `path` (BOM dropped), numbered from 1; None for a line over `MAX_LINE_BYTES`,
     which is skipped without being held. An I/O error partway raises `MemscanError`."""
     number = 0
@@ -180,11 +195,13 @@ def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
                 f.seek(0)
             while raw := f.readline(MAX_LINE_BYTES + 1):
                 number += 1
+                at.bytes = f.tell()
                 if len(raw) <= MAX_LINE_BYTES:
                     yield number, raw
                     continue
                 while raw and not raw.endswith(b"\n"):  # the rest of the long line, in bounded pieces
                     raw = f.readline(MAX_LINE_BYTES)
+                at.bytes = f.tell()
                 yield number, None
     except OSError as exc:
         raise _unreadable(path, number, exc) from exc
@@ -199,8 +216,8 @@ def _text(value: str) -> str | None:
     return None
 
 
-def _read_txt(path: Path, field: str | None) -> Iterator[tuple[int, str | None, str | None]]:
-    for number, raw in _numbered_lines(path):
+def _read_txt(path: Path, field: str | None, at: _Position) -> Iterator[tuple[int, str | None, str | None]]:
+    for number, raw in _numbered_lines(path, at):
         if raw is None:
             yield number, None, LONG_LINE
             continue
@@ -210,8 +227,8 @@ def _read_txt(path: Path, field: str | None) -> Iterator[tuple[int, str | None, 
             yield number, None, "not UTF-8"
 
 
-def _read_jsonl(path: Path, field: str | None) -> Iterator[tuple[int, str | None, str | None]]:
-    for number, raw in _numbered_lines(path):
+def _read_jsonl(path: Path, field: str | None, at: _Position) -> Iterator[tuple[int, str | None, str | None]]:
+    for number, raw in _numbered_lines(path, at):
         if raw is None:
             yield number, None, LONG_LINE
             continue
@@ -239,7 +256,9 @@ def _read_jsonl(path: Path, field: str | None) -> Iterator[tuple[int, str | None
             yield number, None if error else record[name], error
 
 
-def _read_csv(path: Path, field: str | None) -> Iterator[tuple[int, str | None, str | None]]:
+def _read_csv(
+    path: Path, field: str | None, at: _Position | None = None
+) -> Iterator[tuple[int, str | None, str | None]]:
     number, held = 0, None
     try:
         # surrogateescape keeps bad bytes visible per row instead of failing the whole file.
@@ -249,6 +268,8 @@ def _read_csv(path: Path, field: str | None) -> Iterator[tuple[int, str | None, 
             def lines() -> Iterator[str]:
                 for line in f:
                     consumed.append(line)
+                    if at is not None:  # the raw file's position: ahead by at most one decoded chunk
+                        at.bytes = f.buffer.tell()
                     yield line
 
             reader = _csv_reader(lines())
@@ -283,7 +304,7 @@ def _csv_value(number: int, row: list[str], position: int) -> tuple[int, str | N
     return number, row[position], None
 
 
-def _read_parquet(path: Path, field: str | None) -> Iterator[tuple[int, str | None, str | None]]:
+def _read_parquet(path: Path, field: str | None, at: _Position) -> Iterator[tuple[int, str | None, str | None]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -300,9 +321,11 @@ def _read_parquet(path: Path, field: str | None) -> Iterator[tuple[int, str | No
             for group in range(parquet.num_row_groups)
             for batch in parquet.iter_batches(columns=[column], batch_size=8192, row_groups=[group])
         )
+        rows, size = max(1, parquet.metadata.num_rows), path.stat().st_size
         for batch in batches:
             for value in batch.column(0).to_pylist():
                 number += 1
+                at.bytes = size * number // rows  # compressed pages have no per-row offset: a row's share
                 if value is None:
                     yield number, None, "missing value"
                 elif not is_text:
