@@ -55,7 +55,7 @@ def save_png(image: np.ndarray, path: Path) -> Path:
 
 
 def image_grid(rows: Sequence[np.ndarray]) -> np.ndarray:
-    """Tile rows of images `[S, H, W, 3]` into one `[rows*H, S*W, 3]` picture with 2-pixel gutters."""
+    """Tile rows of images `[S, H, W, 3]` into one `[rows*H, S*W, 3]` picture with 2-pixel gutters (raw pixels)."""
     count, height, width = rows[0].shape[:3]
     grid = np.full((len(rows) * (height + 2) - 2, count * (width + 2) - 2, 3), 255, dtype=np.uint8)
     for r, images in enumerate(rows):
@@ -64,3 +64,51 @@ def image_grid(rows: Sequence[np.ndarray]) -> np.ndarray:
             grid[top : top + height, left : left + width] = image
     return grid
 
+
+# A testbed image is 16 x 16: shown at that size it is a dot. Display copies are scaled up by a
+# whole factor with nearest neighbour, so every generated pixel stays one sharp, uniform block.
+DISPLAY_SIDE = 256
+LABEL_WIDTH = 150  # the row labels' column of `labelled_grid`
+HEADER_HEIGHT = 28  # the column labels' row
+GUTTER = 6
+FONT_SIZE = 15
+
+
+def upscale(image: np.ndarray, short_side: int = DISPLAY_SIDE) -> np.ndarray:
+    """`[H, W, 3]` scaled by the smallest whole factor that makes its short side >= `short_side` (nearest neighbour)."""
+    factor = max(1, -(-short_side // min(image.shape[:2])))
+    return image.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def _font(size: int = FONT_SIZE):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def labelled_grid(
+    rows: Sequence[np.ndarray], row_labels: Sequence[str], column_labels: Sequence[str], short_side: int = DISPLAY_SIDE
+) -> np.ndarray:
+    """Rows of images `[S, H, W, 3]`, each upscaled, with a label left of each row and above each column.
+
+    Tile `(r, c)` starts at `(HEADER_HEIGHT + r * (side + GUTTER), LABEL_WIDTH + c * (side + GUTTER))`,
+    side the upscaled tile's; labels may hold newlines."""
+    from PIL import Image, ImageDraw
+
+    tiles = [[upscale(image, short_side) for image in images] for images in rows]
+    height, width = tiles[0][0].shape[:2]
+    canvas = Image.new(
+        "RGB",
+        (LABEL_WIDTH + len(tiles[0]) * (width + GUTTER) - GUTTER, HEADER_HEIGHT + len(tiles) * (height + GUTTER) - GUTTER),
+        "white",
+    )
+    draw, font = ImageDraw.Draw(canvas), _font()
+    for c, label in enumerate(column_labels):
+        draw.text((LABEL_WIDTH + c * (width + GUTTER) + width // 2, HEADER_HEIGHT // 2), label, fill="black", font=font,
+                  anchor="mm")
+    for r, (row, label) in enumerate(zip(tiles, row_labels)):
+        top = HEADER_HEIGHT + r * (height + GUTTER)
+        draw.multiline_text((8, top + height // 2), label, fill="black", font=font, anchor="lm", spacing=6)
+        for c, tile in enumerate(row):
+            canvas.paste(Image.fromarray(tile), (LABEL_WIDTH + c * (width + GUTTER), top))
+    return np.asarray(canvas)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,18 +98,27 @@ def test_baselines(scanner, method):
     ), context
 
 
-def test_mitigate_command(tmp_path, tiny_sd1, capsys):
+def test_mitigate_command(tmp_path, tiny_sd1, capsys, monkeypatch):
+    monkeypatch.setattr("scanner.cli.progress.DISABLE", False)  # the bars as on a terminal
     out = tmp_path / "m"
     seeds = ",".join(map(str, _random_seeds(2)))
     code = main(["mitigate", PROMPT, "--model", str(tiny_sd1), "--out", str(out), "--target", "0", "--seeds", seeds, "--inference-steps", "4", "--json"])
     assert code == 0
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert "generating before/after" in captured.err and "4/4" in captured.err  # the 4 DDIM steps, before and after
     assert set(report) >= {"prompt", "method", "score_before", "score_after", "target", "iterations", "seconds", "images"}
     assert report["iterations"] == 10 and report["score_after"] < report["score_before"], f"seeds {seeds}"
     from PIL import Image
 
-    grid = Image.open(out / report["images"][0])
-    assert grid.size == (2 * 16 + 2, 2 * 16 + 2)  # 2 seeds x (before, after) of 16 x 16 images
+    from scanner.generate import DISPLAY_SIDE, GUTTER, HEADER_HEIGHT, LABEL_WIDTH, upscale
+
+    shown, raw = (np.asarray(Image.open(out / name)) for name in report["images"])
+    assert raw.shape == (2 * 16 + 2, 2 * 16 + 2, 3)  # 2 seeds x (before, after) of 16 x 16 images, unscaled
+    # Enlarged 16x (nearest neighbour) beside the labels: the last tile is the after image of the second seed.
+    assert shown.shape == (HEADER_HEIGHT + 2 * DISPLAY_SIDE + GUTTER, LABEL_WIDTH + 2 * DISPLAY_SIDE + GUTTER, 3)
+    last = shown[-DISPLAY_SIDE:, -DISPLAY_SIDE:]
+    assert np.array_equal(last, upscale(raw[18:, 18:]))
     assert main(["mitigate", PROMPT, "--model", str(tiny_sd1), "--out", str(out)]) == 2
     assert "needs a target" in capsys.readouterr().err
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import MemscanError
 from .common import EXIT_OK, add_model_options, add_trajectory_options, command_parser, load_scanner, output_folder
+from .progress import show_pipeline_progress
 
 if TYPE_CHECKING:
     from ..calibration import Calibration
@@ -119,24 +120,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from ..detect import DetectSettings
-    from ..generate import build_pipeline, generate_images, save_png, seed_latents
+    from ..generate import build_pipeline, generate_images, labelled_grid, save_png, seed_latents
 
     out = output_folder(args.out, create=False)  # made once there are images: a failed run leaves no empty folder
     check_generation_options(args)
     scanner = load_scanner(args, DetectSettings())
     model = scanner.model
     pipeline = build_pipeline(model)
+    show_pipeline_progress(pipeline, "generating")
     with torch.no_grad():
         cond = model.family.encode([args.prompt])
     images = generate_images(
         model.family, pipeline, cond, seed_latents(model, args.seeds), args.inference_steps, args.guidance_scale
     )
+    score = float(scanner.score([args.prompt]).score[0])
     try:
         out.mkdir(parents=True, exist_ok=True)
         paths = [save_png(image, out / f"seed-{seed}.png") for seed, image in zip(args.seeds, images)]
+        preview = save_png(
+            labelled_grid([images], [f"score {score:.4f}"], [f"seed {seed}" for seed in args.seeds]), out / "preview.png"
+        )
     except OSError as exc:
         raise MemscanError(f"{out}: cannot write images ({exc.strerror})") from exc
-    score = float(scanner.score([args.prompt]).score[0])
     sidecar = {
         "prompt": args.prompt,
         "seeds": args.seeds,
@@ -147,9 +152,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "score": score,
         "score_settings": scanner.settings.to_dict(),
         "images": [p.name for p in paths],
+        "preview": preview.name,
     }
     (out / "generation.json").write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"{len(paths)} images -> {out} (score {score:.4f})")
+    print(f"{len(paths)} images -> {out} (score {score:.4f}; labelled and enlarged: {preview})")
     return EXIT_OK
 
 
@@ -159,7 +165,7 @@ def cmd_mitigate(args: argparse.Namespace) -> int:
     import math
 
     from ..detect import DetectSettings
-    from ..generate import build_pipeline, image_grid, save_png
+    from ..generate import build_pipeline, image_grid, labelled_grid, save_png
     from ..mitigate import mitigate_and_generate
 
     out = output_folder(args.out, create=False)  # made once there are images
@@ -168,14 +174,21 @@ def cmd_mitigate(args: argparse.Namespace) -> int:
     scanner = load_scanner(args, DetectSettings(num_inference_steps=args.inference_steps))
     model = scanner.model
     settings = plan.settings(scanner)
+    pipeline = build_pipeline(model)
+    show_pipeline_progress(pipeline, "generating before/after")
     mitigated = mitigate_and_generate(
-        scanner, build_pipeline(model), args.prompt, args.method, args.seeds, settings, args.inference_steps,
+        scanner, pipeline, args.prompt, args.method, args.seeds, settings, args.inference_steps,
         args.guidance_scale,
     )
     result = mitigated.result
     try:
         out.mkdir(parents=True, exist_ok=True)
-        grid = save_png(image_grid([mitigated.before, mitigated.after]), out / f"mitigate-{args.method}.png")
+        labels = [f"before\nscore {result.score_before:.4f}", f"after ({args.method})\nscore {result.score_after:.4f}"]
+        grid = save_png(
+            labelled_grid([mitigated.before, mitigated.after], labels, [f"seed {seed}" for seed in args.seeds]),
+            out / f"mitigate-{args.method}.png",
+        )
+        raw = save_png(image_grid([mitigated.before, mitigated.after]), out / f"mitigate-{args.method}-raw.png")
     except OSError as exc:
         raise MemscanError(f"{out}: cannot write images ({exc.strerror})") from exc
     report = {
@@ -192,7 +205,7 @@ def cmd_mitigate(args: argparse.Namespace) -> int:
         "seconds": result.seconds,
         "seeds": args.seeds,
         "model": model.fingerprint,
-        "images": [grid.name],
+        "images": [grid.name, raw.name],  # labelled and enlarged; the generated pixels as they are
     }
     (out / f"mitigate-{args.method}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     if args.json:
@@ -212,7 +225,8 @@ def add_generation_commands(commands: argparse._SubParsersAction) -> None:
         "generate",
         cmd_generate,
         help="generate images for a prompt (CFG DDIM), with a JSON sidecar",
-        description="Generate one image per seed, batched, as StableDiffusionPipeline does; writes PNGs and generation.json.",
+        description="Generate one image per seed, batched, as StableDiffusionPipeline does; writes seed-N.png (the\n"
+        "pixels as generated), preview.png (all seeds enlarged to >= 256 px, labelled) and generation.json.",
     )
     generate.add_argument("prompt", help="the prompt")
     generate.add_argument("--out", required=True, help="output folder for seed-N.png and generation.json")
@@ -228,7 +242,11 @@ def add_generation_commands(commands: argparse._SubParsersAction) -> None:
         "from the same seeds before and after. Scores are first-step magnitudes on those seeds' latents.",
     )
     mitigate.add_argument("prompt", help="the prompt")
-    mitigate.add_argument("--out", required=True, help="output folder for the before/after grid and the JSON report")
+    mitigate.add_argument(
+        "--out", required=True,
+        help="output folder for mitigate-METHOD.png (before/after, enlarged and labelled), mitigate-METHOD-raw.png "
+        "(the same pixels unscaled) and the JSON report",
+    )
     mitigate.add_argument("--method", choices=METHOD_NAMES, default="embed", help="embed (the paper's; default) or a baseline")
     add_mitigation_options(mitigate)
     add_generation_options(mitigate)

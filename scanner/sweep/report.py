@@ -51,9 +51,11 @@ def _png(fig) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _histogram_png(store: SweepStore, summary: SweepSummary) -> str | None:
-    """Scores of all prompts stored for this model and settings, and of this sweep's new ones."""
+def histogram_figure(store: SweepStore, summary: SweepSummary):
+    """Scores of all prompts stored for this model and settings (grey) and of this sweep's new ones
+    (orange, drawn over them), with the threshold; None before anything is stored."""
     import numpy as np
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     span = store.score_range("config", summary.config)
     if span is None:
@@ -64,17 +66,30 @@ def _histogram_png(store: SweepStore, summary: SweepSummary) -> str | None:
     edges = np.linspace(low, high, HISTOGRAM_BINS + 1) if high > low else np.array([low - 0.5, high + 0.5])
     bins = len(edges) - 1
     fig, ax = _pyplot().subplots(figsize=(8, 3.5))
-    for by, value, label in (("config", summary.config, "all stored"), ("sweep", summary.sweep, "new in this sweep")):
-        counts = store.histogram(by, value, edges[0], edges[-1], bins)
-        ax.stairs(counts, edges, fill=by == "config", alpha=0.5 if by == "config" else 1.0, label=f"{label} ({sum(counts)})")
+    stored = np.asarray(store.histogram("config", summary.config, edges[0], edges[-1], bins))
+    new = np.asarray(store.histogram("sweep", summary.sweep, edges[0], edges[-1], bins))
+    # Log counts: a handful of flagged prompts in the tail stays visible next to millions of normal
+    # ones. The bars start at 0.5, under a count of 1 (a log axis has no 0).
+    ax.bar(edges[:-1], np.where(stored > 0, stored - 0.5, 0), width=np.diff(edges), bottom=0.5, align="edge",
+           color="#b8c4ce", label=f"all stored ({int(stored.sum())})")
+    ax.bar(edges[:-1], np.where(new > 0, new - 0.5, 0), width=np.diff(edges), bottom=0.5, align="edge",
+           color="#f8961e", edgecolor="#9c4f00", linewidth=0.6, alpha=0.9, label=f"new in this sweep ({int(new.sum())})")
     if summary.threshold is not None:
         ax.axvline(summary.threshold, color="crimson", ls="--", label=f"threshold {summary.threshold:.4g}")
-    # Log counts: a handful of flagged prompts in the tail stays visible next to millions of normal ones.
-    ax.set(xlabel="memorization score", ylabel="prompts", yscale="log", title="score histogram")
-    ax.yaxis.set_major_formatter(lambda value, _: f"{value:g}")
+    ax.set(xlabel="memorization score", ylabel="prompts (log scale)", yscale="log", title="score histogram")
+    ax.set_ylim(0.5, max(2.0, float(stored.max()) * 2))
+    # Plain counts at the powers of ten (1, 10, 100, ...), no "6x10^0" at the minor ticks.
+    ax.yaxis.set_major_locator(LogLocator(base=10))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 1 else ""))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return fig
+
+
+def _histogram_png(store: SweepStore, summary: SweepSummary) -> str | None:
+    fig = histogram_figure(store, summary)
+    return None if fig is None else _png(fig)
 
 
 def _trend_png(history: list[dict]) -> str | None:
