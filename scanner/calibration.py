@@ -93,6 +93,7 @@ class Threshold:
 
     value: float | None
     source: str | None = None  # "--threshold", "calibration FILE", "the model's calibration FILE"
+    calibration: str | None = None  # the calibration file it came from, if one
 
     def describe(self) -> str:
         """`threshold 0.628 from the model's calibration DIR/calibration.json`, or `no threshold`."""
@@ -121,14 +122,15 @@ def choose_threshold(
     if threshold is not None:
         return Threshold(threshold, "--threshold")
     if calibration is not None:
-        return Threshold(calibration.threshold_checked(model, settings), f"calibration {calibration_file}")
+        checked = calibration.threshold_checked(model, settings)
+        return Threshold(checked, f"calibration {calibration_file}", calibration_file)
     own = model_calibration(model_path) if use_model_calibration and model_path is not None else None
     if own is None:
         return Threshold(None)
     shipped = load_calibration(own)
     reason = shipped.mismatch(model, settings)
     if reason is None:
-        return Threshold(shipped.threshold, f"the model's calibration {own}")
+        return Threshold(shipped.threshold, f"the model's calibration {own}", str(own))
     if warn is not None:
         warn(f"the model's {own} does not apply ({reason}): scoring without a verdict (--no-calibration silences this)")
     return Threshold(None)

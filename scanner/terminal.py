@@ -36,3 +36,11 @@ def top_words(explanation: Explanation, count: int = 3) -> str:
     """The most significant words with their shares, e.g. `horse 41%, riding 22%`."""
     ranked = sorted((w for w in explanation.words if w.share > 0), key=lambda w: -w.share)[:count]
     return ", ".join(f"{w.word} {100 * w.share:.0f}%" for w in ranked) or "none"
+
+
+def suggestion_line(explanation: Explanation) -> str:
+    """`suggested: drop "of", "!" -> score 0.4120 (safe)`: the words whose removal makes a flagged prompt safe."""
+    suggestion = explanation.suggestion
+    words = ", ".join(f'"{explanation.words[i].word}"' for i in suggestion.words)
+    outcome = "safe" if suggestion.safe else "still flagged with every word dropped"
+    return f"suggested: drop {words} -> score {suggestion.score:.4f} ({outcome})"

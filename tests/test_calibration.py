@@ -156,7 +156,6 @@ def test_calibrate_then_scan_with_the_calibration_on_the_testbed(planted_testbed
 
 
 def test_serve_takes_the_threshold_from_a_calibration_and_refuses_a_foreign_one(tiny_sd1, tmp_path, capsys, monkeypatch):
-    import uvicorn
     from fastapi.testclient import TestClient
 
     scanner = Scanner(load_model(tiny_sd1, device="cpu"), DetectSettings())
@@ -164,7 +163,7 @@ def test_serve_takes_the_threshold_from_a_calibration_and_refuses_a_foreign_one(
     _calibration(identify_model(tiny_sd1)[1], scanner_settings(scanner)).save(own)
     _calibration().save(foreign)
     served = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append(app))
+    monkeypatch.setattr("scanner.cli.serve.run_server", lambda app, *where: served.append(app))
     serve = ["serve", "--model", str(tiny_sd1), "--device", "cpu", "--calibration"]
     assert main([*serve, str(own)]) == 0
     assert "serving" in capsys.readouterr().err

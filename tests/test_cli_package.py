@@ -196,7 +196,6 @@ def test_score_space_option_is_recorded_and_converts_v_prediction(tmp_path, tiny
 
 
 def test_serve_takes_its_token_and_limits_from_the_options(tmp_path, tiny_sd1, capsys, monkeypatch):
-    import uvicorn
     from fastapi.testclient import TestClient
 
     empty = tmp_path / "empty-token"
@@ -207,7 +206,7 @@ def test_serve_takes_its_token_and_limits_from_the_options(tmp_path, tiny_sd1, c
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     served = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append(app))
+    monkeypatch.setattr("scanner.cli.serve.run_server", lambda app, *where: served.append(app))
     assert main(["serve", "--model", str(tiny_sd1), "--device", "cpu", "--token-file", str(token), "--max-concurrency", "3"]) == 0
     client = TestClient(served[0])
     assert client.post("/v1/score", json={"prompts": ["a cat"]}).status_code == 401

@@ -74,7 +74,6 @@ def test_a_model_calibration_for_other_settings_is_one_line_and_no_verdict(calib
 
 
 def test_explain_serve_and_sweep_take_the_same_default(calibrated, tmp_path, capsys, monkeypatch):
-    import uvicorn
     from fastapi.testclient import TestClient
 
     model, prompts, calibration, scores = calibrated
@@ -86,7 +85,7 @@ def test_explain_serve_and_sweep_take_the_same_default(calibrated, tmp_path, cap
     assert f"threshold {calibration.threshold:.3g} from the model's calibration" in captured.err
 
     served = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append(app))
+    monkeypatch.setattr("scanner.cli.serve.run_server", lambda app, *where: served.append(app))
     assert main(["serve", *cpu]) == 0 and main(["serve", *cpu, "--no-calibration"]) == 0
     with TestClient(served[0]) as client, TestClient(served[1]) as plain:
         assert client.get("/healthz").json()["threshold"] == calibration.threshold
@@ -106,9 +105,10 @@ def test_choose_threshold_order(tmp_path):
     other = _fitted("m", settings, np.arange(10.0) * 3)
     warnings = []
     choose = lambda **kw: choose_threshold("m", settings, model_path=tmp_path, warn=warnings.append, **kw)  # noqa: E731
-    assert choose() == Threshold(own.threshold, f"the model's calibration {tmp_path / 'calibration.json'}")
+    own_file = tmp_path / "calibration.json"
+    assert choose() == Threshold(own.threshold, f"the model's calibration {own_file}", str(own_file))
     assert choose(threshold=0.5) == Threshold(0.5, "--threshold")
-    assert choose(calibration=other, calibration_file="o.json") == Threshold(other.threshold, "calibration o.json")
+    assert choose(calibration=other, calibration_file="o.json") == Threshold(other.threshold, "calibration o.json", "o.json")
     assert choose(use_model_calibration=False) == Threshold(None)
     assert choose_threshold("x", settings, model_path=tmp_path, warn=warnings.append) == Threshold(None)
     assert len(warnings) == 1 and "not x" in warnings[0]

@@ -190,3 +190,50 @@ def test_both_methods_on_the_onnx_engine(scanner32, tmp_path):
         (want,) = explain(scanner32, [PROMPT], method)
         assert [w.word for w in got.words] == [w.word for w in want.words]
         np.testing.assert_allclose([w.score for w in got.words], [w.score for w in want.words], rtol=1e-3, atol=1e-5)
+
+
+def test_a_digit_run_is_one_word(tiny_sd1):
+    tokenizer = load_model(tiny_sd1, device="cpu").family.tokenizer
+    words = split_words(tokenizer, "poster 1914 2x")
+    assert [w.text for w in words][:2] == ["poster", "1914"]
+    assert words[1].positions == (2, 3, 4, 5)  # CLIP's four digit pieces, one word
+
+
+def test_the_default_method_is_ablation(scanner32):
+    from scanner.explain import DEFAULT_METHOD
+
+    (explanation,) = explain(scanner32, [PROMPT])
+    assert DEFAULT_METHOD == explanation.method == "ablation"
+
+
+def test_suggestion_is_the_greedy_set_that_makes_the_prompt_safe(scanner32, monkeypatch):
+    from scanner.explain import drop_words
+
+    (plain,) = explain(scanner32, [PROMPT])
+    words = split_words(scanner32.family.tokenizer, PROMPT)
+    # Under every single-word drop: one word is not enough, the greedy must go on.
+    threshold = min(w.score_without for w in plain.words) - 1e-4
+    assert plain.score >= threshold
+    calls = []
+    score = Scanner.score
+    monkeypatch.setattr(Scanner, "score", lambda self, prompts, *a, **k: calls.append(len(prompts)) or score(self, prompts, *a, **k))
+    (explanation,) = explain(scanner32, [PROMPT], threshold=threshold)
+    suggestion = explanation.suggestion
+    assert len(suggestion.words) >= 2 and suggestion.safe
+    # One batch per round after the explanation's own two: n - k candidates in round k.
+    assert calls[2:] == [len(words) - k for k in range(len(suggestion.words))]
+    fresh = Scanner(scanner32.model, scanner32.settings)
+    chosen = [words[i] for i in suggestion.words]
+    assert suggestion.prompt == drop_words(PROMPT, chosen)
+    assert fresh.score([suggestion.prompt]).score[0] == pytest.approx(suggestion.score, abs=1e-5) and suggestion.score < threshold
+    assert fresh.score([drop_words(PROMPT, chosen[:-1])]).score[0] >= threshold  # not done one word earlier
+    assert suggestion.words[0] == int(np.argmax([w.score for w in plain.words]))  # first: the top ablation word
+    # Each later word is the one whose removal, with those before it, lowers the score most.
+    for k in range(1, len(chosen)):
+        rest = [i for i in range(len(words)) if i not in suggestion.words[:k]]
+        scores = fresh.score([drop_words(PROMPT, [*chosen[:k], words[i]]) for i in rest]).score
+        assert rest[int(np.argmin(scores))] == suggestion.words[k]
+    monkeypatch.undo()
+    (safe,) = explain(scanner32, [PROMPT], threshold=plain.score + 1.0)
+    (unjudged,) = explain(scanner32, [PROMPT])
+    assert safe.suggestion is None and unjudged.suggestion is None

@@ -75,3 +75,19 @@ def test_the_verdict_can_come_from_a_calibration(tiny_sd1, capsys):
     # Refused for another model, before anything is explained.
     assert main(["explain", PROMPT, "--model", str(tiny_sd1), "--calibration", str(shipped)]) == EXIT_USAGE
     assert "calibration is for model" in capsys.readouterr().err
+
+
+def test_a_flagged_prompt_gets_the_suggested_set_and_a_safe_one_none(tiny_sd1, scanner, capsys):
+    score = scanner.score([PROMPT]).score[0]
+    just_under = repr(float(score) - 1e-6)  # PROMPT flagged; some word's removal gets it under
+    assert main(["explain", PROMPT, "--model", str(tiny_sd1), "--threshold", just_under, "--color", "never"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "FLAGGED" in out and "  most significant (ablation): " in out
+    (line,) = [line for line in out.splitlines() if line.startswith("  suggested: drop ")]
+    assert "(safe)" in line
+    assert main(["explain", PROMPT, "--model", str(tiny_sd1), "--threshold", just_under, "--json"]) == EXIT_OK
+    row = json.loads(capsys.readouterr().out)
+    assert row["method"] == "ablation" and row["suggestion"]["safe"] and row["suggestion"]["score"] < float(just_under)
+    assert f'"{row["words"][row["suggestion"]["words"][0]]["word"]}"' in line
+    assert main(["explain", PROMPT, "--model", str(tiny_sd1), "--threshold", repr(float(score) + 1), "--json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["suggestion"] is None

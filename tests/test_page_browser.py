@@ -107,6 +107,27 @@ def test_page_on_the_tiny_model(browser, tiny_sd1):
         _type_flag_drop(browser, url, prompt, case)
 
 
+def test_page_asks_for_the_token_once(browser, tiny_sd1):
+    from playwright.sync_api import expect
+
+    scanner = Scanner(load_model(tiny_sd1, device="cpu"), DetectSettings())
+    with serving(create_app(scanner, threshold=1e6 + 0.123456, token="s3cret")) as url:
+        page = browser.new_page()
+        try:
+            page.goto(url)
+            page.locator("#prompt").press_sequentially("a cat")
+            expect(page.locator("#auth")).to_be_visible(timeout=WAIT_MS)
+            page.locator("#token").fill("s3cret")
+            page.locator("#auth button").click()
+            expect(page.locator("#verdict")).to_have_attribute("data-state", "safe", timeout=WAIT_MS)
+            expect(page.locator("#threshold")).to_have_text("(threshold 1000000)")
+            page.locator("#prompt").press_sequentially(" on a sofa")  # the token is kept: no second ask
+            expect(page.locator("#words .word")).to_have_count(5, timeout=WAIT_MS)
+            expect(page.locator("#auth")).to_be_hidden()
+        finally:
+            page.close()
+
+
 def test_page_on_the_testbed(browser, planted_testbed):
     model_dir, rows = planted_testbed
     scanner = Scanner(load_model(model_dir, device="cpu"), DetectSettings())

@@ -71,12 +71,20 @@ def test_explain_matches_the_library(client, scanner, method):
     response = client.post("/v1/explain", json={"prompt": PROMPT, "method": method})
     assert response.status_code == 200
     body = response.json()
-    (expected,) = explain(Scanner(scanner.model, scanner.settings), [PROMPT], method)
+    (expected,) = explain(Scanner(scanner.model, scanner.settings), [PROMPT], method, body["threshold"])
     assert body["flagged"] is True and body["method"] == method
     assert [w["word"] for w in body["words"]] == [w.word for w in expected.words]
     assert [w["score"] for w in body["words"]] == pytest.approx([w.score for w in expected.words], rel=1e-4, abs=1e-6)
-    ranked = sorted((i for i, w in enumerate(expected.words) if w.score > 0), key=lambda i: -expected.words[i].score)
-    assert body["suggestions"] == ranked[:3] and body["suggestions"]
+    # The suggested set, the same whichever method ranks the words: its removal makes the prompt safe.
+    suggestion = body["suggestion"]
+    assert suggestion["words"] == expected.suggestion.words and suggestion["safe"] is True
+    assert suggestion["score"] < body["threshold"] and suggestion["prompt"] == expected.suggestion.prompt
+
+
+def test_explain_defaults_to_ablation_and_suggests_nothing_for_a_safe_prompt(scanner, threshold):
+    with TestClient(create_app(scanner, threshold=threshold + 1e6)) as client:
+        body = client.post("/v1/explain", json={"prompt": PROMPT}).json()
+    assert body["method"] == "ablation" and body["flagged"] is False and body["suggestion"] is None
 
 
 def _png_pixels(data_url: str) -> np.ndarray:
@@ -118,7 +126,7 @@ def test_mitigate_aims_for_the_services_mitigation_settings(scanner, threshold):
 def test_serve_mitigates_as_memscan_mitigate_does_with_a_calibration():
     from argparse import Namespace
 
-    from scanner.calibration import load_calibration
+    from scanner.calibration import Threshold, load_calibration
     from scanner.cli.serve import serve_mitigation
     from scanner.mitigate import model_budget
     from scanner.testbed import default_model_path
@@ -127,21 +135,55 @@ def test_serve_mitigates_as_memscan_mitigate_does_with_a_calibration():
     calibration = load_calibration(folder / "calibration.json")
     testbed = Scanner(load_model(folder, device="cpu"), DetectSettings())
     settings = serve_mitigation(Namespace(model=str(folder), calibration=str(folder / "calibration.json")), testbed,
-                                 calibration.threshold)
+                                 Threshold(calibration.threshold, "calibration", str(folder / "calibration.json")))
     assert (settings.target, settings.trigger) == (calibration.normal_median, calibration.threshold)
     assert settings.learning_rate == model_budget(folder)["learning_rate"]
     # With --threshold alone there is one target, the threshold; with neither, nothing to aim for.
-    plain = serve_mitigation(Namespace(model=str(folder), calibration=None), testbed, 0.5)
+    plain = serve_mitigation(Namespace(model=str(folder), calibration=None), testbed, Threshold(0.5, "--threshold"))
     assert (plain.target, plain.trigger) == (0.5, None)
-    assert serve_mitigation(Namespace(model=str(folder), calibration=None), testbed, None) is None
+    assert serve_mitigation(Namespace(model=str(folder), calibration=None), testbed, Threshold(None)) is None
 
 
 def test_healthz_and_page(client, scanner):
     assert client.get("/healthz").json()["model"] == scanner.model.fingerprint
     page = client.get("/")
     assert page.status_code == 200 and 'id="prompt"' in page.text
-    for asset in ("app.js", "style.css"):
+    for asset in ("app.js", "style.css", "favicon.svg"):
         assert client.get(f"/static/{asset}").status_code == 200
+    assert client.get("/favicon.ico").headers["content-type"] == "image/svg+xml"
+
+
+def test_docs_load_their_assets_from_the_service(client):
+    """Offline /docs: Swagger UI's script and styles come from the service itself, never from a CDN."""
+    import re
+
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    urls = re.findall(r"(?:src|href)=['\"]([^'\"]+)['\"]", docs.text) + re.findall(r"url: ?['\"]([^'\"]+)['\"]", docs.text)
+    assert any(u.endswith("swagger-ui-bundle.js") for u in urls) and any(u.endswith(".css") for u in urls), urls
+    assert all(u.startswith("/") for u in urls), urls  # nothing from another host
+    for url in urls:
+        assert client.get(url).status_code == 200, url
+
+
+def test_with_a_token_the_page_and_docs_are_open_and_the_api_is_not(scanner):
+    with TestClient(create_app(scanner, token="s3cret")) as client:
+        for path in ("/", "/static/app.js", "/favicon.ico", "/docs", "/openapi.json", "/healthz"):
+            assert client.get(path).status_code == 200, path
+        assert client.post("/v1/explain", json={"prompt": PROMPT}).status_code == 401
+        assert client.post("/", json={}).status_code == 401  # only reading the page is open
+        authorized = {"Authorization": "Bearer s3cret"}
+        assert client.post("/v1/explain", json={"prompt": PROMPT}, headers=authorized).status_code == 200
+        assert "HTTPBearer" in client.get("/openapi.json").json()["components"]["securitySchemes"]
+
+
+def test_each_request_is_logged(scanner):
+    lines = []
+    with TestClient(create_app(scanner, log=lines.append)) as client:
+        client.get("/healthz")
+        client.post("/v1/score", json={"prompts": [""]})
+    assert [line.rsplit(" ", 2)[0] for line in lines] == ["GET /healthz 200", "POST /v1/score 422"]
+    assert all(float(line.split()[-2]) >= 0 and line.endswith(" ms") for line in lines)
 
 
 def _json(body) -> dict:
@@ -156,6 +198,10 @@ BAD_REQUESTS = {
     "unknown field": ("/v1/score", _json({"prompts": ["a"], "n": 4}), 422),
     "body a list": ("/v1/score", _json(["a"]), 422),
     "empty list": ("/v1/score", _json({"prompts": []}), 422),
+    "empty prompt": ("/v1/score", _json({"prompts": ["a cat", ""]}), 422),
+    "blank prompt": ("/v1/score", _json({"prompts": [" \t\n"]}), 422),
+    "explain empty prompt": ("/v1/explain", _json({"prompt": ""}), 422),
+    "mitigate empty prompt": ("/v1/mitigate", _json({"prompt": " "}), 422),
     "too many prompts": ("/v1/score", _json({"prompts": ["a"] * (MAX_PROMPTS + 1)}), 422),
     "prompt too long": ("/v1/score", _json({"prompts": ["a" * (MAX_CHARS + 1)]}), 422),
     "lone surrogate": ("/v1/score", {"content": b'{"prompts": ["a \\ud800"]}', "headers": {"content-type": "application/json"}}, 422),
@@ -253,11 +299,11 @@ def test_memscan_serve_command(tiny_sd1):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "scanner.cli", "serve", "--model", str(tiny_sd1), "--port", str(port), "--threshold", "0.25"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120  # model load on a busy machine; not a latency check
         while True:
-            assert server.poll() is None, server.stderr.read().decode()
+            assert server.poll() is None, server.stderr.read()
             try:
                 health = httpx.get(f"http://127.0.0.1:{port}/healthz")
                 break
@@ -270,6 +316,12 @@ def test_memscan_serve_command(tiny_sd1):
     finally:
         server.terminate()
         server.wait(timeout=30)
+    lines = server.stderr.read().splitlines()
+    ready = next(i for i, line in enumerate(lines) if line.startswith("memscan: ready: serving "))
+    assert f"http://127.0.0.1:{port}/" in lines[ready] and "threshold 0.25 from --threshold" in "\n".join(lines[:ready])
+    logged = [line for line in lines[ready:] if line.endswith(" ms")]
+    assert logged[-2:][0].startswith("memscan: GET /healthz 200 ") and logged[-1].startswith("memscan: POST /v1/score 200 ")
+    assert lines[-1] == "memscan: stopped"
 
 
 def test_serve_usage_errors(tiny_sd1, capsys):
@@ -464,10 +516,10 @@ def test_requests_over_the_concurrency_limit_get_503(scanner, monkeypatch):
     assert (status, health, first) == (503, 200, 200) and headers[b"retry-after"] == b"1"
 
 
-def test_a_token_guards_every_route_but_healthz(scanner):
+def test_a_token_guards_every_api_route(scanner):
     with TestClient(create_app(scanner, token="s3cret", host="0.0.0.0")) as client:
         assert client.get("/healthz").status_code == 200
-        for path, call in (("/v1/score", client.post), ("/v1/explain", client.post), ("/", client.get), ("/openapi.json", client.get)):
+        for path, call in (("/v1/score", client.post), ("/v1/explain", client.post), ("/v1/mitigate", client.post)):
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
                 response = call(path, headers=headers, **({"json": {"prompts": ["a"]}} if call == client.post else {}))
                 assert response.status_code == 401, (path, headers)

@@ -30,7 +30,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import json
 
     from ..explain import explain
-    from ..terminal import highlight, top_words, verdict
+    from ..terminal import highlight, suggestion_line, top_words, verdict
 
     prompts = explain_inputs(args)  # input errors before the slow model load
     scanner, chosen = scanner_and_threshold(args)
@@ -38,13 +38,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     print(f"memscan: {chosen.describe()}", file=sys.stderr, flush=True)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     for start in range(0, len(prompts), args.batch_size):
-        for explanation in explain(scanner, prompts[start : start + args.batch_size], args.method):
+        for explanation in explain(scanner, prompts[start : start + args.batch_size], args.method, threshold):
             if args.json:
                 print(json.dumps(explanation.to_dict(threshold), ensure_ascii=False), flush=True)
                 continue
             print(verdict(explanation, threshold) + ("  (prompt truncated)" if explanation.truncated else ""))
             print("  " + highlight(explanation, color))
             print(f"  most significant ({args.method}): {top_words(explanation)}", flush=True)
+            if explanation.suggestion is not None:
+                print(f"  {suggestion_line(explanation)}", flush=True)
     return EXIT_OK
 
 
@@ -62,9 +64,10 @@ def add_explain_command(commands: argparse._SubParsersAction) -> None:
     explain.add_argument("--field", help="jsonl/csv/parquet field holding the prompt (default: prompt, caption or text)")
     explain.add_argument(
         "--method",
-        choices=("grad", "ablation"),
-        default="grad",
-        help="grad: gradient significance (default); ablation: score drop when each word is left out",
+        choices=("ablation", "grad"),
+        default="ablation",
+        help="ablation: score drop when each word is left out (default: the more faithful, docs/explain.md); "
+        "grad: gradient significance (the paper's)",
     )
     explain.add_argument("--json", action="store_true", help="one JSON object per prompt, per line")
     explain.add_argument(

@@ -18,20 +18,19 @@ if TYPE_CHECKING:
 
 def serve_mitigation(args: argparse.Namespace, scanner: Scanner, threshold: Threshold) -> MitigationSettings | None:
     """What `POST /v1/mitigate` aims for: as `memscan mitigate` with the service's calibration, else its threshold."""
-    from ..calibration import load_calibration, model_calibration
+    from ..calibration import load_calibration
 
     if threshold.value is None:
         return None
     # The calibration the threshold came from also carries the normal prompts' median that mitigation aims for.
-    path = args.calibration or (None if args.threshold is not None else model_calibration(scanner.model.source))
-    calibration = load_calibration(path) if path else None
+    calibration = load_calibration(threshold.calibration) if threshold.calibration else None
     return MitigationPlan(None if calibration else threshold.value, calibration, mitigation_budget(args)).settings(scanner)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the score/explain API and the prompt page until interrupted."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (run_server's; missing, it is this one-line error)
 
         from ..service import create_app
     except ImportError as exc:
@@ -49,10 +48,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(
         scanner, threshold=threshold.value, mitigation=serve_mitigation(args, scanner, threshold), batch_size=args.batch_size,
         host=args.host, token=token, max_concurrency=args.max_concurrency, cors_origins=args.cors_origin or (),
+        log=say,
     )
-    print(f"memscan: serving {scanner.model.source} on http://{args.host}:{args.port}/", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    run_server(app, args.host, args.port, f"serving {scanner.model.source}")
     return EXIT_OK
+
+
+def say(line: str) -> None:
+    """One `memscan:` line on stderr, at once (a service's log is read while it runs)."""
+    print(f"memscan: {line}", file=sys.stderr, flush=True)
+
+
+def run_server(app: object, host: str, port: int, what: str) -> None:
+    """Run `app` with uvicorn until interrupted; say when it listens (the model is loaded by then) and when it stops."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # the sockets listen: requests are answered from now on
+                bound = self.servers[0].sockets[0].getsockname()[1] if self.servers else port
+                say(f"ready: {what} on http://{host}:{bound}/ (Ctrl-C stops)")
+
+        async def shutdown(self, sockets: list | None = None) -> None:
+            await super().shutdown(sockets)
+            # Here, not after run(): uvicorn re-raises a caught SIGTERM/SIGINT once it has shut down.
+            say("stopped")
+
+    # uvicorn's own access log is off: the app logs each request in one line (method, route, status, ms).
+    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()
 
 
 def add_serve_command(commands: argparse._SubParsersAction) -> None:

@@ -11,7 +11,7 @@ tokenizer has one: CLIP's first prompt token is position 1, T5's position 0).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -70,3 +70,11 @@ def drop_word(prompt: str, word: Word) -> str:
     """The prompt with `word` cut out and the whitespace around the cut joined to one space."""
     left, right = prompt[: word.start].rstrip(), prompt[word.end :].lstrip()
     return " ".join(part for part in (left, right) if part)
+
+
+def drop_words(prompt: str, words: Sequence[Word]) -> str:
+    """The prompt with every word of `words` cut out, as `drop_word` cuts one."""
+    # From the right: a cut moves only the text after it, so the spans on its left stay valid.
+    for word in sorted(words, key=lambda w: -w.start):
+        prompt = drop_word(prompt, word)
+    return prompt

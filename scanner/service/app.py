@@ -13,25 +13,28 @@ import asyncio
 import base64
 import dataclasses
 import io
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..detect import Scanner
 from ..errors import MemscanError
-from ..explain import METHODS, explain
+from ..explain import DEFAULT_METHOD, METHODS, explain
 from ..io import MAX_PROMPT_CHARS
 from ..mitigate import METHODS as MITIGATION_METHODS
 from ..mitigate import MitigationSettings, mitigate_and_generate
@@ -41,7 +44,6 @@ from .guard import Guard, is_loopback
 MAX_PROMPTS = 256  # prompts per /v1/score request
 MAX_CHARS = MAX_PROMPT_CHARS  # characters per prompt, as for files (longer token sequences are truncated, and said so)
 MAX_BODY_BYTES = 4 * MAX_PROMPTS * MAX_CHARS + 65_536  # UTF-8 worst case of a full request
-SUGGESTIONS = 3
 MAX_SEEDS = 8  # generations per /v1/mitigate request (each is a full sampling run, twice)
 
 
@@ -54,7 +56,16 @@ def _utf8(text: str) -> str:
     return text
 
 
-Prompt = Annotated[str, StringConstraints(strict=True, max_length=MAX_CHARS), AfterValidator(_utf8)]
+def _not_empty(text: str) -> str:
+    # As scan rejects an empty row: an empty prompt is the unconditional one, its score 0 by construction.
+    if not text.strip():
+        raise ValueError("empty prompt")
+    return text
+
+
+Prompt = Annotated[
+    str, StringConstraints(strict=True, max_length=MAX_CHARS), AfterValidator(_utf8), AfterValidator(_not_empty)
+]
 
 
 class ScoreRequest(BaseModel):
@@ -88,7 +99,7 @@ class ExplainRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     prompt: Prompt
-    method: Literal[METHODS] = "grad"  # type: ignore[valid-type]
+    method: Literal[METHODS] = DEFAULT_METHOD  # type: ignore[valid-type]
 
 
 class WordResult(BaseModel):
@@ -102,8 +113,17 @@ class WordResult(BaseModel):
     score_without: float | None
 
 
+class SuggestionResult(BaseModel):
+    """Words (indices into `words`, in drop order) whose removal together brings the prompt under the threshold."""
+
+    words: list[int]
+    prompt: str
+    score: float
+    safe: bool
+
+
 class ExplainResponse(BaseModel):
-    """The prompt's score and verdict, its words, and the indices of the words to drop first."""
+    """The prompt's score and verdict, its words, and for a flagged prompt the words to drop to make it safe."""
 
     prompt: str
     score: float
@@ -112,7 +132,7 @@ class ExplainResponse(BaseModel):
     method: str
     truncated: bool
     words: list[WordResult]
-    suggestions: list[int]
+    suggestion: SuggestionResult | None
 
 
 class MitigateRequest(BaseModel):
@@ -152,6 +172,32 @@ def _error(status: int, reason: str, detail=None) -> JSONResponse:
     return JSONResponse({"error": reason, "detail": detail}, status_code=status)
 
 
+class RequestLog:
+    """ASGI middleware: one line per HTTP request to `log`: method, route, status, milliseconds."""
+
+    def __init__(self, app, *, log: Callable[[str], None]):
+        self.app = app
+        self.log = log
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), None
+
+        async def sending(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            # The path only: a query string could carry anything.
+            self.log(f"{scope['method']} {scope['path']} {status or 'no response'} {1000 * (time.perf_counter() - start):.1f} ms")
+
+
 async def _disconnected(request: Request) -> None:
     """Returns when the client goes away (the body was read already: only the disconnect is left)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -162,7 +208,7 @@ def create_app(
     scanner: Scanner, threshold: float | None = None, mitigation: MitigationSettings | None = None,
     batch_size: int = 16, window_s: float = 0.005, *,
     host: str = "127.0.0.1", token: str | None = None, max_concurrency: int = 64, max_queued_prompts: int = 4096,
-    cors_origins: Sequence[str] = (), body_timeout_s: float = 30.0,
+    cors_origins: Sequence[str] = (), body_timeout_s: float = 30.0, log: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """The service for one loaded Scanner; `threshold` (optional) turns scores into verdicts.
 
@@ -171,7 +217,7 @@ def create_app(
     /healthz; `host` is where it will listen, only to warn when that is not loopback and no token is
     set. At most `max_concurrency` requests run at once and `max_queued_prompts` prompts wait for
     the model (503 past either); a body must arrive within `body_timeout_s` (408). CORS answers
-    only `cors_origins` (none: off)."""
+    only `cors_origins` (none: off). `log`, when given, gets one line per request."""
     if mitigation is None and threshold is not None:
         mitigation = MitigationSettings(target=threshold)
     if scanner.settings.noise != "shared":
@@ -214,11 +260,13 @@ def create_app(
         worker.shutdown(wait=True)
         mitigation_worker.shutdown(wait=True)
 
-    app = FastAPI(
+    # /docs with Swagger UI's assets from the fastapi-offline package: it works without network access.
+    app = FastAPIOffline(
         title="memscan",
         summary="Score prompts for memorization by a diffusion model and explain them by word.",
         version=__version__,
         lifespan=lifespan,
+        favicon_url="/favicon.ico",
     )
     app.state.batcher = batcher
     app.add_middleware(
@@ -229,6 +277,10 @@ def create_app(
             CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    if log is not None:  # outermost: refusals of the guard and CORS are logged too
+        app.add_middleware(RequestLog, log=log)
+    # With a token, the schema says so: /docs gets an Authorize button (the Guard does the checking).
+    bearer = [Depends(HTTPBearer(auto_error=False))] if token is not None else []
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
@@ -258,7 +310,7 @@ def create_app(
 
     app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)  # probes that send HEAD
 
-    @app.post("/v1/score", response_model=ScoreResponse)
+    @app.post("/v1/score", response_model=ScoreResponse, dependencies=bearer)
     async def score(body: ScoreRequest, request: Request):
         """Score up to MAX_PROMPTS prompts; concurrent requests are batched together."""
         submitted = asyncio.ensure_future(batcher.submit(body.prompts))
@@ -270,13 +322,12 @@ def create_app(
             return _error(499, "client closed the request")
         return ScoreResponse(model=scanner.model.fingerprint, threshold=threshold, results=submitted.result())
 
-    @app.post("/v1/explain")
+    @app.post("/v1/explain", dependencies=bearer)
     async def explain_prompt(request: ExplainRequest) -> ExplainResponse:
-        """One prompt's score and word significances; `suggestions` rank the words to drop."""
+        """One prompt's score and word significances; `suggestion`: the words to drop to make a flagged prompt safe."""
         loop = asyncio.get_running_loop()
-        (explanation,) = await loop.run_in_executor(worker, explain, scanner, [request.prompt], request.method)
-        ranked = sorted((i for i, w in enumerate(explanation.words) if w.score > 0), key=lambda i: -explanation.words[i].score)
-        return ExplainResponse(**explanation.to_dict(threshold), suggestions=ranked[:SUGGESTIONS])
+        (explanation,) = await loop.run_in_executor(worker, explain, scanner, [request.prompt], request.method, threshold)
+        return ExplainResponse(**explanation.to_dict(threshold))
 
     pipelines = []  # built on the first mitigation: scoring alone never needs the VAE
 
@@ -303,7 +354,7 @@ def create_app(
             images_after=[_png_data_url(image) for image in done.after],
         )
 
-    @app.post("/v1/mitigate")
+    @app.post("/v1/mitigate", dependencies=bearer)
     async def mitigate(request: MitigateRequest) -> MitigateResponse:
         """Mitigate one prompt (down to the service's target) and generate before and after, per seed."""
         loop = asyncio.get_running_loop()
@@ -315,5 +366,9 @@ def create_app(
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(str(static.joinpath("index.html")))
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        return FileResponse(str(static.joinpath("favicon.svg")), media_type="image/svg+xml")
 
     return app

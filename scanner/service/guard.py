@@ -14,6 +14,10 @@ from pathlib import Path
 from ..errors import MemscanError
 
 OPEN_PATHS = ("/healthz",)  # liveness probes carry no token and are never turned away
+# What a browser loads before it can send a token: the page (which then asks for it), the API docs and their
+# assets. None of it touches the model or holds data.
+PUBLIC_PATHS = ("/", "/favicon.ico", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+PUBLIC_PREFIXES = ("/static/", "/static-offline-docs/")
 TOKEN_ENV = "MEMSCAN_TOKEN"
 
 
@@ -67,7 +71,7 @@ class Guard:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        if self.token is not None and not self._authorized(scope):
+        if self.token is not None and not self._public(scope) and not self._authorized(scope):
             await _send_error(send, 401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
             return
         if self.in_flight >= self.max_concurrency:
@@ -91,6 +95,12 @@ class Guard:
             await self.app(scope, replay, send)
         finally:
             self.in_flight -= 1
+
+    @staticmethod
+    def _public(scope) -> bool:
+        """A GET of the page, the docs or their static files: open with a token set too."""
+        path = scope["path"]
+        return scope["method"] in ("GET", "HEAD") and (path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES))
 
     def _authorized(self, scope) -> bool:
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")

@@ -2,6 +2,7 @@
 "use strict";
 
 const METHOD = "ablation"; // its word scores are exactly "how much dropping this word lowers the score"
+const TOKEN_KEY = "memscan-token"; // a service started with a token: asked once, kept for the browser session
 const DEBOUNCE_MS = 200;
 
 const $ = (id) => document.getElementById(id);
@@ -34,13 +35,22 @@ async function update() {
   }
   $("busy").hidden = false;
   try {
+    const headers = { "Content-Type": "application/json" };
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    if (token) headers.Authorization = `Bearer ${token}`;
     const response = await fetch("/v1/explain", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers,
       body: JSON.stringify({ prompt, method: METHOD }),
     });
     const body = await response.json();
     if (id !== latestRequest) return;
+    $("auth").hidden = response.status !== 401;
+    if (response.status === 401) {
+      if (token) sessionStorage.removeItem(TOKEN_KEY); // a wrong one: ask again
+      $("token").focus();
+      return;
+    }
     if (!response.ok) throw new Error(body.error + (body.detail ? `: ${JSON.stringify(body.detail)}` : ""));
     $("error").hidden = true;
     render(body, prompt);
@@ -76,7 +86,7 @@ function render(result, prompt) {
   } else {
     verdict.dataset.state = result.flagged ? "flagged" : "safe";
     verdict.textContent = result.flagged ? "FLAGGED: likely memorized" : "safe";
-    $("threshold").textContent = `(threshold ${result.threshold})`;
+    $("threshold").textContent = `(threshold ${Number(result.threshold.toPrecision(3))})`;
   }
   const top = Math.max(0, ...result.words.map((w) => w.share));
   result.words.forEach((word, i) => {
@@ -91,19 +101,27 @@ function render(result, prompt) {
     span.addEventListener("click", () => setPrompt(dropSpan(prompt, word.start, word.end)));
     words.append(span, " ");
   });
-  for (const i of result.suggestions) {
-    const word = result.words[i];
+  const suggestion = result.suggestion; // only for a flagged prompt: the words that together make it safe
+  if (suggestion) {
     const item = document.createElement("li");
     const button = document.createElement("button");
     button.className = "suggestion";
-    button.textContent = `drop “${word.word}”` +
-      (word.score_without === null ? "" : ` → score ${word.score_without.toFixed(4)}`);
-    button.addEventListener("click", () => setPrompt(dropSpan(prompt, word.start, word.end)));
+    const dropped = suggestion.words.map((i) => `“${result.words[i].word}”`).join(", ");
+    button.textContent = `drop ${dropped} → score ${suggestion.score.toFixed(4)}` +
+      (suggestion.safe ? " (safe)" : " (still flagged)");
+    button.addEventListener("click", () => setPrompt(suggestion.prompt));
     item.append(button);
     suggestions.append(item);
   }
-  $("suggest-box").hidden = result.suggestions.length === 0;
+  $("suggest-box").hidden = !suggestion;
 }
+
+$("auth").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+  $("auth").hidden = true;
+  schedule(0);
+});
 
 $("prompt").addEventListener("input", () => schedule(DEBOUNCE_MS));
 if ($("prompt").value) schedule(0);
