@@ -166,7 +166,7 @@ def test_serve_takes_the_threshold_from_a_calibration_and_refuses_a_foreign_one(
     monkeypatch.setattr("scanner.cli.serve.run_server", lambda app, *where: served.append(app))
     serve = ["serve", "--model", str(tiny_sd1), "--device", "cpu", "--calibration"]
     assert main([*serve, str(own)]) == 0
-    assert "serving" in capsys.readouterr().err
+    assert f"from calibration {own}" in capsys.readouterr().err
     with TestClient(served[0]) as client:
         assert client.get("/healthz").json()["threshold"] == load_calibration(own).threshold
     assert "not sha256:" in one_line_error(capsys, main([*serve, str(foreign)]))
