@@ -169,6 +169,7 @@ def test_serve_takes_the_threshold_from_a_calibration_and_refuses_a_foreign_one(
     assert f"from calibration {own}" in capsys.readouterr().err
     with TestClient(served[0]) as client:
         assert client.get("/healthz").json()["threshold"] == load_calibration(own).threshold
+    assert "GET /healthz 200" in capsys.readouterr().err  # the request log
     assert "not sha256:" in one_line_error(capsys, main([*serve, str(foreign)]))
     assert len(served) == 1
 
