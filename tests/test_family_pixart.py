@@ -1,6 +1,6 @@
 """PixArt-α/Σ (`PixArtAlphaPipeline`, `PixArtSigmaPipeline`): memscan against diffusers' own pipelines on tiny random models.
 
-The T5 tokenizer is built locally (tests/tiny_families_diffusion.py). Scores, explain's gradient
+The T5 tokenizer is built locally (tests/tiny_families.py). Scores, explain's gradient
 and generation are checked against the unmodified pipeline's transformer calls, of which the
 score takes the epsilon half of the learned-sigma output.
 """
@@ -11,6 +11,7 @@ import random
 
 import pytest
 import torch
+from tiny_families import one_thread  # noqa: F401 (an autouse fixture)
 from tiny_families_diffusion import (
     PROMPTS,
     PipelineNorms,
@@ -21,7 +22,6 @@ from tiny_families_diffusion import (
     assert_scores_match,
     build_tiny_pixart,
     load_pipeline,
-    one_thread,  # noqa: F401 (an autouse fixture)
 )
 
 from scanner.model import load_model

@@ -12,7 +12,7 @@ import random
 import shutil
 
 import pytest
-import torch
+from tiny_families import one_thread, split_call  # noqa: F401 (one_thread: an autouse fixture)
 from tiny_families_flow import (
     PROMPTS,
     TinyPipeline,
@@ -21,7 +21,6 @@ from tiny_families_flow import (
     check_mitigation,
     check_parity,
     check_significance,
-    float64_significance,
 )
 
 from scanner.errors import MemscanError
@@ -39,9 +38,9 @@ class TinySD3(TinyPipeline):
         cfg = self.pipe.transformer.config
         return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
-    def step_outputs(self, calls):
+    def step_pairs(self, calls):
         """One `[uncond; cond]` call per step."""
-        return [tuple(reversed(out.chunk(2))) for _, out in calls]
+        return [split_call(call) for call in calls]
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["t5", "no-t5"])
@@ -63,7 +62,7 @@ def tiny(request, tmp_path_factory) -> TinySD3:
     [((0, 1), 1, 1), ((0, 1), 1, 7), ((0, 1), 4, 7), ((0, 3), 1, 7), ((0, 3), 4, 7)],
 )
 def test_scores_match_diffusers_pipeline(tiny, window, generations, batch_size):
-    check_parity(tiny, window, generations, batch_size, PROMPTS)
+    check_parity(tiny, window, generations, (batch_size,), PROMPTS)
 
 
 def test_epsilon_space_and_token_counts(tiny):
@@ -77,11 +76,7 @@ def test_epsilon_space_and_token_counts(tiny):
 
 def test_gradient_significance_matches_float64_autograd(tiny):
     """Explain's gradient over the joint sequence, against autograd on the pipeline's own call arguments in float64."""
-    prompt = random.choice(PROMPTS)
-    ((inputs, _),) = tiny.calls(1, [prompt], 1)
-    uncond = {k: v[:1] if torch.is_tensor(v) else v for k, v in inputs.items()}  # rows [uncond; cond]
-    cond = {k: v[1:] if torch.is_tensor(v) else v for k, v in inputs.items()}
-    check_significance(tiny, float64_significance(tiny.pipe.transformer, cond, uncond), prompt)
+    check_significance(tiny, random.choice(PROMPTS))
 
 
 def test_mitigation_lowers_the_score_and_keeps_bos(tiny):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_families import one_thread  # noqa: F401 (an autouse fixture)
 from tiny_families_diffusion import (
     PipelineNorms,
     as_float64,
@@ -22,7 +23,6 @@ from tiny_families_diffusion import (
     assert_scores_match,
     build_tiny_sdxl,
     load_pipeline,
-    one_thread,  # noqa: F401 (an autouse fixture)
 )
 
 from scanner.errors import MemscanError

@@ -4,21 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from scanner.clip_vocab import write_clip_tokenizer
+from tiny_families import clip_config, clip_tokenizer, seeded, tiny_vae
 
 
 def build_tiny_pipeline(out_dir: Path, variant: str = "sd1", seed: int = 0) -> Path:
     """Save an SD 1.x-style (epsilon) or SD 2.x-style (`sd2`: v-prediction) pipeline folder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     sd2 = variant == "sd2"
-    # Seeded in a fork of the global RNG: the weights are the same for a seed, and the
-    # caller's random stream is left as it was.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         unet = UNet2DConditionModel(
             sample_size=8,
             in_channels=4,
@@ -31,27 +26,8 @@ def build_tiny_pipeline(out_dir: Path, variant: str = "sd1", seed: int = 0) -> P
             attention_head_dim=(2, 4) if sd2 else 8,
             use_linear_projection=sd2,
         )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=32,
-                intermediate_size=37,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                bos_token_id=49406,
-                eos_token_id=49407,
-                hidden_act="gelu" if sd2 else "quick_gelu",
-            )
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-        )
+        text_encoder = CLIPTextModel(clip_config(32, layers=2, hidden_act="gelu" if sd2 else "quick_gelu"))
+        vae = tiny_vae()
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -62,8 +38,7 @@ def build_tiny_pipeline(out_dir: Path, variant: str = "sd1", seed: int = 0) -> P
         prediction_type="v_prediction" if sd2 else "epsilon",
     )
     # SD 2.x pads with "!" (id 0), SD 1.x with the end-of-text token.
-    tokenizer_dir = write_clip_tokenizer(out_dir.with_name(out_dir.name + "-tokenizer"), pad_token="!" if sd2 else "<|endoftext|>")
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = clip_tokenizer(out_dir, "tokenizer", "!" if sd2 else "<|endoftext|>")
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
