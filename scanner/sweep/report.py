@@ -215,7 +215,7 @@ def _page(report: dict, rejects: list[dict], history: list[dict], histogram: str
             f'<li>{verdict}score {entry["score"]:.4f} <small>({html.escape(entry["source"])})</small>'
             f'<div class="prompt">{_highlighted(explanation)}</div></li>'
         )
-    top = f"<ol>{''.join(items)}</ol><p><small>Words highlighted by gradient significance (darker: larger share).</small></p>"
+    top = f"<ol>{''.join(items)}</ol><p><small>Words highlighted by their leave-one-out significance (darker: larger share).</small></p>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>memscan sweep #{report['sweep']}</title><style>{STYLE}</style></head>
 <body>
