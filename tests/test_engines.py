@@ -24,7 +24,6 @@ SETTINGS = {"first step": {}, "3-step window, 2 generations": {"end_step": 3, "g
 FAMILY_BUILDERS = {"sdxl": build_tiny_sdxl, "pixart": build_tiny_pixart, "sd3": build_tiny_sd3, "flux": build_tiny_flux}
 # Families whose ONNX export is known to fail, and why (strict: a fix makes the test fail until the entry goes).
 ONNX_FAILURES = {
-    "sdxl": "SDXLUNetDenoiser expands time_ids by len(sample), which the tracer bakes in as the example batch of 2",
     "pixart": "the transformer's hidden_states.squeeze(1) exports as an If that ONNX Runtime's shape inference rejects",
     "flux": "aten::rms_norm has no opset-17 TorchScript symbolic",
 }

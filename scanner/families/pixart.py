@@ -46,7 +46,7 @@ class PixArtDenoiser(torch.nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_attention_mask: torch.Tensor) -> torch.Tensor:
         """The epsilon prediction `[R, C, H, W]`."""
-        rows = len(sample)
+        rows = sample.shape[0]  # not len(): the ONNX tracer keeps a traced size dynamic
         added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
         if self.resolution is not None:  # in the prompt embeddings' dtype, one row per model row, as the pipeline has them
             dtype = encoder_hidden_states.dtype

@@ -36,7 +36,8 @@ class SDXLUNetDenoiser(UNetDenoiser):
                 text_embeds: torch.Tensor) -> torch.Tensor:
         """The UNet's raw output `[R, C, H, W]`."""
         # The pipeline builds time_ids in the prompt embeddings' dtype, one row per UNet row.
-        time_ids = self.time_ids.to(text_embeds.dtype).expand(len(sample), -1)
+        # shape[0], not len(): the ONNX tracer keeps the batch axis of a size it can see.
+        time_ids = self.time_ids.to(text_embeds.dtype).expand(sample.shape[0], -1)
         return super().forward(sample, timestep, encoder_hidden_states, text_embeds=text_embeds, time_ids=time_ids)
 
 
