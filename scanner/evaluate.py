@@ -7,6 +7,7 @@ Used by `memscan eval` and `memscan demo`; the scoring is the one `Scanner` in
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .detect import Scanner
+from .detectors import Detector
 from .errors import MemscanError
 from .metrics import detection_metrics, roc_curve
 
@@ -97,6 +99,25 @@ def evaluate(
     summary = summarize(rows, scores)
     summary["settings"] = {**scanner.settings.to_dict(), "engine": scanner.engine.name}
     return Evaluation(rows=rows, scores=scores, summary=summary)
+
+
+def evaluate_detector(detector: Detector, rows: list[dict], batch_size: int = 64) -> tuple[dict, np.ndarray]:
+    """A named detector on labelled prompts: `{auc, tpr_at_1pct_fpr, n_pos, n_neg, forwards_per_prompt, ...}` and the scores."""
+    prompts = [row["prompt"] for row in rows]
+    start = time.perf_counter()
+    scores = np.concatenate([detector.score(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)])
+    seconds = time.perf_counter() - start
+    labels = np.array([row["label"] for row in rows])
+    metrics = detection_metrics(labels, scores)
+    summary = {key: metrics[key] for key in ("auc", "tpr_at_1pct_fpr", "n_pos", "n_neg")}
+    # SAIL, anisotropy and MemAttn report the ROC point closest to 1% FPR, not the last one under it.
+    # Their `tpr[argmin(|fpr - 0.01|)]` takes the lowest of tied points (0 at a perfect separation,
+    # from the (0, 0) point): the highest TPR at that FPR is the one a threshold achieves.
+    fpr, tpr, _ = roc_curve(labels, scores)
+    distance = np.abs(fpr - 0.01)
+    summary["tpr_closest_to_1pct_fpr"] = float(tpr[distance == distance.min()].max())
+    summary.update(detector.describe(), seconds=seconds, prompts_per_second=len(prompts) / seconds)
+    return summary, scores
 
 
 def write_scores(evaluation: Evaluation, path: str | Path) -> None:
