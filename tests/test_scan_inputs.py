@@ -51,8 +51,8 @@ def test_prompts_over_the_shared_limit_are_rejected_before_tokenizing(tmp_path, 
     txt = tmp_path / "p.txt"
     txt.write_text("\n".join(["a" * MAX_PROMPT_CHARS, "b" * (MAX_PROMPT_CHARS + 1), "a cat"]) + "\n")
     tokenized: list[int] = []
-    real = scanner.encoder.tokenize
-    monkeypatch.setattr(scanner.encoder, "tokenize", lambda prompts: tokenized.extend(map(len, prompts)) or real(prompts))
+    real = scanner.family.tokenize
+    monkeypatch.setattr(scanner.family, "tokenize", lambda prompts: tokenized.extend(map(len, prompts)) or real(prompts))
     summary = scan_module.run_scan(scanner, [txt], tmp_path / "o.jsonl")
     assert (summary.rows, summary.rejected) == (2, 1)
     assert max(tokenized) == MAX_PROMPT_CHARS
