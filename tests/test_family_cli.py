@@ -75,3 +75,17 @@ def test_explain_and_calibrate_on_the_family(family_model, tmp_path, capsys):
     assert calibration["model"] == model.fingerprint and calibration["n_pos"] == 3 and calibration["n_neg"] == 3
     scores = scanner.score(labelled).score
     assert min(scores) <= calibration["threshold"] <= max(scores)
+
+
+def test_generate_command_on_the_family(family_model, tmp_path):
+    """`memscan generate` runs the family's own pipeline from memscan's conditioning and writes the images."""
+    from PIL import Image
+
+    name, path, model = family_model
+    out = tmp_path / "gen"
+    assert main(["generate", "a red cat", "--model", str(path), "--seeds", "0,1", "--inference-steps", "2", "--out", str(out)]) == 0
+    sizes = {Image.open(out / f"seed-{seed}.png").size for seed in (0, 1)}
+    vae_factor = 2  # the tiny VAEs have two blocks
+    assert sizes == {(model.latent_shape[2] * vae_factor, model.latent_shape[1] * vae_factor)}, name
+    sidecar = json.loads(next(out.glob("*.json")).read_text())
+    assert sidecar["score"] == pytest.approx(float(Scanner(model, DetectSettings()).score(["a red cat"]).score[0]), rel=1e-5)

@@ -93,8 +93,11 @@ def tiny_t5_encoder(vocab_size: int, width: int) -> torch.nn.Module:
     ))
 
 
-def tiny_vae(latent_channels: int = 4) -> torch.nn.Module:
-    """A two-block `AutoencoderKL` (scale factor 2) with `latent_channels` latent channels."""
+def tiny_vae(latent_channels: int = 4, shift_factor: float | None = None) -> torch.nn.Module:
+    """A two-block `AutoencoderKL` (scale factor 2) with `latent_channels` latent channels.
+
+    SD3's and Flux's pipelines decode with the VAE's `shift_factor`, which theirs set.
+    """
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -104,6 +107,7 @@ def tiny_vae(latent_channels: int = 4) -> torch.nn.Module:
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         latent_channels=latent_channels,
+        shift_factor=shift_factor,
     )
 
 

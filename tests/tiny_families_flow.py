@@ -61,7 +61,7 @@ def build_tiny_sd3(out_dir: Path, with_t5: bool = True, seed: int = 0) -> Path:
         text_encoder = CLIPTextModelWithProjection(clip_config(16))
         text_encoder_2 = CLIPTextModelWithProjection(clip_config(24))
         text_encoder_3 = tiny_t5_encoder(len(t5), 48) if with_t5 else None
-        vae = tiny_vae(4)
+        vae = tiny_vae(4, shift_factor=0.0609)
     # Without T5, the scheduler shifts by resolution (mu), so both of the pipeline's timestep paths are covered.
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0) if with_t5 else FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
     pipe = StableDiffusion3Pipeline(
@@ -87,7 +87,7 @@ def build_tiny_flux(out_dir: Path, seed: int = 0) -> Path:
         )
         text_encoder = CLIPTextModel(clip_config(32))
         text_encoder_2 = tiny_t5_encoder(len(t5), 32)
-        vae = tiny_vae(1)
+        vae = tiny_vae(1, shift_factor=0.1159)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
     )

@@ -126,8 +126,8 @@ class TextEncoderSlot:
 class Family(ABC):
     """A loaded model of one family: its text encoders, its denoiser, its sampler.
 
-    Subclasses set the class attributes and implement `load`, `encode_tokens`, `unconditional`,
-    `denoiser_module`, `schedule` and `latent_shape`; everything else is shared.
+    Subclasses set the class attributes and implement `load`, `encode_tokens`, `denoiser_module`,
+    `schedule`, `latent_shape` and `pipeline`; everything else is shared.
     """
 
     name: ClassVar[str]  # short name, recorded with every result ("sd", "sdxl", ...)
@@ -138,6 +138,7 @@ class Family(ABC):
     sequence_key: ClassVar[str] = "encoder_hidden_states"
     trainable_keys: ClassVar[tuple[str, ...]] = ("encoder_hidden_states",)
     frozen_positions: ClassVar[int] = 1
+    pooled_key: ClassVar[str | None] = None  # the pooled embedding's entry, the pipeline's `pooled_prompt_embeds`
     denoiser_folder: ClassVar[str] = "unet"
     # The pipeline folders the model is made of, in fingerprint order (absent ones are skipped).
     components: ClassVar[tuple[str, ...]]
@@ -258,9 +259,12 @@ class Family(ABC):
     def pipeline(self, scheduler: Any = None) -> Any:
         """The family's diffusers pipeline over the loaded components (VAE loaded on demand)."""
 
-    @abstractmethod
     def pipeline_embeds(self, cond: Conditioning, uncond: Conditioning) -> dict[str, torch.Tensor]:
-        """The pipeline's `prompt_embeds`-style keyword arguments for given conditionings."""
+        """The pipeline's `prompt_embeds`, `negative_prompt_embeds` (and pooled ones, where the family has them)."""
+        embeds = {"prompt_embeds": cond[self.sequence_key], "negative_prompt_embeds": uncond[self.sequence_key]}
+        if self.pooled_key is not None:
+            embeds.update(pooled_prompt_embeds=cond[self.pooled_key], negative_pooled_prompt_embeds=uncond[self.pooled_key])
+        return embeds
 
     def generation_kwargs(
         self, cond: Conditioning, uncond: Conditioning, latents: torch.Tensor, guidance_scale: float

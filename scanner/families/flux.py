@@ -18,7 +18,7 @@ import torch
 
 from ..encode import PromptTokenizer, TokenizedPrompts
 from .base import Conditioning, Family, Trajectory, check_width, load_component, load_tokenizer, read_json
-from .sd3 import StableDiffusion3, check_flow_folder, flow_scheduler
+from .sd3 import check_flow_folder, flow_scheduler
 
 T5_MAX_LENGTH = 512  # FluxPipeline's default max_sequence_length
 GUIDANCE = 3.5  # FluxPipeline's default guidance_scale: the distilled guidance embedding's input
@@ -76,6 +76,7 @@ class Flux(Family):
     sequence_key = "encoder_hidden_states"
     trainable_keys = ("encoder_hidden_states", "pooled_projections")
     frozen_positions = 0
+    pooled_key = "pooled_projections"
     denoiser_folder = "transformer"
     components = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "transformer", "scheduler", "vae")
 
@@ -173,7 +174,6 @@ class Flux(Family):
         return pipe
 
     # The same four embeddings as SD3's pipeline: the prompt's and the true-CFG branch's negatives.
-    pipeline_embeds = StableDiffusion3.pipeline_embeds
 
     def generation_kwargs(
         self, cond: Conditioning, uncond: Conditioning, latents: torch.Tensor, guidance_scale: float

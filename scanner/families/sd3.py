@@ -85,6 +85,7 @@ class StableDiffusion3(Family):
     # The joint sequence and the pooled projection; position 0 is CLIP's BOS.
     trainable_keys = ("encoder_hidden_states", "pooled_projections")
     frozen_positions = 1
+    pooled_key = "pooled_projections"
     denoiser_folder = "transformer"
     components = (
         "tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3",
@@ -199,12 +200,3 @@ class StableDiffusion3(Family):
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
-
-    def pipeline_embeds(self, cond: Conditioning, uncond: Conditioning) -> dict[str, torch.Tensor]:
-        """`prompt_embeds`, `pooled_prompt_embeds` and their negatives."""
-        return {
-            "prompt_embeds": cond["encoder_hidden_states"],
-            "negative_prompt_embeds": uncond["encoder_hidden_states"],
-            "pooled_prompt_embeds": cond["pooled_projections"],
-            "negative_pooled_prompt_embeds": uncond["pooled_projections"],
-        }

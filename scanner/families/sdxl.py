@@ -55,6 +55,7 @@ class StableDiffusionXL(DDIMTrajectoryMixin, Family):
     components = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "scheduler", "vae")
     trainable_keys = ("encoder_hidden_states", "text_embeds")  # the token embeddings and the pooled one
     frozen_positions = 1  # CLIP's BOS leads the sequence
+    pooled_key = "text_embeds"
 
     @classmethod
     def check(cls, path: Path, index: dict) -> None:
@@ -160,12 +161,3 @@ class StableDiffusionXL(DDIMTrajectoryMixin, Family):
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
-
-    def pipeline_embeds(self, cond: Conditioning, uncond: Conditioning) -> dict[str, torch.Tensor]:
-        """`prompt_embeds`, `pooled_prompt_embeds` and their negatives."""
-        return {
-            "prompt_embeds": cond["encoder_hidden_states"],
-            "negative_prompt_embeds": uncond["encoder_hidden_states"],
-            "pooled_prompt_embeds": cond["text_embeds"],
-            "negative_pooled_prompt_embeds": uncond["text_embeds"],
-        }

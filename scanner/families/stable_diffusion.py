@@ -133,7 +133,3 @@ class StableDiffusion(DDIMTrajectoryMixin, Family):
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
-
-    def pipeline_embeds(self, cond: Conditioning, uncond: Conditioning) -> dict[str, torch.Tensor]:
-        """`prompt_embeds` and `negative_prompt_embeds`."""
-        return {"prompt_embeds": cond["encoder_hidden_states"], "negative_prompt_embeds": uncond["encoder_hidden_states"]}
