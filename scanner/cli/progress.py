@@ -27,7 +27,7 @@ def bar(desc: str, total: int | None = None, unit: str = " prompts", **options: 
 
 def show_pipeline_progress(pipeline: Any, desc: str) -> None:
     """Show a diffusers pipeline's denoising steps as a bar (the families turn its own bar off)."""
-    pipeline.set_progress_bar_config(**bar_options(desc, unit=" steps", leave=False))
+    pipeline.set_progress_bar_config(**bar_options(desc, unit=" steps"))  # left on screen: it ends at its total
 
 
 class ScanBar:
