@@ -88,4 +88,6 @@ def test_generate_command_on_the_family(family_model, tmp_path):
     vae_factor = 2  # the tiny VAEs have two blocks
     assert sizes == {(model.latent_shape[2] * vae_factor, model.latent_shape[1] * vae_factor)}, name
     sidecar = json.loads(next(out.glob("*.json")).read_text())
+    expected_scheduler = "FlowMatchEulerDiscreteScheduler" if model.family.flow else "DDIMScheduler"
+    assert sidecar["settings"]["scheduler"] == expected_scheduler, name
     assert sidecar["score"] == pytest.approx(float(Scanner(model, DetectSettings()).score(["a red cat"]).score[0]), rel=1e-5)

@@ -146,7 +146,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "prompt": args.prompt,
         "seeds": args.seeds,
         "settings": {
-            "num_inference_steps": args.inference_steps, "guidance_scale": args.guidance_scale, "scheduler": "DDIM", "eta": 0.0,
+            "num_inference_steps": args.inference_steps, "guidance_scale": args.guidance_scale,
+            "scheduler": type(pipeline.scheduler).__name__,  # DDIM (eta 0) for diffusion families, FlowMatchEuler for flows
         },
         "model": model.fingerprint,
         "score": score,
@@ -224,8 +225,9 @@ def add_generation_commands(commands: argparse._SubParsersAction) -> None:
         commands,
         "generate",
         cmd_generate,
-        help="generate images for a prompt (CFG DDIM), with a JSON sidecar",
-        description="Generate one image per seed, batched, as StableDiffusionPipeline does; writes seed-N.png (the\n"
+        help="generate images for a prompt (CFG, the model family's own pipeline), with a JSON sidecar",
+        description="Generate one image per seed, batched, with the model family's diffusers pipeline (DDIM for\n"
+        "diffusion families, flow matching for SD3 and Flux); writes seed-N.png (the\n"
         "pixels as generated), preview.png (all seeds enlarged to >= 256 px, labelled) and generation.json.",
     )
     generate.add_argument("prompt", help="the prompt")
