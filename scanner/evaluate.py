@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .detect import Scanner
-from .detectors import Detector
+from .detectors import Detector, create_detector
 from .errors import MemscanError
 from .metrics import detection_metrics, roc_curve
 
@@ -60,12 +60,13 @@ def read_labelled_prompts(path: str | Path) -> list[dict]:
 
 
 def score_prompts(
-    scanner: Scanner, prompts: list[str], batch_size: int = 256, progress: Callable[[int], None] | None = None
+    score: Callable[[list[str]], np.ndarray], prompts: list[str], batch_size: int = 256,
+    progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Each prompt's memorization score, in input order; `progress` gets the prompts done after each batch."""
+    """Each prompt's score by `score` (a batch of prompts -> `[B]`), in input order; `progress` gets the prompts done after each batch."""
     scores = []
     for start in range(0, len(prompts), batch_size):
-        scores.append(scanner.score(prompts[start : start + batch_size]).score)
+        scores.append(score(prompts[start : start + batch_size]))
         if progress is not None:
             progress(len(scores[-1]))
     return np.concatenate(scores)
@@ -92,32 +93,33 @@ def summarize(rows: list[dict], scores: np.ndarray) -> dict:
 
 
 def evaluate(
-    scanner: Scanner, rows: list[dict], batch_size: int = 256, progress: Callable[[int], None] | None = None
+    scanner: Scanner, rows: list[dict], batch_size: int = 256, progress: Callable[[int], None] | None = None,
+    detector: Detector | None = None,
 ) -> Evaluation:
-    """Score the labelled prompts and summarize; `progress` as for `score_prompts`."""
-    scores = score_prompts(scanner, [row["prompt"] for row in rows], batch_size, progress)
-    summary = summarize(rows, scores)
-    summary["settings"] = {**scanner.settings.to_dict(), "engine": scanner.engine.name}
-    return Evaluation(rows=rows, scores=scores, summary=summary)
+    """Score the labelled prompts with `detector` (default: Wen's, `scanner`'s own score) and summarize.
 
-
-def evaluate_detector(detector: Detector, rows: list[dict], batch_size: int = 64) -> tuple[dict, np.ndarray]:
-    """A named detector on labelled prompts: `{auc, tpr_at_1pct_fpr, n_pos, n_neg, forwards_per_prompt, ...}` and the scores."""
-    prompts = [row["prompt"] for row in rows]
+    The summary holds `auc`, `tpr_at_1pct_fpr` (Wen's rule), `tpr_closest_to_1pct_fpr` (the later
+    papers'), `n_pos`, `n_neg`, the detector's name, settings and `forwards_per_prompt`, `seconds`.
+    """
+    detector = detector or create_detector("wen", scanner)
     start = time.perf_counter()
-    scores = np.concatenate([detector.score(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)])
+    scores = score_prompts(detector.score, [row["prompt"] for row in rows], batch_size, progress)
     seconds = time.perf_counter() - start
-    labels = np.array([row["label"] for row in rows])
-    metrics = detection_metrics(labels, scores)
-    summary = {key: metrics[key] for key in ("auc", "tpr_at_1pct_fpr", "n_pos", "n_neg")}
+    summary = summarize(rows, scores)
     # SAIL, anisotropy and MemAttn report the ROC point closest to 1% FPR, not the last one under it.
     # Their `tpr[argmin(|fpr - 0.01|)]` takes the lowest of tied points (0 at a perfect separation,
     # from the (0, 0) point): the highest TPR at that FPR is the one a threshold achieves.
-    fpr, tpr, _ = roc_curve(labels, scores)
+    fpr, tpr, _ = roc_curve(np.array([row["label"] for row in rows]), scores)
     distance = np.abs(fpr - 0.01)
     summary["tpr_closest_to_1pct_fpr"] = float(tpr[distance == distance.min()].max())
-    summary.update(detector.describe(), seconds=seconds, prompts_per_second=len(prompts) / seconds)
-    return summary, scores
+    described = detector.describe()
+    summary.update(
+        detector=described["detector"], detector_settings=described["settings"],
+        forwards_per_prompt=described["forwards_per_prompt"], jvps_per_prompt=described["jvps_per_prompt"],
+        seconds=seconds, prompts_per_second=len(rows) / seconds,
+        settings={**scanner.settings.to_dict(), "engine": scanner.engine.name},
+    )
+    return Evaluation(rows=rows, scores=scores, summary=summary)
 
 
 def write_scores(evaluation: Evaluation, path: str | Path) -> None:

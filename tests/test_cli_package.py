@@ -49,12 +49,13 @@ def test_help_and_version_do_not_import_torch():
 
 
 def test_names_spelled_out_for_help_match_the_library():
-    from scanner.cli.common import ENGINE_NAMES
+    from scanner.cli.common import DETECTOR_NAMES, ENGINE_NAMES
     from scanner.cli.generation import METHOD_NAMES
+    from scanner.detectors import DETECTORS
     from scanner.engines import ENGINES
     from scanner.mitigate import METHODS
 
-    assert ENGINE_NAMES == tuple(ENGINES) and METHOD_NAMES == METHODS
+    assert ENGINE_NAMES == tuple(ENGINES) and METHOD_NAMES == METHODS and DETECTOR_NAMES == tuple(DETECTORS)
 
 
 def test_each_command_lists_only_the_exit_codes_it_can_return():
@@ -215,3 +216,31 @@ def test_serve_takes_its_token_and_limits_from_the_options(tmp_path, tiny_sd1, c
     capsys.readouterr()
     code = main(["serve", "--model", str(tiny_sd1), "--max-concurrency", "0"])
     assert "--max-concurrency must be >= 1" in one_line_error(capsys, code)
+
+
+def test_eval_with_a_named_detector_writes_its_metrics_and_scores(tmp_path, tiny_sd1):
+    """`memscan eval --detector anisotropy`: the JSON and the per-prompt scores are the detector's own."""
+    import json
+
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from scanner.detect import DetectSettings, Scanner
+    from scanner.detectors import create_detector
+    from scanner.model import load_model
+
+    prompts = ["a photo of a cat", "an oil painting of a castle", "The No Limits Business Woman Podcast", "x y z", "red", "night sky"]
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"prompt": p, "label": i % 2}) + "\n" for i, p in enumerate(prompts)))
+    metrics, scores = tmp_path / "m.json", tmp_path / "s.jsonl"
+    argv = ["eval", "--labels", str(labels), "--model", str(tiny_sd1), "--detector", "anisotropy", "--json", str(metrics),
+            "--scores", str(scores)]
+    assert main(argv) == 0
+    summary = json.loads(metrics.read_text())
+    rows = [json.loads(line) for line in scores.read_text().splitlines()]
+    expected = create_detector("anisotropy", Scanner(load_model(tiny_sd1, device="cpu"), DetectSettings())).score(prompts)
+    assert [r["prompt"] for r in rows] == prompts and [r["label"] for r in rows] == [i % 2 for i in range(6)]
+    np.testing.assert_allclose([r["score"] for r in rows], expected, rtol=1e-5)
+    assert summary["detector"] == "anisotropy" and summary["forwards_per_prompt"] == 2
+    assert summary["auc"] == pytest.approx(roc_auc_score([r["label"] for r in rows], [r["score"] for r in rows]))
+    assert (summary["n_pos"], summary["n_neg"]) == (3, 3) and summary["seconds"] > 0

@@ -21,7 +21,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     out = output_file(args.out)
     scanner = load_scanner(args)
     with bar("scoring", total=len(rows)) as progress:
-        scores = score_prompts(scanner, [row["prompt"] for row in rows], args.batch_size, progress.update)
+        scores = score_prompts(lambda batch: scanner.score(batch).score, [row["prompt"] for row in rows], args.batch_size,
+                               progress.update)
     calibration = fit_calibration(
         np.array([row["label"] for row in rows]),
         scores,

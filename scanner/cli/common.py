@@ -25,6 +25,7 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FLAGGED, EXIT_INTERRUPTED = 0, 1, 2, 3,
 # The names of `scanner.engines.ENGINES`, spelled out because importing that package imports
 # torch; tests/test_cli_package.py keeps the two equal.
 ENGINE_NAMES = ("torch", "compile", "onnx", "tensorrt")
+DETECTOR_NAMES = ("wen", "anisotropy", "sail", "attention-entropy", "nemo-ssim")  # scanner.detectors.DETECTORS
 ENGINE_HELP = f"UNet backend: {', '.join(ENGINE_NAMES)} (default: torch)"
 
 Handler = Callable[[argparse.Namespace], int]

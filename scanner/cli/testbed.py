@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import MemscanError
 from .common import (
+    DETECTOR_NAMES,
     EXIT_OK,
     add_detect_options,
     add_model_options,
@@ -133,13 +134,15 @@ def _read_json(path: Path) -> dict:
         raise MemscanError(f"cannot read {path}: {exc}") from exc
 
 
-def _evaluate(args: argparse.Namespace, labels: str):
+def _evaluate(args: argparse.Namespace, labels: str, detector: str = "wen"):
+    from ..detectors import create_detector
     from ..evaluate import evaluate, read_labelled_prompts
 
     rows = read_labelled_prompts(labels)  # input errors before the slow model load
     scanner = load_scanner(args)
+    chosen = create_detector(detector, scanner)
     with bar("scoring", total=len(rows)) as progress:
-        return evaluate(scanner, rows, batch_size=args.batch_size, progress=progress.update)
+        return evaluate(scanner, rows, batch_size=args.batch_size, progress=progress.update, detector=chosen)
 
 
 def _print_summary(summary: dict) -> None:
@@ -153,16 +156,19 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Score labelled prompts and write the metrics."""
-    from ..evaluate import plot_evaluation
+    """Score labelled prompts with a detector and write the metrics."""
+    from ..evaluate import plot_evaluation, write_scores
     from ..testbed import default_labels_path
 
     labels = args.labels or str(default_labels_path())
     json_path, plot = output_file(args.json), _plot_file(args.plot)  # before the scoring, not after it
-    started = time.time()
-    evaluation = _evaluate(args, labels)
-    evaluation.summary.update(model=args.model, labels=labels, seconds=round(time.time() - started, 1))
+    scores_path = output_file(args.scores) if args.scores else None
+    evaluation = _evaluate(args, labels, args.detector)
+    evaluation.summary.update(model=args.model, labels=labels)
     _write_json(json_path, evaluation.summary)
+    if scores_path:
+        with writing(scores_path):
+            write_scores(evaluation, scores_path)
     if plot:
         with writing(plot):
             plot_evaluation(evaluation, plot)
@@ -267,6 +273,11 @@ def add_testbed_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--labels", help="JSONL with prompt, label (1 memorized, 0 normal), kind (default: the testbed's)")
     evaluate.add_argument("--json", required=True, help="where to write the metrics")
     evaluate.add_argument("--plot", help="PNG with the ROC curve and score histograms")
+    evaluate.add_argument(
+        "--detector", choices=DETECTOR_NAMES, default="wen",
+        help="wen (default: the guidance magnitude), or a later detector (docs/detectors.md)",
+    )
+    evaluate.add_argument("--scores", help="JSONL with one row per labelled prompt: prompt, label, kind, score")
     add_model_options(evaluate)
     add_detect_options(evaluate)
 
