@@ -21,7 +21,7 @@ from .cache import cache_dir
 from .encode import TokenizedPrompts
 from .engines import ENGINES, DenoiserEngine, TorchEngine, create_engine
 from .errors import MemscanError
-from .families import SCORE_SPACES, Conditioning, Family, cond_cat, cond_expand, cond_repeat
+from .families import SCORE_SPACES, Conditioning, Family, cond_cat, cond_expand, cond_repeat, cond_rows
 from .kernels import guidance_norm, guided_prediction
 from .model import ScanModel, load_model
 
@@ -200,7 +200,7 @@ class Scanner:
         """Fast path: one conditional forward per (prompt, generation); cached unconditional."""
         latents, uncond = self._shared_state()
         t0 = self.timesteps[0]
-        b = len(next(iter(cond.values())))
+        b = cond_rows(cond)
         norms = []
         for g in range(len(latents)):  # each generation's rows share one cached uncond row
             rows = self.first_step_input(latents[g : g + 1].expand(b, -1, -1, -1))

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from ..errors import MemscanError
-from .base import SCORE_SPACES, Conditioning, Family, Trajectory, cond_cat, cond_expand, cond_repeat, cond_rows, cond_select, read_json
+from .base import SCORE_SPACES, Conditioning, Family, Trajectory, cond_cat, cond_expand, cond_repeat, cond_rows, read_json
 
 # model_index.json `_class_name` -> (module of this package, adapter class)
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -68,6 +68,5 @@ __all__ = [
     "cond_expand",
     "cond_repeat",
     "cond_rows",
-    "cond_select",
     "family_for",
 ]

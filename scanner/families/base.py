@@ -32,12 +32,6 @@ from ..errors import MemscanError
 SCORE_SPACES = ("epsilon", "model")
 
 
-def cond_select(cond: Conditioning, rows: torch.Tensor | Sequence[int]) -> Conditioning:
-    """The rows `rows` of every entry."""
-    index = torch.as_tensor(rows, dtype=torch.long, device=next(iter(cond.values())).device)
-    return {k: v.index_select(0, index) for k, v in cond.items()}
-
-
 def cond_expand(cond: Conditioning, rows: int) -> Conditioning:
     """A one-row conditioning broadcast to `rows` rows (a view, no copy)."""
     return {k: v.expand(rows, *v.shape[1:]) for k, v in cond.items()}
