@@ -78,6 +78,14 @@ def test_option_names_mean_one_thing():
     # --steps is the scored window wherever it is offered; the trajectory is --inference-steps.
     for option in ("--steps", "--inference-steps", "--guidance-scale"):
         assert len(helps[option]) == 1, (option, helps[option])
+    # --json always names a file to write; a command that prints JSON says --format json.
+    for name, parser in _leaf_commands().items():
+        actions = parser._option_string_actions
+        if "--json" in actions:
+            assert actions["--json"].nargs is None and actions["--json"].const is None, name
+        if "--format" in actions:
+            assert actions["--format"].choices == ("text", "json"), name
+    assert {"explain", "mitigate"} <= {name for name, p in _leaf_commands().items() if "--format" in p._option_string_actions}
     assert "score sampling steps" in helps["--steps"].pop()
     generate = _leaf_commands()["generate"]._option_string_actions
     assert "--steps" not in generate and {"--inference-steps", "--guidance-scale"} <= set(generate)

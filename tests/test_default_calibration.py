@@ -78,7 +78,7 @@ def test_explain_serve_and_sweep_take_the_same_default(calibrated, tmp_path, cap
 
     model, prompts, calibration, scores = calibrated
     cpu = ["--model", str(model), "--device", "cpu"]
-    assert main(["explain", PROMPTS[1], *cpu, "--json"]) == 0
+    assert main(["explain", PROMPTS[1], *cpu, "--format", "json"]) == 0
     captured = capsys.readouterr()
     row = json.loads(captured.out)
     assert row["threshold"] == calibration.threshold and row["flagged"] == bool(scores[1] >= calibration.threshold)

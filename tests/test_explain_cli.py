@@ -25,7 +25,7 @@ def test_json_lines_for_arguments_and_input_file(tmp_path, tiny_sd1, scanner, ca
     expected = explain(scanner, [PROMPT, "a red cube", "a blue ball"], "ablation")
     threshold = expected[1].score  # "a red cube" is flagged, exactly at the threshold
     code = main(["explain", PROMPT, "--input", str(prompts_file), "--model", str(tiny_sd1), "--method", "ablation",
-                 "--json", "--threshold", repr(threshold)])
+                 "--format", "json", "--threshold", repr(threshold)])
     out, err = capsys.readouterr()
     assert code == EXIT_OK
     rows = [json.loads(line) for line in out.splitlines()]
@@ -68,7 +68,7 @@ def test_the_verdict_can_come_from_a_calibration(tiny_sd1, capsys):
     rows = [json.loads(line) for line in default_labels_path().read_text().splitlines()]
     planted = next(r["prompt"] for r in rows if r["kind"] == "planted")
     normal = next(r["prompt"] for r in rows if r["kind"] == "normal_unseen")
-    assert main(["explain", planted, normal, "--calibration", str(shipped), "--json"]) == EXIT_OK
+    assert main(["explain", planted, normal, "--calibration", str(shipped), "--format", "json"]) == EXIT_OK
     explained = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     threshold = load_calibration(shipped).threshold
     assert [r["flagged"] for r in explained] == [r["score"] >= threshold for r in explained] == [True, False]
@@ -85,9 +85,9 @@ def test_a_flagged_prompt_gets_the_suggested_set_and_a_safe_one_none(tiny_sd1, s
     assert "FLAGGED" in out and "  most significant (ablation): " in out
     (line,) = [line for line in out.splitlines() if line.startswith("  suggested: drop ")]
     assert "(safe)" in line
-    assert main(["explain", PROMPT, "--model", str(tiny_sd1), "--threshold", just_under, "--json"]) == EXIT_OK
+    assert main(["explain", PROMPT, "--model", str(tiny_sd1), "--threshold", just_under, "--format", "json"]) == EXIT_OK
     row = json.loads(capsys.readouterr().out)
     assert row["method"] == "ablation" and row["suggestion"]["safe"] and row["suggestion"]["score"] < float(just_under)
     assert f'"{row["words"][row["suggestion"]["words"][0]]["word"]}"' in line
-    assert main(["explain", PROMPT, "--model", str(tiny_sd1), "--threshold", repr(float(score) + 1), "--json"]) == EXIT_OK
+    assert main(["explain", PROMPT, "--model", str(tiny_sd1), "--threshold", repr(float(score) + 1), "--format", "json"]) == EXIT_OK
     assert json.loads(capsys.readouterr().out)["suggestion"] is None

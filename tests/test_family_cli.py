@@ -61,7 +61,7 @@ def test_scan_formats_rejects_and_resume_go_through_the_family(family_model, tmp
 def test_explain_and_calibrate_on_the_family(family_model, tmp_path, capsys):
     name, path, model = family_model
     prompt = _prompts(1)[0]
-    assert main(["explain", prompt, "--model", str(path), "--json"]) == 0
+    assert main(["explain", prompt, "--model", str(path), "--format", "json"]) == 0
     explained = json.loads(capsys.readouterr().out)
     scanner = Scanner(model, DetectSettings())
     assert explained["score"] == pytest.approx(float(scanner.score([prompt]).score[0]), rel=1e-5), name

@@ -102,7 +102,7 @@ def test_mitigate_command(tmp_path, tiny_sd1, capsys, monkeypatch):
     monkeypatch.setattr("scanner.cli.progress.DISABLE", False)  # the bars as on a terminal
     out = tmp_path / "m"
     seeds = ",".join(map(str, _random_seeds(2)))
-    code = main(["mitigate", PROMPT, "--model", str(tiny_sd1), "--out", str(out), "--target", "0", "--seeds", seeds, "--inference-steps", "4", "--json"])
+    code = main(["mitigate", PROMPT, "--model", str(tiny_sd1), "--out", str(out), "--target", "0", "--seeds", seeds, "--inference-steps", "4", "--format", "json"])
     assert code == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)
@@ -128,7 +128,7 @@ def test_mitigate_takes_its_target_from_a_calibration(tmp_path, tiny_sd1, capsys
     from scanner.testbed import default_model_path
 
     shipped = default_model_path() / "calibration.json"
-    args = [PROMPT, "--out", str(tmp_path), "--seeds", "0", "--json"]  # the calibration is for 50 steps
+    args = [PROMPT, "--out", str(tmp_path), "--seeds", "0", "--format", "json"]  # the calibration is for 50 steps
     # The bundled testbed's own calibration is the default there.
     assert main(["mitigate", *args]) == 0
     report, calibration = json.loads(capsys.readouterr().out), load_calibration(shipped)
@@ -166,7 +166,7 @@ def test_mitigate_command_takes_its_budget_from_the_model_folder(tmp_path, tiny_
     lr = float(torch.empty(()).uniform_(0.02, 0.2))
     (folder / BUDGET_FILE).write_text(json.dumps({"learning_rate": lr, "max_iterations": 3}))
     seeds = _random_seeds(1)
-    args = [PROMPT, "--model", str(folder), "--out", str(tmp_path / "m"), "--target", "0", "--seeds", str(seeds[0]), "--json"]
+    args = [PROMPT, "--model", str(folder), "--out", str(tmp_path / "m"), "--target", "0", "--seeds", str(seeds[0]), "--format", "json"]
     assert main(["mitigate", *args]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["learning_rate"], report["max_iterations"], report["iterations"]) == (lr, 3, 3)

@@ -75,3 +75,16 @@ def test_scan_and_calibrate_show_bars_on_stderr_only(tmp_path, tiny_sd1, capsys,
     assert code == 0
     captured = capsys.readouterr()
     assert "scoring" not in captured.out and "scoring: 100%" in captured.err and "40/40" in captured.err
+
+
+def test_explain_shows_a_bar_over_its_prompts_on_stderr_only(tmp_path, tiny_sd1, capsys, monkeypatch):
+    monkeypatch.setattr("scanner.cli.progress.DISABLE", False)
+    prompts = _prompts(random.randint(5, 9))
+    inputs = tmp_path / "p.txt"
+    inputs.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    code = main(["explain", "--input", str(inputs), "--model", str(tiny_sd1), "--batch-size", "4", "--format", "json",
+                 "--method", "grad", "--threshold", "1"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert [json.loads(line)["prompt"] for line in captured.out.splitlines()] == prompts
+    assert "explaining: 100%" in captured.err.split("\r")[-1] and f"{len(prompts)}/{len(prompts)}" in captured.err

@@ -189,6 +189,11 @@ def add_detect_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=16, help="prompts per denoiser batch (default: 16)")
 
 
+def add_format_option(parser: argparse.ArgumentParser, json_help: str) -> None:
+    """`--format text|json` for a command that prints its result (`--json` always names a file to write)."""
+    parser.add_argument("--format", choices=("text", "json"), default="text", help=f"text (default) or {json_help}")
+
+
 def add_threshold_options(parser: argparse.ArgumentParser, flagged: str = "") -> None:
     """`--threshold` or `--calibration` (not both): where the flagging threshold comes from."""
     group = parser.add_argument_group("flagging").add_mutually_exclusive_group()

@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from ..errors import MemscanError
-from .common import EXIT_OK, add_threshold_options, model_command, scanner_and_threshold
+from .common import EXIT_OK, add_format_option, add_threshold_options, model_command, scanner_and_threshold
+from .progress import bar
 
 
 def explain_inputs(args: argparse.Namespace) -> list[str]:
@@ -37,16 +38,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
     threshold = chosen.value
     print(f"memscan: {chosen.describe()}", file=sys.stderr, flush=True)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    for start in range(0, len(prompts), args.batch_size):
-        for explanation in explain(scanner, prompts[start : start + args.batch_size], args.method, threshold):
-            if args.json:
-                print(json.dumps(explanation.to_dict(threshold), ensure_ascii=False), flush=True)
-                continue
-            print(verdict(explanation, threshold) + ("  (prompt truncated)" if explanation.truncated else ""))
-            print("  " + highlight(explanation, color))
-            print(f"  most significant ({args.method}): {top_words(explanation)}", flush=True)
-            if explanation.suggestion is not None:
-                print(f"  {suggestion_line(explanation)}", flush=True)
+    with bar("explaining", total=len(prompts)) as progress:
+        for start in range(0, len(prompts), args.batch_size):
+            batch = prompts[start : start + args.batch_size]
+            for explanation in explain(scanner, batch, args.method, threshold):
+                if args.format == "json":
+                    print(json.dumps(explanation.to_dict(threshold), ensure_ascii=False), flush=True)
+                    continue
+                print(verdict(explanation, threshold) + ("  (prompt truncated)" if explanation.truncated else ""))
+                print("  " + highlight(explanation, color))
+                print(f"  most significant ({args.method}): {top_words(explanation)}", flush=True)
+                if explanation.suggestion is not None:
+                    print(f"  {suggestion_line(explanation)}", flush=True)
+            progress.update(len(batch))
     return EXIT_OK
 
 
@@ -69,7 +73,7 @@ def add_explain_command(commands: argparse._SubParsersAction) -> None:
         help="ablation: score drop when each word is left out (default: the more faithful, docs/explain.md); "
         "grad: gradient significance (the paper's)",
     )
-    explain.add_argument("--json", action="store_true", help="one JSON object per prompt, per line")
+    add_format_option(explain, "json: one JSON object per prompt, per line")
     explain.add_argument(
         "--color", choices=("auto", "always", "never"), default="auto", help="colour words (auto: when stdout is a terminal)"
     )

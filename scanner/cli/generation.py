@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import MemscanError
-from .common import EXIT_OK, add_model_options, add_trajectory_options, command_parser, load_scanner, output_folder
+from .common import EXIT_OK, add_format_option, add_model_options, add_trajectory_options, command_parser, load_scanner, output_folder
 from .progress import show_pipeline_progress
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ def cmd_mitigate(args: argparse.Namespace) -> int:
         "images": [grid.name, raw.name],  # labelled and enlarged; the generated pixels as they are
     }
     (out / f"mitigate-{args.method}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    if args.json:
+    if args.format == "json":
         print(json.dumps(report, ensure_ascii=False))
     else:
         print(
@@ -252,5 +252,5 @@ def add_generation_commands(commands: argparse._SubParsersAction) -> None:
     mitigate.add_argument("--method", choices=METHOD_NAMES, default="embed", help="embed (the paper's; default) or a baseline")
     add_mitigation_options(mitigate)
     add_generation_options(mitigate)
-    mitigate.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_format_option(mitigate, "json: the report as one JSON object")
     add_model_options(mitigate, engine_help=None)  # the optimization needs autograd: torch

@@ -74,7 +74,7 @@ class Explanation:
         return pieces
 
     def to_dict(self, threshold: float | None = None) -> dict:
-        """The machine-readable form (`memscan explain --json`, `/v1/explain`)."""
+        """The machine-readable form (`memscan explain --format json`, `/v1/explain`)."""
         return {
             "prompt": self.prompt,
             "score": self.score,
