@@ -18,6 +18,7 @@ from .detect import Scanner
 from .detectors import Detector, create_detector
 from .errors import MemscanError
 from .metrics import detection_metrics, roc_curve
+from .threads import current_threads
 
 
 @dataclass
@@ -99,7 +100,8 @@ def evaluate(
     """Score the labelled prompts with `detector` (default: Wen's, `scanner`'s own score) and summarize.
 
     The summary holds `auc`, `tpr_at_1pct_fpr` (Wen's rule), `tpr_closest_to_1pct_fpr` (the later
-    papers'), `n_pos`, `n_neg`, the detector's name, settings and `forwards_per_prompt`, `seconds`.
+    papers'), `n_pos`, `n_neg`, the detector's name, settings and `forwards_per_prompt`, `seconds`, and the
+    `runtime` its speed depends on (threads, load average).
     """
     detector = detector or create_detector("wen", scanner)
     start = time.perf_counter()
@@ -117,7 +119,7 @@ def evaluate(
         detector=described["detector"], detector_settings=described["settings"],
         forwards_per_prompt=described["forwards_per_prompt"], jvps_per_prompt=described["jvps_per_prompt"],
         seconds=seconds, prompts_per_second=len(rows) / seconds,
-        settings={**scanner.settings.to_dict(), "engine": scanner.engine.name},
+        settings={**scanner.settings.to_dict(), "engine": scanner.engine.name}, runtime=current_threads().record(),
     )
     return Evaluation(rows=rows, scores=scores, summary=summary)
 

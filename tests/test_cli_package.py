@@ -142,6 +142,8 @@ def test_outputs_and_options_are_checked_before_the_model_loads(tmp_path, tiny_s
         (["sweep", str(inp), *model, "--store", str(tmp_path / "s.db"), "--report", str(a_file)], "report folder"),
         (["serve", *model, "--port", "70000"], "--port"),
         (["bench", *model, "--json", str(a_folder)], "not a file"),
+        (["scan", str(inp), *model, "--out", str(tmp_path / "t.jsonl"), "--threads", "0"], "--threads must be >= 1"),
+        (["bench", "--sd15", "--threads", "0"], "--threads must be >= 1"),
         (["eval-mitigation", *model, "--json", str(unwritable / "r.json")], "cannot write"),
     ]
     for argv, message in cases:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import MemscanError
+from ..threads import prefer_passive_wait
 from .bench import add_bench_command
 from .calibrate import add_calibrate_command
 from .common import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE
@@ -61,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `memscan` command; returns the exit code."""
     # Before transformers is imported: its import-time notices (e.g. torchvision missing) are not the user's concern.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    prefer_passive_wait()  # before torch loads: OpenMP reads it once (scanner/threads.py says why)
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -7,28 +7,25 @@ import sys
 from pathlib import Path
 
 from ..errors import MemscanError
-from .common import ENGINE_NAMES, EXIT_OK, add_model_options, command_parser, output_file, quiet_libraries, start_loading, writing
+from .common import (
+    ENGINE_NAMES, EXIT_OK, add_model_options, command_parser, output_file, positive, quiet_libraries, start_loading, writing,
+)
 
 
 def bench_model(args: argparse.Namespace):
     """The model to time: the SD 1.5-shaped random one of `--sd15`, else `--model`."""
     from ..model import load_model, resolve_device, resolve_dtype
+    from ..threads import apply_threads
 
     quiet_libraries()
     if args.sd15:
         from ..benchmark import sd15_model
 
+        apply_threads(positive(args.threads, "--threads"))
         device = resolve_device(args.device)
         return sd15_model(str(device), resolve_dtype(args.dtype, device))
-    start_loading(args.model, args.device, args.dtype)
+    start_loading(args)
     return load_model(args.model, device=args.device, dtype=args.dtype)
-
-
-def torch_threads() -> int:
-    """Threads torch computes with (what a CPU figure depends on)."""
-    import torch
-
-    return torch.get_num_threads()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -37,6 +34,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import tempfile
 
     from .. import benchmark
+    from ..threads import current_threads
 
     if args.batch_size < 1 or (args.prompts is not None and args.prompts < 1):
         raise MemscanError("--batch-size and --prompts must be >= 1")
@@ -69,7 +67,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cache_dir=cache_dir(),
         on_skip=lambda name, reason: print(f"engine {name} skipped: {reason}", file=sys.stderr),
     )
-    print(f"{model.source}: {count} prompts, batch {args.batch_size}, {model.device}, {model.dtype}, {torch_threads()} threads")
+    threads = current_threads()
+    print(f"{model.source}: {count} prompts, batch {args.batch_size}, {model.device}, {model.dtype}, {threads.describe()}")
+    if threads.busy:
+        print(f"memscan: warning: the machine was busy (load {threads.load_average:.2f} on {threads.cpus} CPUs): "
+              "these figures are below what it can do", file=sys.stderr)
     print(benchmark.format_table(results))
     if json_out:
         with writing(json_out):

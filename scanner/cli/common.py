@@ -151,6 +151,10 @@ def add_model_options(parser: argparse.ArgumentParser, engine_help: str | None =
     )
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N (default: auto)")
     group.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    group.add_argument(
+        "--threads", type=int,
+        help="torch CPU threads (default: $OMP_NUM_THREADS, else every CPU this process may use; idle threads sleep)",
+    )
     if engine_help is None:
         parser.set_defaults(engine="torch")
     else:
@@ -236,25 +240,27 @@ def scanner_spec(args: argparse.Namespace, settings: DetectSettings | None = Non
     )
 
 
-def start_loading(model: str, device: str, dtype: str) -> None:
-    """Check the model folder, device and dtype, then say on stderr that the slow load starts (so a quiet
-    terminal is not taken for a hang, and a bad option is still a one-line error)."""
+def start_loading(args: argparse.Namespace) -> None:
+    """Check the model folder, device, dtype and thread count, set the threads, then say on stderr that the
+    slow load starts (so a quiet terminal is not taken for a hang, and a bad option is still a one-line error)."""
     from ..families import family_for
     from ..io.weights import check_weights
     from ..model import resolve_device, resolve_dtype, resolve_model_path
+    from ..threads import apply_threads
 
-    path = resolve_model_path(model)
+    path = resolve_model_path(args.model)
     family_for(path)  # the folder's family and its own refusals
     check_weights(path)  # truncated or pickle-only weights: one line, before the slow load
-    resolved = resolve_device(device)
-    resolve_dtype(dtype, resolved)
-    print(f"memscan: loading model {model} on {resolved} ...", file=sys.stderr, flush=True)
+    resolved = resolve_device(args.device)
+    resolve_dtype(args.dtype, resolved)
+    threads = apply_threads(positive(args.threads, "--threads"))
+    print(f"memscan: loading model {args.model} on {resolved} ({threads.describe()}) ...", file=sys.stderr, flush=True)
 
 
 def load_scanner(args: argparse.Namespace, settings: DetectSettings | None = None) -> Scanner:
     """The one place a command's `Scanner` is built: checked first, then loaded; `settings` as for `scanner_spec`."""
     spec = scanner_spec(args, settings)  # option errors before the slow load
-    start_loading(spec.model, spec.device, spec.dtype)
+    start_loading(args)
     quiet_libraries()
     return spec.load()
 

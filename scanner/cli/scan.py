@@ -72,8 +72,9 @@ def scan_on_ray(args: argparse.Namespace, **options: Any) -> ScanSummary:
 def cmd_scan(args: argparse.Namespace) -> int:
     """Score prompt files into a Parquet/JSONL output."""
     from ..io import check_inputs, input_bytes
-    from .progress import ScanBar
     from ..scan import run_scan
+    from ..threads import current_threads
+    from .progress import ScanBar
 
     check_inputs(args.inputs, args.field)  # input and output errors before the slow model load
     check_scan_output(args.out, args.overwrite)
@@ -105,9 +106,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
     threshold = chosen[0]
     flagged = "n/a (no threshold)" if threshold.value is None else f"{summary.flagged} ({threshold.describe()})"
     resumed = f" ({summary.resumed} rows resumed)" if summary.resumed else ""
+    runtime = "Ray workers" if scanner is None else current_threads().describe()
     print(
         f"scored {summary.scored}{resumed}, flagged {flagged}, rejected {summary.rejected}, "
-        f"{summary.prompts_per_s:.1f} prompts/s -> {summary.out} (rejects: {summary.rejects})"
+        f"{summary.prompts_per_s:.1f} prompts/s ({runtime}) -> {summary.out} (rejects: {summary.rejects})"
     )
     return EXIT_FLAGGED if args.fail_on_flagged and summary.flagged else EXIT_OK
 

@@ -14,6 +14,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..sweep import SweepStore, prepare_report_dir, run_sweep, usable_inputs, write_report
+    from ..threads import current_threads
 
     if args.checkpoint_rows < 1 or args.top < 0:
         raise MemscanError("--checkpoint-rows must be >= 1 and --top >= 0")
@@ -42,7 +43,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(
         f"sweep {summary.sweep}{' (resumed)' if summary.resumed else ''}: {summary.rows} rows, {summary.new} new, "
         f"{summary.known} already known, {summary.rejected} rejected, flagged {flagged}; "
-        f"{summary.prompts_per_s:.1f} prompts/s"
+        f"{summary.prompts_per_s:.1f} prompts/s ({current_threads().describe()})"
         + (f" -> {report_dir / report['files']['html']}" if report else "")
     )
     for row in rejected_files:
