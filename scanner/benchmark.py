@@ -83,19 +83,33 @@ SD15_SCHEDULER = {
 
 @dataclass
 class ModeResult:
-    """One row of the table: a mode's throughput and how far its scores are from (a)'s."""
+    """One row of the table: a mode's throughput (the median over batches, and their range) and how
+    far its scores are from (a)'s; the ratio is the median of batch-by-batch ratios to (a)."""
 
     name: str
-    prompts_per_s: float
+    batch_prompts_per_s: np.ndarray = field(repr=False)  # one figure per timed batch
     scores: np.ndarray = field(repr=False)
     ratio_vs_reference: float = 1.0
     max_rel_diff: float = 0.0
 
+    @property
+    def prompts_per_s(self) -> float:
+        """The median batch's prompts/s: one slow batch (another process's burst) does not move it."""
+        return float(np.median(self.batch_prompts_per_s))
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median of the batches' prompts/s: how steady the machine was."""
+        return float(np.ptp(self.batch_prompts_per_s) / self.prompts_per_s)
+
     def to_dict(self) -> dict:
-        """The JSON form: name, prompts/s and the ratio to the reference-style loop."""
+        """The JSON form: name, median prompts/s, its range over batches, the ratio to the reference-style loop."""
         return {
             "name": self.name,
             "prompts_per_s": self.prompts_per_s,
+            "prompts_per_s_min": float(self.batch_prompts_per_s.min()),
+            "prompts_per_s_max": float(self.batch_prompts_per_s.max()),
+            "batches": len(self.batch_prompts_per_s),
             "ratio_vs_reference": self.ratio_vs_reference,
             "max_rel_diff_vs_reference": self.max_rel_diff,
         }
@@ -178,22 +192,22 @@ def _ddim(model: ScanModel):
 def interleaved_throughput(
     modes: dict[str, Callable[[list[str]], np.ndarray]], prompts: list[str], warmup: list[str], batch_size: int
 ) -> list[ModeResult]:
-    """Each mode's prompts/s over the same batches, after one untimed warm-up batch each.
+    """Each mode's prompts/s per batch over the same batches, after one untimed warm-up batch each.
 
     The modes take turns batch by batch, so that load from other processes (a shared
     machine) falls on all of them alike instead of on whichever ran during a busy spell.
     """
     for score in modes.values():
         score(warmup)
-    seconds = dict.fromkeys(modes, 0.0)
+    rates: dict[str, list[float]] = {name: [] for name in modes}
     scores: dict[str, list[np.ndarray]] = {name: [] for name in modes}
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i : i + batch_size]
         for name, score in modes.items():
             start = time.perf_counter()
             scores[name].append(score(batch))
-            seconds[name] += time.perf_counter() - start
-    return [ModeResult(name, len(prompts) / seconds[name], np.concatenate(scores[name])) for name in modes]
+            rates[name].append(len(batch) / (time.perf_counter() - start))
+    return [ModeResult(name, np.array(rates[name]), np.concatenate(scores[name])) for name in modes]
 
 
 def _scanner_scores(scanner: Scanner) -> Callable[[list[str]], np.ndarray]:
@@ -229,16 +243,20 @@ def compare_modes(
     results = interleaved_throughput(modes, prompts, warmup, batch_size)
     base = results[0]
     for result in results:
-        result.ratio_vs_reference = result.prompts_per_s / base.prompts_per_s
+        # Batch by batch: each batch is timed beside (a)'s, so the ratio cancels the load they shared.
+        result.ratio_vs_reference = float(np.median(result.batch_prompts_per_s / base.batch_prompts_per_s))
         result.max_rel_diff = float(np.max(np.abs(result.scores - base.scores) / np.abs(base.scores)))
     return results
 
 
 def format_table(results: Sequence[ModeResult]) -> str:
-    """The side-by-side table: prompts/s, ratio to (a), largest relative score difference to (a)."""
-    lines = [f"{'mode':<36} {'prompts/s':>10} {'vs (a)':>8} {'max rel diff vs (a)':>20}"]
+    """The side-by-side table: median prompts/s, its spread over batches, ratio to (a), largest relative score
+    difference to (a)."""
+    lines = [f"{'mode':<36} {'prompts/s':>10} {'spread':>7} {'vs (a)':>8} {'max rel diff vs (a)':>20}"]
     for r in results:
-        lines.append(f"{r.name:<36} {r.prompts_per_s:>10.2f} {r.ratio_vs_reference:>7.1f}x {r.max_rel_diff:>20.1e}")
+        lines.append(
+            f"{r.name:<36} {r.prompts_per_s:>10.2f} {r.spread:>6.0%} {r.ratio_vs_reference:>7.1f}x {r.max_rel_diff:>20.1e}"
+        )
     return "\n".join(lines)
 
 

@@ -4,6 +4,18 @@ import os
 
 # Must be set before triton decorates any kernel (at import of scanner.kernels).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Before torch loads, as `memscan` itself does (scanner/threads.py): tests that run a second process
+# (serve, kill-and-resume, Ray workers) beside this one would otherwise spin against it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# A cache of this process's own (ONNX exports, fingerprints): tests never share one with each other's
+# workers (pytest-xdist), nor with the user's ~/.cache/memscan.
+if "MEMSCAN_CACHE" not in os.environ:
+    import atexit  # noqa: E402
+    import shutil  # noqa: E402
+    import tempfile  # noqa: E402
+
+    os.environ["MEMSCAN_CACHE"] = tempfile.mkdtemp(prefix="memscan-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MEMSCAN_CACHE"], ignore_errors=True)
 
 from pathlib import Path  # noqa: E402
 

@@ -144,6 +144,7 @@ def test_outputs_and_options_are_checked_before_the_model_loads(tmp_path, tiny_s
         (["bench", *model, "--json", str(a_folder)], "not a file"),
         (["scan", str(inp), *model, "--out", str(tmp_path / "t.jsonl"), "--threads", "0"], "--threads must be >= 1"),
         (["bench", "--sd15", "--threads", "0"], "--threads must be >= 1"),
+        (["bench", "--sd15", "--device", "cpu"], "--sd15 is for GPUs"),
         (["eval-mitigation", *model, "--json", str(unwritable / "r.json")], "cannot write"),
     ]
     for argv, message in cases:
