@@ -179,7 +179,8 @@ def test_a_status_line_says_the_model_is_loading(tmp_path, tiny_sd1, capsys, mon
     out, err = capsys.readouterr()
     loading, error = err.strip().splitlines()
     name = "scanner/data/testbed" if command == "demo" else re.escape(str(tiny_sd1))
-    assert re.fullmatch(rf"memscan: loading model \S*{name} on (cpu|cuda\S*) \.\.\.", loading), loading
+    threads = r"\d+ threads? \((--threads|OMP_NUM_THREADS|CPUs available)\), load [\d.]+ on \d+ CPUs"
+    assert re.fullmatch(rf"memscan: loading model \S*{name} on (cpu|cuda\S*) \({threads}\) \.\.\.", loading), loading
     assert error == "memscan: error: stopped at the load" and out == ""  # stdout stays the command's result
 
 

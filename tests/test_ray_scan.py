@@ -103,6 +103,7 @@ def test_ray_scan_matches_the_single_process_scan(tmp_path, local_ray, capsys):
     assert not on_ray.with_name(on_ray.name + ".parts").exists()
 
 
+@pytest.mark.slow  # two more Ray scans; the default run keeps the 2-worker comparison
 def test_reference_noise_seeds_rows_by_their_position_over_all_inputs(tmp_path, local_ray, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths: the workers run in another folder
     first, second = Path("a.txt"), Path("b.jsonl")
@@ -120,6 +121,7 @@ def test_reference_noise_seeds_rows_by_their_position_over_all_inputs(tmp_path, 
     assert rows[0]["prompt"] == rows[5]["prompt"] and rows[0]["score"] != pytest.approx(rows[5]["score"], rel=1e-6)
 
 
+@pytest.mark.slow  # a library scan, a crash and a Ray scan
 def test_ray_scan_resumes_a_crashed_single_process_scan(tmp_path, local_ray, monkeypatch):
     inputs, expected_ids = _inputs(tmp_path)
     out = tmp_path / "scan.parquet"

@@ -192,6 +192,7 @@ def test_bundled_testbed_stats_record_a_groundtruth_of_these_prompts():
     assert gt["normal_close_to_training"] <= 0.05
 
 
+@pytest.mark.slow  # 400 generations of 50 steps; the bundle changes only when it is rebuilt
 @bundled
 def test_bundled_testbed_reproduces_planted_images():
     """Generate for a random sample of evaluation prompts, as the build measured all of them,

@@ -299,4 +299,4 @@ def add_testbed_commands(commands: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--out", default="memscan-demo", help="folder for scores.jsonl, summary.json, roc.png")
     add_detect_options(demo)
-    demo.set_defaults(device="auto", dtype="auto", engine="torch")
+    demo.set_defaults(device="auto", dtype="auto", engine="torch", threads=None)
