@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .onnx_symbolics import register_symbolics
+
 OPSET = 17
 # Bump when the graph's inputs, outputs or exporter options change: old exports are then ignored.
 EXPORT_FORMAT = 2
@@ -80,7 +82,9 @@ def export_denoiser(denoiser: torch.nn.Module, latent_shape: tuple[int, ...], sp
     timestep = torch.tensor(981.0, device=param.device)
     batch = {0: "batch"}
     path = folder / MODEL_FILE
-    # The TorchScript exporter: exact on diffusers' UNet and 10x faster than dynamo=True here.
+    # The TorchScript exporter: exact on diffusers' UNet and 10x faster than dynamo=True here,
+    # with memscan's symbolics for what the transformer families need.
+    register_symbolics(OPSET)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
         torch.onnx.export(

@@ -36,7 +36,7 @@ class DetectSettings:
     start_step: int = 0
     end_step: int = 1
     generations: int = 1
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # None: the family's (`Family.default_guidance_scale`)
     seed: int = 0
     noise: str = "shared"
     score_space: str = "auto"  # "auto": the family's own (epsilon for diffusion, the velocity for flows)
@@ -57,8 +57,12 @@ class DetectSettings:
             raise MemscanError(f"score space must be one of auto, {', '.join(SCORE_SPACES)}, got {self.score_space!r}")
 
     def for_family(self, family: type[Family]) -> DetectSettings:
-        """These settings with `auto` resolved to the family's score space (what results record)."""
-        return self if self.score_space != "auto" else replace(self, score_space=family.default_score_space())
+        """These settings with what was left to the family resolved: its score space and guidance scale (what results record)."""
+        return replace(
+            self,
+            score_space=family.default_score_space() if self.score_space == "auto" else self.score_space,
+            guidance_scale=family.default_guidance_scale if self.guidance_scale is None else self.guidance_scale,
+        )
 
     @property
     def first_step_only(self) -> bool:

@@ -15,18 +15,14 @@ from tiny_families_flow import build_tiny_flux, build_tiny_sd3
 from scanner.detect import DetectSettings, Scanner
 from scanner.engines import ENGINES, EngineUnavailable, create_engine
 from scanner.engines.compile_engine import bucket_for, pad_rows
-from scanner.engines.onnx_export import MODEL_FILE
+from scanner.engines.onnx_export import MODEL_FILE, OPSET
+from scanner.engines.onnx_symbolics import register_symbolics
 from scanner.model import load_model
 from scanner.testbed import default_model_path
 
 SETTINGS = {"first step": {}, "3-step window, 2 generations": {"end_step": 3, "generations": 2}}
 # The tiny pipeline builders of the families besides SD 1.x/2.x (tests/tiny_families_*.py).
 FAMILY_BUILDERS = {"sdxl": build_tiny_sdxl, "pixart": build_tiny_pixart, "sd3": build_tiny_sd3, "flux": build_tiny_flux}
-# Families whose ONNX export is known to fail, and why (strict: a fix makes the test fail until the entry goes).
-ONNX_FAILURES = {
-    "pixart": "the transformer's hidden_states.squeeze(1) exports as an If that ONNX Runtime's shape inference rejects",
-    "flux": "aten::rms_norm has no opset-17 TorchScript symbolic",
-}
 
 
 def _prompts(rng: np.random.Generator, count: int) -> list[str]:
@@ -63,14 +59,39 @@ def test_onnx_scores_match_torch(model, settings, tmp_path):
 
 
 @pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())
-def test_onnx_scores_match_torch_on_every_family(family_path, settings, tmp_path, request):
+def test_onnx_scores_match_torch_on_every_family(family_path, settings, tmp_path):
     """The denoiser module of each family exports with its own conditioning (PixArt's: an int64 attention mask)."""
-    name, path = family_path
-    if name in ONNX_FAILURES:
-        request.applymarker(pytest.mark.xfail(reason=ONNX_FAILURES[name], strict=True))
-    model = load_model(path, device="cpu")
+    model = load_model(family_path[1], device="cpu")
     engine = create_engine("onnx", model.family.denoiser_module(), cache_dir=tmp_path, cache_key=model.fingerprint)
     _assert_same_scores(model, engine, **settings)
+
+
+class _FluxQuery(torch.nn.Module):
+    """What Flux's attention does to a query: split the heads, RMS-normalize them, reshape by the query's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.RMSNorm(4)
+        torch.nn.init.normal_(self.norm.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.norm(x.unflatten(-1, (-1, 4)))
+        return q.reshape(*q.shape[:-1], -1, 2).flatten(3)
+
+
+def test_onnx_symbolics_export_rms_norm_and_unflatten_with_a_dynamic_batch(tmp_path):
+    import onnxruntime
+
+    module, path = _FluxQuery().eval(), tmp_path / "query.onnx"
+    register_symbolics(OPSET)
+    torch.onnx.export(module, (torch.randn(2, 5, 8),), str(path), dynamo=False, opset_version=OPSET,
+                      input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for rows in (1, 3):  # not the traced batch of 2
+        x = torch.randn(rows, 5, 8)
+        with torch.no_grad():
+            expected = module(x).numpy()
+        np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_onnx_norm_head_broadcasts_or_pairs_uncond(tiny_sd1, tmp_path):

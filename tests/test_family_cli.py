@@ -6,8 +6,11 @@ adapter: the same numbers as `Scanner.score`, whatever the command.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,6 +20,7 @@ from tiny_families_flow import build_tiny_sd3
 
 from scanner.cli import main
 from scanner.detect import DetectSettings, Scanner
+from scanner.families import FAMILIES
 from scanner.model import load_model
 
 BUILDERS = {"sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "pixart": build_tiny_pixart}
@@ -73,6 +77,7 @@ def test_explain_and_calibrate_on_the_family(family_model, tmp_path, capsys):
     assert main(["calibrate", "--labels", str(labels), "--model", str(path), "--target-fpr", "0.5", "--out", str(out)]) == 0
     calibration = json.loads(out.read_text())
     assert calibration["model"] == model.fingerprint and calibration["n_pos"] == 3 and calibration["n_neg"] == 3
+    assert calibration["settings"]["guidance_scale"] == model.family.default_guidance_scale, name
     scores = scanner.score(labelled).score
     assert min(scores) <= calibration["threshold"] <= max(scores)
 
@@ -90,4 +95,38 @@ def test_generate_command_on_the_family(family_model, tmp_path):
     sidecar = json.loads(next(out.glob("*.json")).read_text())
     expected_scheduler = "FlowMatchEulerDiscreteScheduler" if model.family.flow else "DDIMScheduler"
     assert sidecar["settings"]["scheduler"] == expected_scheduler, name
+    assert sidecar["settings"]["guidance_scale"] == model.family.default_guidance_scale, name  # none was given
     assert sidecar["score"] == pytest.approx(float(Scanner(model, DetectSettings()).score(["a red cat"]).score[0]), rel=1e-5)
+
+
+@pytest.mark.parametrize("pipeline", sorted(FAMILIES))
+def test_each_familys_default_guidance_scale_is_its_pipelines(pipeline):
+    import diffusers
+
+    module, cls_name = FAMILIES[pipeline]
+    family = getattr(importlib.import_module(f"scanner.families.{module}"), cls_name)
+    # Flux's classifier-free guidance is the true-CFG path's (its guidance_scale is the distilled embedding's input).
+    parameter = "true_cfg_scale" if family.name == "flux" else "guidance_scale"
+    default = inspect.signature(getattr(diffusers, pipeline).__call__).parameters[parameter].default
+    assert family.default_guidance_scale == default
+
+
+def test_guidance_scale_defaults_to_the_familys_and_an_explicit_one_wins(family_model, tmp_path):
+    """Scored past the first step, the scan walks at the family's scale unless given one, and records the scale it used."""
+    name, path, model = family_model
+    default = model.family.default_guidance_scale
+    explicit = default + random.choice([-1, 1]) * round(random.uniform(0.5, 2.5), 2)
+    prompts = _prompts(3)
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    window = DetectSettings(num_inference_steps=3, end_step=2)
+    scores = {}
+    for scale, given in ((default, []), (explicit, ["--guidance-scale", str(explicit)])):
+        out = tmp_path / f"{scale}.parquet"
+        argv = ["scan", str(tmp_path / "p.txt"), "--model", str(path), "--out", str(out), "--inference-steps", "3", "--steps", "2"]
+        assert main([*argv, *given]) == 0
+        rows = pq.read_table(out).to_pylist()
+        assert {json.loads(r["settings"])["guidance_scale"] for r in rows} == {scale}, name
+        scores[scale] = [r["score"] for r in rows]
+        expected = Scanner(model, replace(window, guidance_scale=scale)).score(prompts).score
+        np.testing.assert_allclose(scores[scale], expected, rtol=1e-5, err_msg=f"{name} at {scale}")
+    assert not np.allclose(scores[default], scores[explicit]), name  # the scale reaches the walked step

@@ -169,7 +169,7 @@ class PipelineNorms:
 def assert_scores_match(model: ScanModel, norms: PipelineNorms, window: tuple[int, int], generations: int) -> None:
     """Scanner scores in batches of 1 and of 7 equal the pipeline's norms averaged over the window, within 1e-4."""
     settings = DetectSettings(num_inference_steps=STEPS, start_step=window[0], end_step=window[1],
-                              generations=generations, seed=norms.seed)
+                              generations=generations, guidance_scale=RUN["guidance_scale"], seed=norms.seed)
     expected = norms(generations)[window[0] : window[1]].mean(axis=0)
     for batch_size in (1, 7):
         scanner = Scanner(model, settings)  # fresh: no prompt cache carried between batch sizes
@@ -195,7 +195,7 @@ def assert_gradient_matches(model64: ScanModel, pipe64: Any, module: torch.nn.Mo
     """explain's token significance equals autograd on the float64 pipeline's own denoiser calls over the window."""
     seed = random.randrange(2**31)
     settings = DetectSettings(num_inference_steps=STEPS, start_step=window[0], end_step=window[1],
-                              generations=generations, seed=seed)
+                              generations=generations, guidance_scale=RUN["guidance_scale"], seed=seed)
     scanner = Scanner(model64, settings)
     got = token_significance(scanner, [PROMPTS[1], "x"])
     calls = capture_calls(pipe64, module, window[1], prompt=PROMPTS[1], num_images_per_prompt=generations,

@@ -165,8 +165,9 @@ def add_trajectory_options(group: argparse._ActionsContainer) -> None:
     """--inference-steps and --guidance-scale: the DDIM trajectory that is scored or generated."""
     group.add_argument("--inference-steps", type=int, default=50, help="DDIM inference steps: the trajectory's length (default: 50)")
     group.add_argument(
-        "--guidance-scale", type=float, default=7.5,
-        help="classifier-free guidance scale (default: 7.5; the first step's score does not depend on it)",
+        "--guidance-scale", type=float, default=None,
+        help="classifier-free guidance scale (default: the model family's, as its diffusers pipeline has it: 7.5 for "
+        "SD 1.x/2.x, README's families table for the others; the first step's score does not depend on it)",
     )
 
 
@@ -262,7 +263,11 @@ def load_scanner(args: argparse.Namespace, settings: DetectSettings | None = Non
     spec = scanner_spec(args, settings)  # option errors before the slow load
     start_loading(args)
     quiet_libraries()
-    return spec.load()
+    scanner = spec.load()
+    if "guidance_scale" in vars(args) and args.guidance_scale is None:
+        # The generating commands read the option itself once the scanner is loaded: the family's default.
+        args.guidance_scale = scanner.family.default_guidance_scale
+    return scanner
 
 
 def threshold_resolver(args: argparse.Namespace) -> Callable[[str, str, dict], Threshold]:

@@ -127,6 +127,8 @@ class Family(ABC):
     name: ClassVar[str]  # short name, recorded with every result ("sd", "sdxl", ...)
     pipelines: ClassVar[tuple[str, ...]]  # model_index.json `_class_name`s handled
     flow: ClassVar[bool] = False  # flow matching (velocity) rather than diffusion
+    # The CFG scale of walked windows and generation unless one is given: the pipeline's own default.
+    default_guidance_scale: ClassVar[float]
     # The conditioning entry holding the per-token sequence (explain's gradient, mitigation),
     # the entries mitigation optimizes, and how many leading positions stay fixed (BOS).
     sequence_key: ClassVar[str] = "encoder_hidden_states"

@@ -72,6 +72,8 @@ class Flux(Family):
     name = "flux"
     pipelines = ("FluxPipeline",)
     flow = True
+    # FluxPipeline's true_cfg_scale: 1, true CFG off, so walked windows follow the conditional velocity as it samples.
+    default_guidance_scale = 1.0
     # T5's sequence (no BOS: nothing frozen) and CLIP's pooled output, by the transformer's names.
     sequence_key = "encoder_hidden_states"
     trainable_keys = ("encoder_hidden_states", "pooled_projections")

@@ -68,6 +68,7 @@ class PixArt(DDIMTrajectoryMixin, Family):
 
     name = "pixart"
     pipelines = tuple(MAX_SEQUENCE_LENGTH)
+    default_guidance_scale = 4.5  # PixArtAlphaPipeline's and PixArtSigmaPipeline's
     components = ("tokenizer", "text_encoder", "transformer", "scheduler", "vae")
     denoiser_folder = "transformer"
     frozen_positions = 0  # T5 has no BOS: every position is the prompt's

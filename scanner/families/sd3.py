@@ -81,6 +81,7 @@ class StableDiffusion3(Family):
     name = "sd3"
     pipelines = ("StableDiffusion3Pipeline",)
     flow = True
+    default_guidance_scale = 7.0  # StableDiffusion3Pipeline's
     sequence_key = "encoder_hidden_states"
     # The joint sequence and the pooled projection; position 0 is CLIP's BOS.
     trainable_keys = ("encoder_hidden_states", "pooled_projections")

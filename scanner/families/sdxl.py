@@ -52,6 +52,7 @@ class StableDiffusionXL(DDIMTrajectoryMixin, Family):
 
     name = "sdxl"
     pipelines = ("StableDiffusionXLPipeline",)
+    default_guidance_scale = 5.0  # StableDiffusionXLPipeline's
     components = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "scheduler", "vae")
     trainable_keys = ("encoder_hidden_states", "text_embeds")  # the token embeddings and the pooled one
     frozen_positions = 1  # CLIP's BOS leads the sequence

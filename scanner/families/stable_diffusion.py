@@ -72,6 +72,7 @@ class StableDiffusion(DDIMTrajectoryMixin, Family):
 
     name = "sd"
     pipelines = ("StableDiffusionPipeline",)
+    default_guidance_scale = 7.5  # StableDiffusionPipeline's
     components = ("tokenizer", "text_encoder", "unet", "scheduler", "vae")
 
     @classmethod
