@@ -35,10 +35,13 @@ def generate_images(
     cond: Conditioning,
     latents: torch.Tensor,
     num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
 ) -> np.ndarray:
-    """Images `[S, H, W, 3]` uint8 for one conditioning (`[1, ...]` entries) and initial latents `[S, C, H, W]`."""
+    """Images `[S, H, W, 3]` uint8 for one conditioning (`[1, ...]` entries) and initial latents `[S, C, H, W]`;
+    `guidance_scale` None: the family's pipeline default."""
     count = len(latents)
+    if guidance_scale is None:
+        guidance_scale = family.default_guidance_scale
     kwargs = family.generation_kwargs(
         cond_expand(cond, count), cond_expand(family.unconditional(), count), latents, guidance_scale
     )

@@ -215,9 +215,10 @@ class MitigatedGeneration:
 
 def mitigate_and_generate(
     scanner: Scanner, pipeline: Any, prompt: str, method: str, seeds: list[int],
-    settings: MitigationSettings, steps: int = 50, guidance: float = 7.5,
+    settings: MitigationSettings, steps: int = 50, guidance: float | None = None,
 ) -> MitigatedGeneration:
-    """Mitigate `prompt` on the latents of `seeds`, then generate from the original and the mitigated conditioning."""
+    """Mitigate `prompt` on the latents of `seeds`, then generate from the original and the mitigated conditioning
+    (`guidance` None: the family's pipeline default)."""
     latents = seed_latents(scanner.model, seeds)
     result = mitigate(scanner, prompt, method, latents, settings, seed=seeds[0])
     with torch.no_grad():
