@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 from dataclasses import asdict
 
 import numpy as np
@@ -19,6 +20,7 @@ from scanner.detectors import AnisotropyDetector, AnisotropySettings, create_det
 from scanner.errors import MemscanError
 from scanner.model import identify_model, load_model
 from scanner.scan import run_scan, scanner_settings, settings_record
+from scanner.sweep import normalize_prompt
 
 PROMPTS = [f"a photo of item {i} on a table" for i in range(7)]
 # The record of Wen's score on the tiny SD 1.x model as the code before --detector wrote it: it stays
@@ -120,3 +122,24 @@ def test_a_model_calibration_for_wen_gives_another_detector_no_verdict(tmp_path,
     assert len(warnings) == 1 and "detector" in warnings[0] and "flagged n/a (no threshold)" in captured.out
     assert {r["flagged"] for r in _rows(tmp_path / "a.jsonl")} == {None}
 
+
+def test_sweep_with_a_detector_keeps_its_scores_apart(tmp_path, tiny_sd1, scanner, prompts, capsys):
+    store, report = tmp_path / "s.db", tmp_path / "reports"
+    sweep = ["sweep", str(prompts), "--model", str(tiny_sd1), "--device", "cpu", "--store", str(store), "--report", str(report)]
+    assert main([*sweep, "--detector", "anisotropy", "--threshold=-1e9", "--top", "2"]) == 0
+    with sqlite3.connect(store) as db:
+        configs = db.execute("SELECT id, settings FROM configs").fetchall()
+        stored = dict(db.execute("SELECT prompt, score FROM prompts"))
+    assert [json.loads(settings) for _, settings in configs] == [ANISOTROPY_RECORD]
+    expected = create_detector("anisotropy", scanner).score([normalize_prompt(p) for p in PROMPTS])
+    assert [stored[normalize_prompt(p)] for p in PROMPTS] == pytest.approx(expected.tolist(), rel=1e-5)
+    (summary_file,) = report.glob("sweep-1-*.json")
+    summary = json.loads(summary_file.read_text())
+    assert summary["settings"] == ANISOTROPY_RECORD
+    # Word shares measure Wen's score, so another detector's top prompts are listed without them.
+    assert len(summary["top"]) == 2 and all(entry["flagged"] and "words" not in entry for entry in summary["top"])
+    assert "Words are not highlighted" in (report / summary["files"]["html"]).read_text()
+    capsys.readouterr()
+    # The same prompts for wen are new to the store: nothing is taken from the detector's rows.
+    assert main(sweep) == 0
+    assert f"{len(PROMPTS)} new, 0 already known" in capsys.readouterr().out
