@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from .detect import DetectSettings, PromptScores, Scanner
 from .encode import TokenizedPrompts
 from .io import MAX_PROMPT_CHARS, InputRow, ScanJournal, check_inputs, read_prompts, rejects_path
 from .prefetch import prefetch
+
+if TYPE_CHECKING:
+    from .detectors import Detector
 
 
 @dataclass
@@ -59,19 +63,47 @@ def tokenized_batches(
         yield group, scanner.family.tokenize(prompts) if prompts else None
 
 
-def settings_fields(settings: DetectSettings, dtype: torch.dtype, engine: str) -> dict:
-    """What makes a score what it is: the detection settings, the dtype and the engine."""
-    return {**settings.to_dict(), "dtype": str(dtype).removeprefix("torch."), "engine": engine}
+def own_score(detector: Detector | None) -> bool:
+    """True when `detector` is None or `wen`: the scanner's own score (per generation, either noise mode)."""
+    return detector is None or detector.name == "wen"
 
 
-def scanner_settings(scanner: Scanner) -> dict:
-    """`settings_fields` of a loaded scanner."""
-    return settings_fields(scanner.settings, scanner.model.dtype, scanner.engine.name)
+def detector_fields(detector: Detector | None) -> dict:
+    """What a detector adds to the settings record: nothing for Wen's score (its records stay as they were),
+    else its name and settings, so that resumes, stores and calibrations never mix detectors."""
+    if own_score(detector):
+        return {}
+    described = detector.describe()
+    # Through JSON, as a calibration file reads it back: a tuple setting must compare equal to its list.
+    return json.loads(json.dumps({"detector": described["detector"], "detector_settings": described["settings"]}))
 
 
-def settings_record(settings: DetectSettings, dtype: torch.dtype, engine: str) -> str:
+def settings_fields(settings: DetectSettings, dtype: torch.dtype, engine: str, detector: Detector | None = None) -> dict:
+    """What makes a score what it is: the detection settings, the dtype, the engine and the detector."""
+    return {**settings.to_dict(), "dtype": str(dtype).removeprefix("torch."), "engine": engine, **detector_fields(detector)}
+
+
+def scanner_settings(scanner: Scanner, detector: Detector | None = None) -> dict:
+    """`settings_fields` of a loaded scanner (scoring with `detector`, default Wen's)."""
+    return settings_fields(scanner.settings, scanner.model.dtype, scanner.engine.name, detector)
+
+
+def settings_record(settings: DetectSettings, dtype: torch.dtype, engine: str, detector: Detector | None = None) -> str:
     """The settings string stored in every result row."""
-    return json.dumps(settings_fields(settings, dtype, engine), sort_keys=True)
+    return json.dumps(settings_fields(settings, dtype, engine, detector), sort_keys=True)
+
+
+def score_batch(
+    scanner: Scanner, detector: Detector | None, prompts: list[str], indices: Sequence[int] | None = None,
+    tokens: TokenizedPrompts | None = None,
+) -> PromptScores:
+    """The prompts' scores by the scanner (Wen's: per generation) or by `detector` (one value per prompt, as
+    a one-generation row); `indices` and `tokens` as for `Scanner.score`."""
+    if own_score(detector):
+        return scanner.score(prompts, indices, tokens)
+    if tokens is None:
+        tokens = scanner.family.tokenize(prompts)
+    return PromptScores(detector.score(prompts, tokens)[:, None], tokens.n_tokens, tokens.truncated)
 
 
 def run_key(paths: Sequence[Path], field: str | None, model: str, settings: str, threshold: float | None) -> dict:
@@ -177,15 +209,17 @@ def run_scan(
     commit_seconds: float = 30.0,
     wait: float = 60.0,
     max_prompt_chars: int = MAX_PROMPT_CHARS,
+    detector: Detector | None = None,
 ) -> ScanSummary:
     """Score every prompt of `inputs` into `out` (.parquet or .jsonl), resuming an interrupted run.
 
     Another scan writing `out` is waited for up to `wait` seconds; prompts over `max_prompt_chars`
     characters are rejected unscored. `progress` gets the rows done after each batch, `read` the
-    input bytes done through it (of `scanner.io.input_bytes(inputs)`)."""
+    input bytes done through it (of `scanner.io.input_bytes(inputs)`). `detector` (over `scanner`) scores
+    instead of the scanner's own score, Wen's; its name and settings join the settings record."""
     paths = check_inputs(inputs, field)
     model = scanner.model.fingerprint
-    settings = settings_record(scanner.settings, scanner.model.dtype, scanner.engine.name)
+    settings = settings_record(scanner.settings, scanner.model.dtype, scanner.engine.name, detector)
     key = run_key(paths, field, model, settings, threshold)
     output = ScanOutput(
         out, key, inputs=paths, overwrite=overwrite, commit_rows=commit_rows, commit_seconds=commit_seconds, wait_s=wait
@@ -199,7 +233,7 @@ def run_scan(
             prompts = [r for r in group if r.error is None]
             results = []
             if prompts:
-                scores = scanner.score([r.prompt for r in prompts], [r.index for r in prompts], tokens)
+                scores = score_batch(scanner, detector, [r.prompt for r in prompts], [r.index for r in prompts], tokens)
                 results = result_rows(prompts, scores, model, settings, threshold)
             rejects = [{"id": r.id, "reason": r.error} for r in group if r.error is not None]
             output.add(results, rejects, group[-1].index + 1)

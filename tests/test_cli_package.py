@@ -76,7 +76,7 @@ def test_option_names_mean_one_thing():
                 helps.setdefault(option, set()).add(action.help)
         assert "--guidance" not in parser._option_string_actions, name
     # --steps is the scored window wherever it is offered; the trajectory is --inference-steps.
-    for option in ("--steps", "--inference-steps", "--guidance-scale"):
+    for option in ("--steps", "--inference-steps", "--guidance-scale", "--detector"):
         assert len(helps[option]) == 1, (option, helps[option])
     # --json always names a file to write; a command that prints JSON says --format json.
     for name, parser in _leaf_commands().items():
@@ -87,6 +87,14 @@ def test_option_names_mean_one_thing():
             assert actions["--format"].choices == ("text", "json"), name
     assert {"explain", "mitigate"} <= {name for name, p in _leaf_commands().items() if "--format" in p._option_string_actions}
     assert "score sampling steps" in helps["--steps"].pop()
+    # --detector scores scan, sweep, calibrate and eval alike, from the same names.
+    from scanner.cli.common import DETECTOR_NAMES
+
+    detecting = {name for name, p in _leaf_commands().items() if "--detector" in p._option_string_actions}
+    assert {"scan", "sweep", "calibrate", "eval"} <= detecting
+    for name in detecting:
+        action = _leaf_commands()[name]._option_string_actions["--detector"]
+        assert tuple(action.choices) == DETECTOR_NAMES and action.default == "wen", name
     generate = _leaf_commands()["generate"]._option_string_actions
     assert "--steps" not in generate and {"--inference-steps", "--guidance-scale"} <= set(generate)
 
@@ -146,6 +154,12 @@ def test_outputs_and_options_are_checked_before_the_model_loads(tmp_path, tiny_s
         (["bench", "--sd15", "--threads", "0"], "--threads must be >= 1"),
         (["bench", "--sd15", "--device", "cpu"], "--sd15 is for GPUs"),
         (["eval-mitigation", *model, "--json", str(unwritable / "r.json")], "cannot write"),
+        (["scan", str(inp), *model, "--out", str(tmp_path / "t.jsonl"), "--detector", "sail", "--engine", "onnx"],
+         "--detector sail needs --engine torch: it takes forward-mode derivatives"),
+        (["calibrate", "--labels", str(default_labels_path()), *model, "--out", str(tmp_path / "c.json"),
+          "--detector", "attention-entropy", "--engine", "compile"], "--detector attention-entropy needs --engine torch"),
+        (["scan", str(inp), *model, "--out", str(tmp_path / "t.jsonl"), "--detector", "anisotropy", "--engine", "ray"],
+         "Ray workers score with wen only"),
     ]
     for argv, message in cases:
         err = one_line_error(capsys, main(argv))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import EXIT_OK, load_scanner, model_command, output_file
+from .common import EXIT_OK, model_command, output_file, scanner_and_detector
 from .progress import bar
 
 
@@ -14,21 +14,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     from ..calibration import check_target_fpr, fit_calibration
     from ..evaluate import read_labelled_prompts, score_prompts
-    from ..scan import scanner_settings
+    from ..scan import scanner_settings, score_batch
 
     check_target_fpr(args.target_fpr)  # option, label and output errors before the slow model load
     rows = read_labelled_prompts(args.labels)
     out = output_file(args.out)
-    scanner = load_scanner(args)
+    scanner, detector = scanner_and_detector(args, args.detector)
     with bar("scoring", total=len(rows)) as progress:
-        scores = score_prompts(lambda batch: scanner.score(batch).score, [row["prompt"] for row in rows], args.batch_size,
-                               progress.update)
+        scores = score_prompts(lambda batch: score_batch(scanner, detector, batch).score, [row["prompt"] for row in rows],
+                               args.batch_size, progress.update)
     calibration = fit_calibration(
         np.array([row["label"] for row in rows]),
         scores,
         args.target_fpr,
         model=scanner.model.fingerprint,
-        settings=scanner_settings(scanner),
+        settings=scanner_settings(scanner, detector),
         labels_file=args.labels,
     )
     calibration.save(out)
@@ -46,12 +46,14 @@ def add_calibrate_command(commands: argparse._SubParsersAction) -> None:
         commands,
         "calibrate",
         cmd_calibrate,
+        detector=True,
         help="fit the flagging threshold for a target FPR on labelled prompts",
         description=(
             "Score labelled prompts (JSONL: prompt, label 1 memorized / 0 normal) and write the threshold with\n"
             "the highest true-positive rate whose false-positive rate is <= --target-fpr (flagged: score >=\n"
-            "threshold), with the model fingerprint and detection settings it is valid for. scan, sweep and\n"
-            "serve take it with --calibration FILE and refuse it for another model or other settings."
+            "threshold), with the model fingerprint and detection settings (the detector's included) it is valid\n"
+            "for. scan, sweep and serve take it with --calibration FILE and refuse it for another model or other\n"
+            "settings, another detector among them."
         ),
     )
     calibrate.add_argument("--labels", required=True, metavar="FILE", help="labelled prompts, e.g. scanner/data/testbed/eval_prompts.jsonl")

@@ -19,6 +19,7 @@ from ..errors import MemscanError
 if TYPE_CHECKING:
     from ..calibration import Threshold
     from ..detect import DetectSettings, Scanner, ScannerSpec
+    from ..detectors import Detector
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FLAGGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -61,12 +62,12 @@ def command_parser(
 
 def model_command(
     commands: argparse._SubParsersAction, name: str, handler: Handler, *, engine_help: str = ENGINE_HELP,
-    flagged: bool = False, resumable: bool = False, **kwargs: str,
+    flagged: bool = False, resumable: bool = False, detector: bool = False, **kwargs: str,
 ) -> argparse.ArgumentParser:
-    """A subcommand that scores prompts: the model and detection options come with it."""
+    """A subcommand that scores prompts: the model and detection options (with `detector`, --detector) come with it."""
     command = command_parser(commands, name, handler, flagged=flagged, resumable=resumable, **kwargs)
     add_model_options(command, engine_help)
-    add_detect_options(command)
+    add_detect_options(command, detector)
     return command
 
 
@@ -171,9 +172,12 @@ def add_trajectory_options(group: argparse._ActionsContainer) -> None:
     )
 
 
-def add_detect_options(parser: argparse.ArgumentParser) -> None:
-    """The detection settings: which steps of which trajectory are scored, from which latents, in which batches."""
+def add_detect_options(parser: argparse.ArgumentParser, detector: bool = False) -> None:
+    """The detection settings: which steps of which trajectory are scored, from which latents, in which batches
+    (and, with `detector`, by which detector)."""
     group = parser.add_argument_group("detection")
+    if detector:
+        add_detector_option(group)
     group.add_argument("--steps", type=int, default=1, help="score sampling steps [0, N) (default: 1, the first step)")
     add_trajectory_options(group)
     group.add_argument("--generations", type=int, default=1, help="initial latents per prompt (default: 1)")
@@ -192,6 +196,23 @@ def add_detect_options(parser: argparse.ArgumentParser) -> None:
         "auto (default): epsilon for diffusion families, model for flow families (SD3, Flux)",
     )
     group.add_argument("--batch-size", type=int, default=16, help="prompts per denoiser batch (default: 16)")
+
+
+def add_detector_option(group: argparse._ActionsContainer) -> None:
+    """`--detector NAME`: which detector scores (its name and settings join the settings record)."""
+    group.add_argument(
+        "--detector", choices=DETECTOR_NAMES, default="wen",
+        help="wen (default: the guidance magnitude), or a later detector (docs/detectors.md)",  # as eval's: one meaning
+    )
+
+
+def check_detector(name: str, engine: str) -> None:
+    """Refuse, before the slow load, a detector that needs the eager torch denoiser with another engine."""
+    from ..detectors import DETECTORS
+
+    reason = DETECTORS[name].eager_only
+    if reason and engine != "torch":
+        raise MemscanError(f"--detector {name} needs --engine torch: {reason}")
 
 
 def add_format_option(parser: argparse.ArgumentParser, json_help: str) -> None:
@@ -288,10 +309,26 @@ def threshold_resolver(args: argparse.Namespace) -> Callable[[str, str, dict], T
     return resolve
 
 
-def scanner_and_threshold(args: argparse.Namespace) -> tuple[Scanner, Threshold]:
-    """The scanner and its flagging threshold, as `threshold_resolver` resolves it."""
+def scanner_and_detector(args: argparse.Namespace, detector: str) -> tuple[Scanner, Detector | None]:
+    """The scanner and the detector `detector` over it (None for wen: the scanner's own score)."""
+    from ..detectors import create_detector
+
+    check_detector(detector, args.engine)
+    scanner = load_scanner(args)
+    # wen stays the scanner itself: its score per generation, and reference noise too.
+    return scanner, None if detector == "wen" else create_detector(detector, scanner)
+
+
+def scanner_detector_and_threshold(args: argparse.Namespace, detector: str) -> tuple[Scanner, Detector | None, Threshold]:
+    """`scanner_and_detector` and the flagging threshold, resolved against the settings record naming the detector."""
     from ..scan import scanner_settings
 
     resolve = threshold_resolver(args)
-    scanner = load_scanner(args)
-    return scanner, resolve(scanner.model.source, scanner.model.fingerprint, scanner_settings(scanner))
+    scanner, chosen = scanner_and_detector(args, detector)
+    return scanner, chosen, resolve(scanner.model.source, scanner.model.fingerprint, scanner_settings(scanner, chosen))
+
+
+def scanner_and_threshold(args: argparse.Namespace) -> tuple[Scanner, Threshold]:
+    """The scanner and its flagging threshold for Wen's score (the commands without --detector)."""
+    scanner, _, threshold = scanner_detector_and_threshold(args, "wen")
+    return scanner, threshold

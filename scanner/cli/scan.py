@@ -17,7 +17,7 @@ from .common import (
     model_command,
     output_file,
     quiet_libraries,
-    scanner_and_threshold,
+    scanner_detector_and_threshold,
     scanner_spec,
     threshold_resolver,
 )
@@ -41,10 +41,12 @@ def check_scan_output(path: str, overwrite: bool) -> Path:
 
 
 def check_ray_options(args: argparse.Namespace) -> bool:
-    """True for `--engine ray`; a Ray option without it is a usage error."""
+    """True for `--engine ray`; a Ray option without it, or a detector Ray workers do not run, is a usage error."""
     given = [name for name in RAY_OPTIONS if getattr(args, name) is not None]
     if given and args.engine != "ray":
         raise MemscanError(f"--{given[0].replace('_', '-')} needs --engine ray")
+    if args.engine == "ray" and args.detector != "wen":
+        raise MemscanError(f"Ray workers score with wen only: drop --detector {args.detector} or scan without --engine ray")
     return args.engine == "ray"
 
 
@@ -88,9 +90,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
             chosen.append(resolve(model_path, fingerprint, settings))
             return chosen[-1].value
 
-        scanner = None
+        scanner = detector = None
     else:
-        scanner, threshold = scanner_and_threshold(args)
+        scanner, detector, threshold = scanner_detector_and_threshold(args, args.detector)
         chosen.append(threshold)
     # Bytes read of the inputs' size give the total and an ETA; Ray workers report rows only.
     with ScanBar(None if scanner is None else input_bytes(args.inputs)) as bar:
@@ -102,7 +104,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
             summary = scan_on_ray(args, choose_threshold=choose, **options)
         else:
             summary = run_scan(scanner, args.inputs, args.out, threshold=chosen[0].value, wait=args.wait, read=bar.read,
-                               **options)
+                               detector=detector, **options)
     threshold = chosen[0]
     flagged = "n/a (no threshold)" if threshold.value is None else f"{summary.flagged} ({threshold.describe()})"
     resumed = f" ({summary.resumed} rows resumed)" if summary.resumed else ""
@@ -135,6 +137,7 @@ def add_scan_command(commands: argparse._SubParsersAction) -> None:
         cmd_scan,
         flagged=True,
         resumable=True,
+        detector=True,
         help="score prompt files for memorization",
         description="Score every prompt of the inputs; resumable: re-run the same command after a crash.",
         engine_help=f"{ENGINE_HELP}; or ray: score on a Ray cluster, each worker running --worker-engine",

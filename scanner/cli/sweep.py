@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import MemscanError
-from .common import EXIT_FLAGGED, EXIT_OK, add_threshold_options, model_command, scanner_and_threshold
+from .common import EXIT_FLAGGED, EXIT_OK, add_threshold_options, model_command, scanner_detector_and_threshold
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -22,7 +22,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     paths, rejected_files = usable_inputs(args.inputs, args.field)
     report_dir = prepare_report_dir(args.report) if args.report else None
     with SweepStore(args.store, wait_s=args.wait) as store:
-        scanner, chosen = scanner_and_threshold(args)
+        scanner, detector, chosen = scanner_detector_and_threshold(args, args.detector)
         threshold = chosen.value
         with tqdm(desc="sweeping", unit=" prompts", disable=None, dynamic_ncols=True) as bar:
             summary = run_sweep(
@@ -35,10 +35,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 threshold=threshold,
                 progress=bar.update,
                 commit_rows=args.checkpoint_rows,
+                detector=detector,
             )
         report = None
         if report_dir is not None:
-            report = write_report(store, summary, scanner, report_dir, threshold_source=chosen.source, top=args.top)
+            report = write_report(
+                store, summary, scanner, report_dir, threshold_source=chosen.source, top=args.top, detector=detector
+            )
     flagged = "n/a (no threshold)" if summary.flagged is None else f"{summary.flagged} ({chosen.describe()})"
     print(
         f"sweep {summary.sweep}{' (resumed)' if summary.resumed else ''}: {summary.rows} rows, {summary.new} new, "
@@ -59,12 +62,14 @@ def add_sweep_command(commands: argparse._SubParsersAction) -> None:
         cmd_sweep,
         flagged=True,
         resumable=True,
+        detector=True,
         help="score only the prompts a store has not seen, keep them, report the sweep",
         description=(
             "Score the prompts of the inputs that the SQLite --store does not hold yet for this model and\n"
-            "settings (prompts normalized: Unicode NFC, whitespace runs made one space, stripped), add them,\n"
-            "and write a dated HTML and JSON report into --report. A killed sweep resumes when the same\n"
-            "command is re-run; a file that cannot be read is rejected with its reason, the others are swept.\n"
+            "settings, --detector included (prompts normalized: Unicode NFC, whitespace runs made one space,\n"
+            "stripped), add them, and write a dated HTML and JSON report into --report. A killed sweep\n"
+            "resumes when the same command is re-run; a file that cannot be read is rejected with its reason,\n"
+            "the others are swept.\n"
             "One sweep writes to a store at a time: another waits up to --wait seconds, then exits 2."
         ),
     )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..encode import TokenizedPrompts
 from ..families import cond_repeat
 from .base import Detector, check_steps, in_space, prompt_rows, wide
 
@@ -60,11 +61,11 @@ class AnisotropyDetector(Detector):
         """One conditional forward at each of the two timesteps per generation (unconditional ones cached)."""
         return 2 * self.settings.generations
 
-    def score(self, prompts: Sequence[str]) -> np.ndarray:
+    def score(self, prompts: Sequence[str], tokens: TokenizedPrompts | None = None) -> np.ndarray:
         """`gamma_1 * N + gamma_2 * C` per prompt."""
         s, space = self.settings, self.scanner.settings.score_space
         with torch.no_grad():
-            cond = cond_repeat(self.family.encode(prompts), s.generations)
+            cond = cond_repeat(self.encode(prompts, tokens), s.generations)
             x = prompt_rows(self.x, len(prompts))
             terms = []
             for step in (0, self.cosine_step):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..encode import TokenizedPrompts
 from ..errors import MemscanError
 from ..families import cond_repeat
 from .base import Detector, prompt_rows
@@ -70,6 +71,7 @@ class AttentionEntropyDetector(Detector):
 
     name = "attention-entropy"
     settings_type = AttentionEntropySettings
+    eager_only = "it reads a cross-attention layer of the eager UNet through a hook"
 
     def __init__(self, scanner, settings: AttentionEntropySettings | None = None):
         super().__init__(scanner, settings)
@@ -97,12 +99,12 @@ class AttentionEntropyDetector(Detector):
         """One conditional forward per generation (stopped after the layer)."""
         return self.settings.generations
 
-    def score(self, prompts: Sequence[str]) -> np.ndarray:
+    def score(self, prompts: Sequence[str], tokens: TokenizedPrompts | None = None) -> np.ndarray:
         """The entropy of the layer's head- and query-averaged token distribution, per prompt."""
-        return self.entropy(self.distribution(prompts))
+        return self.entropy(self.distribution(prompts, tokens))
 
-    def distribution(self, prompts: Sequence[str]) -> torch.Tensor:
-        """`[B, n, L]`: the layer's averaged token distribution for each prompt and generation."""
+    def distribution(self, prompts: Sequence[str], tokens: TokenizedPrompts | None = None) -> torch.Tensor:
+        """`[B, n, L]`: the layer's averaged token distribution for each prompt and generation (`tokens` as for `score`)."""
         n, b = self.settings.generations, len(prompts)
         owner = threading.get_ident()
         recorded: list[torch.Tensor] = []
@@ -115,7 +117,7 @@ class AttentionEntropyDetector(Detector):
             raise _Recorded
 
         with torch.no_grad():
-            cond = cond_repeat(self.family.encode(prompts), n)
+            cond = cond_repeat(self.encode(prompts, tokens), n)
             x = self.trajectory.model_input(prompt_rows(self.x, b), 0)
             handle = self.attention.register_forward_pre_hook(hook, with_kwargs=True)
             try:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..detect import Scanner
+from ..encode import TokenizedPrompts
 from ..errors import MemscanError
 from ..families import Conditioning, Trajectory, cond_expand
 
@@ -25,6 +26,9 @@ class Detector(ABC):
 
     name: ClassVar[str]
     settings_type: ClassVar[type]
+    # Why the detector needs the eager torch denoiser, for the commands that refuse another --engine
+    # (it would run eagerly anyway while the records named the engine); empty when any engine runs it.
+    eager_only: ClassVar[str] = ""
 
     def __init__(self, scanner: Scanner, settings: Any = None):
         # Every detector but `wen` draws one set of initial latents for all prompts, so a
@@ -47,8 +51,8 @@ class Detector(ABC):
         return 0
 
     @abstractmethod
-    def score(self, prompts: Sequence[str]) -> np.ndarray:
-        """Each prompt's score `[B]` (float64), higher = more memorized."""
+    def score(self, prompts: Sequence[str], tokens: TokenizedPrompts | None = None) -> np.ndarray:
+        """Each prompt's score `[B]` (float64), higher = more memorized; `tokens` is `family.tokenize(prompts)` done ahead."""
 
     def describe(self) -> dict:
         """The detector's name, settings and cost, as plain data (recorded with evaluations)."""
@@ -57,6 +61,11 @@ class Detector(ABC):
                 "jvps_per_prompt": self.jvps_per_prompt()}
 
     # -- shared pieces -------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str], tokens: TokenizedPrompts | None = None) -> Conditioning:
+        """The prompts' conditioning, from `tokens` when given: a scan tokenizes in its prefetch thread, and a
+        fast tokenizer must not be entered from two threads at once."""
+        return self.family.encode(prompts) if tokens is None else self.family.encode_tokens(tokens)
+
     def latents(self, generations: int, size: int | None = None) -> torch.Tensor:
         """`[n, C, H, W]` unit Gaussian latents from the scanner's seed, drawn on the CPU in fp32 (as `Scanner.shared_latents`)."""
         channels, height, width = self.scanner.model.latent_shape

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import MemscanError
+from ..encode import TokenizedPrompts
 from ..families import cond_repeat
 from .base import Detector, check_steps, in_space, prompt_rows, wide
 from .ssim import check_size, ms_ssim
@@ -72,11 +73,11 @@ class NemoSsimDetector(Detector):
         """One conditional forward per generation (no unconditional branch at guidance 0)."""
         return self.settings.generations
 
-    def score(self, prompts: Sequence[str]) -> np.ndarray:
+    def score(self, prompts: Sequence[str], tokens: TokenizedPrompts | None = None) -> np.ndarray:
         """The max (or mean) pairwise MS-SSIM of each prompt's noise maps."""
         n, b = self.settings.generations, len(prompts)
         with torch.no_grad():
-            cond = cond_repeat(self.family.encode(prompts), n)
+            cond = cond_repeat(self.encode(prompts, tokens), n)
             x = prompt_rows(self.x, b)
             eps = in_space(self.conditional(self.trajectory, self.step, x, cond), x, self.trajectory, self.step, "epsilon")
             maps = noise_maps(wide(eps), wide(x)).unflatten(0, (b, n))

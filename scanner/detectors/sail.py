@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..encode import TokenizedPrompts
 from ..families import cond_cat, cond_expand, cond_repeat
 from .base import Detector, alpha_sigma, prompt_rows, wide
 
@@ -38,6 +39,7 @@ class SailDetector(Detector):
 
     name = "sail"
     settings_type = SailSettings
+    eager_only = "it takes forward-mode derivatives (torch.func.jvp) of the denoiser"
 
     def __init__(self, scanner, settings: SailSettings | None = None):
         super().__init__(scanner, settings)
@@ -56,12 +58,12 @@ class SailDetector(Detector):
         """Two JVP rows per generation, conditional and unconditional (the tangent depends on the prompt)."""
         return 2 * self.settings.generations
 
-    def score(self, prompts: Sequence[str]) -> np.ndarray:
+    def score(self, prompts: Sequence[str], tokens: TokenizedPrompts | None = None) -> np.ndarray:
         """`mean_k || (J_c - J_u)(f_c - f_u) ||_2 * k^2 / sigma_t^2` per prompt."""
         n, b = self.settings.generations, len(prompts)
         t = self.trajectory.timesteps[0]
         with torch.no_grad():
-            cond = cond_repeat(self.family.encode(prompts), n)
+            cond = cond_repeat(self.encode(prompts, tokens), n)
             x = prompt_rows(self.x, b)
             u_rows = self.unconditional(self.trajectory, 0, self.x)
             tangent = self.conditional(self.trajectory, 0, x, cond) - prompt_rows(u_rows, b)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..detect import DetectSettings, Scanner
+from ..encode import TokenizedPrompts
 from ..errors import MemscanError
 from .base import Detector
 
@@ -33,6 +34,6 @@ class WenDetector(Detector):
             return s.generations
         return 2 * s.generations * s.end_step
 
-    def score(self, prompts: Sequence[str]) -> np.ndarray:
+    def score(self, prompts: Sequence[str], tokens: TokenizedPrompts | None = None) -> np.ndarray:
         """`Scanner.score(prompts).score` as float64."""
-        return self.scanner.score(list(prompts)).score.astype(np.float64)
+        return self.scanner.score(list(prompts), tokens=tokens).score.astype(np.float64)

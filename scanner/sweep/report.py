@@ -11,9 +11,10 @@ import tempfile
 from pathlib import Path
 
 from ..detect import Scanner
+from ..detectors import Detector
 from ..errors import MemscanError
 from ..explain import explain
-from ..scan import scanner_settings
+from ..scan import own_score, scanner_settings
 from .run import SweepSummary
 from .store import SweepStore
 
@@ -143,16 +144,27 @@ td, th { border: 1px solid #ccc; padding: .2em .6em; text-align: left; vertical-
 
 
 def write_report(
-    store: SweepStore, summary: SweepSummary, scanner: Scanner, folder: Path, *, threshold_source: str | None, top: int = 10
+    store: SweepStore, summary: SweepSummary, scanner: Scanner, folder: Path, *, threshold_source: str | None, top: int = 10,
+    detector: Detector | None = None,
 ) -> dict:
-    """Write `sweep-ID-DATE.html`, `.json` and `.rejects.jsonl` into `folder`; returns the JSON summary."""
+    """Write `sweep-ID-DATE.html`, `.json` and `.rejects.jsonl` into `folder`; returns the JSON summary.
+
+    The top prompts are explained word by word for Wen's score only (`detector` None or wen): the word
+    shares are those of Wen's score, which another detector's scores do not follow."""
     info = store.sweep_info(summary.sweep)
     stem = f"sweep-{summary.sweep}-{info['started'].replace(':', '').replace('-', '')}"
     paths = {kind: folder / f"{stem}.{kind}" for kind in ("html", "json", "rejects.jsonl")}
     candidates = store.top(summary.sweep, top)
     if summary.threshold is not None:
         candidates = [row for row in candidates if row["score"] >= summary.threshold]
-    explanations = explain(scanner, [row["prompt"] for row in candidates]) if candidates else []
+    explanations = explain(scanner, [row["prompt"] for row in candidates]) if candidates and own_score(detector) else []
+    if explanations:
+        top_rows = [{**e.to_dict(summary.threshold), "source": row["source"]} for e, row in zip(explanations, candidates)]
+    else:
+        threshold = summary.threshold
+        top_rows = [
+            {**row, "threshold": threshold, "flagged": None if threshold is None else row["score"] >= threshold} for row in candidates
+        ]
     history = store.history(summary.config)
     report = {
         "sweep": summary.sweep,
@@ -161,7 +173,7 @@ def write_report(
         "finished": info["finished"],
         "seconds": round(summary.seconds, 3),
         "model": {"source": scanner.model.source, "fingerprint": scanner.model.fingerprint},
-        "settings": scanner_settings(scanner),
+        "settings": scanner_settings(scanner, detector),
         "threshold": summary.threshold,
         "threshold_source": threshold_source,
         "store": str(store.path),
@@ -170,9 +182,7 @@ def write_report(
         "scored_by_this_run": summary.scored,
         "prompts_per_s": round(summary.prompts_per_s, 3),
         "rows_per_s": round(summary.rows_per_s, 3),
-        "top": [
-            {**e.to_dict(summary.threshold), "source": row["source"]} for e, row in zip(explanations, candidates)
-        ],
+        "top": top_rows,
         "history": history,
         "files": {kind: path.name for kind, path in paths.items()},
     }
@@ -209,13 +219,18 @@ def _page(report: dict, rejects: list[dict], history: list[dict], histogram: str
     meta_rows = "".join(f"<tr><th>{html.escape(k)}</th><td><code>{html.escape(str(v))}</code></td></tr>" for k, v in meta)
     title = "top flagged prompts" if report["threshold"] is not None else "top-scoring new prompts (no threshold: no verdict)"
     items = []
-    for entry, explanation in zip(report["top"], explanations):
+    for i, entry in enumerate(report["top"]):
         verdict = '<span class="flagged">FLAGGED</span> ' if entry["flagged"] else ""
+        prompt = _highlighted(explanations[i]) if explanations else html.escape(entry["prompt"])
         items.append(
             f'<li>{verdict}score {entry["score"]:.4f} <small>({html.escape(entry["source"])})</small>'
-            f'<div class="prompt">{_highlighted(explanation)}</div></li>'
+            f'<div class="prompt">{prompt}</div></li>'
         )
-    top = f"<ol>{''.join(items)}</ol><p><small>Words highlighted by their leave-one-out significance (darker: larger share).</small></p>"
+    legend = (
+        "Words highlighted by their leave-one-out significance (darker: larger share)." if explanations
+        else "Words are not highlighted: their significance is measured on Wen's score, not this detector's."
+    )
+    top = f"<ol>{''.join(items)}</ol><p><small>{legend}</small></p>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>memscan sweep #{report['sweep']}</title><style>{STYLE}</style></head>
 <body>

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..detect import Scanner
+from ..detectors import Detector
 from ..errors import MemscanError, one_line
 from ..io import InputRow, check_inputs, read_prompts
 from ..prefetch import prefetch
-from ..scan import batch_rows, settings_record, tokenized_batches
+from ..scan import batch_rows, score_batch, settings_record, tokenized_batches
 from .store import ScoredPrompt, SweepStore, normalize_prompt, prompt_key
 
 
@@ -103,13 +104,19 @@ def run_sweep(
     progress: Callable[[int], None] | None = None,
     commit_rows: int = 2048,
     commit_seconds: float = 30.0,
+    detector: Detector | None = None,
 ) -> SweepSummary:
-    """Score and store the new prompts of `paths`; `rejected_files` (from `usable_inputs`) are recorded."""
+    """Score and store the new prompts of `paths`; `rejected_files` (from `usable_inputs`) are recorded.
+
+    `detector` (over `scanner`) scores instead of Wen's score; its name and settings are part of the
+    config, so the store keeps each detector's scores apart."""
     if scanner.settings.noise != "shared":
         raise MemscanError("a sweep stores one score per prompt, so it needs --noise shared (reference noise depends on position)")
     started = time.perf_counter()
     store.begin()
-    config = store.config_id(scanner.model.fingerprint, settings_record(scanner.settings, scanner.model.dtype, scanner.engine.name))
+    config = store.config_id(
+        scanner.model.fingerprint, settings_record(scanner.settings, scanner.model.dtype, scanner.engine.name, detector)
+    )
     sweep, resumed = store.start_sweep(config, [str(p) for p in (*paths, *(r.id for r in rejected_files))], threshold)
     store.add_rejects(sweep, [(row.id, row.error) for row in rejected_files])
     rows = rejected = len(rejected_files)
@@ -125,7 +132,7 @@ def run_sweep(
         if progress is not None:
             progress(len(chunk) - len(new))
         for group, tokens in prefetch(tokenized_batches(scanner, batch_rows(new, batch_size))):
-            result = scanner.score([row.prompt for row in group], tokens=tokens)
+            result = score_batch(scanner, detector, [row.prompt for row in group], tokens=tokens)
             scores = result.score  # a property computing the mean: once per batch
             store.add(
                 config,
