@@ -1,4 +1,5 @@
-"""The commands on families other than SD 1.x/2.x: scan (formats, rejects, resume), explain, calibrate, sweep.
+"""The commands on families other than SD 1.x/2.x: scan (formats, rejects, resume), explain, calibrate, sweep,
+eval, the service, generate and (slow) Ray.
 
 The family tests prove the scores; these prove that every job reaches them through the
 adapter: the same numbers as `Scanner.score`, whatever the command.
@@ -130,3 +131,55 @@ def test_guidance_scale_defaults_to_the_familys_and_an_explicit_one_wins(family_
         expected = Scanner(model, replace(window, guidance_scale=scale)).score(prompts).score
         np.testing.assert_allclose(scores[scale], expected, rtol=1e-5, err_msg=f"{name} at {scale}")
     assert not np.allclose(scores[default], scores[explicit]), name  # the scale reaches the walked step
+
+
+def test_sweep_eval_and_the_service_on_the_family(family_model, tmp_path, capsys):
+    from fastapi.testclient import TestClient
+    from sklearn.metrics import roc_auc_score
+
+    from scanner.explain import explain
+    from scanner.service import create_app
+
+    name, path, model = family_model
+    scanner = Scanner(model, DetectSettings())
+    prompts = _prompts(6)
+    expected = scanner.score(prompts).score
+    # sweep: every prompt new, its report's top prompts ranked by the family's own scores.
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    argv = ["sweep", str(tmp_path / "p.txt"), "--model", str(path), "--store", str(tmp_path / "s.db"),
+            "--report", str(tmp_path / "r"), "--top", "3", "--no-calibration"]
+    assert main(argv) == 0 and "6 new" in capsys.readouterr().out
+    (summary,) = (tmp_path / "r").glob("sweep-1-*.json")
+    top = json.loads(summary.read_text())["top"]
+    order = np.argsort(-expected, kind="stable")[:3]
+    assert [entry["prompt"] for entry in top] == [prompts[i] for i in order], name
+    np.testing.assert_allclose([entry["score"] for entry in top], expected[order], rtol=1e-5, err_msg=name)
+    # eval: the AUC sklearn gives on the family's scores.
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"prompt": p, "label": i % 2}) + "\n" for i, p in enumerate(prompts)))
+    assert main(["eval", "--labels", str(labels), "--model", str(path), "--json", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["auc"] == pytest.approx(roc_auc_score([i % 2 for i in range(6)], expected), abs=1e-9), name
+    # the service: scores and both explanations as the library gives them.
+    with TestClient(create_app(Scanner(model, DetectSettings()))) as client:
+        body = client.post("/v1/score", json={"prompts": prompts}).json()
+        np.testing.assert_allclose([r["score"] for r in body["results"]], expected, rtol=1e-5, err_msg=name)
+        for method in ("grad", "ablation"):
+            words = client.post("/v1/explain", json={"prompt": prompts[0], "method": method}).json()["words"]
+            (reference,) = explain(scanner, [prompts[0]], method, None)
+            assert [w["score"] for w in words] == pytest.approx([w.score for w in reference.words], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.slow  # a local Ray and a worker per family
+def test_ray_scan_on_the_family(family_model, tmp_path):
+    pytest.importorskip("ray")
+    name, path, model = family_model
+    prompts = _prompts(5)
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "ray.jsonl"
+    argv = ["scan", str(tmp_path / "p.txt"), "--model", str(path), "--out", str(out), "--engine", "ray", "--workers", "1",
+            "--batch-size", "2", "--no-calibration"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = Scanner(model, DetectSettings()).score(prompts).score
+    np.testing.assert_allclose([r["score"] for r in rows], expected, rtol=1e-5, err_msg=name)
