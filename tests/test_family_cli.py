@@ -1,5 +1,5 @@
-"""The commands on families other than SD 1.x/2.x: scan (formats, rejects, resume), explain, calibrate, sweep,
-eval, the service, generate and (slow) Ray.
+"""The commands on families other than SD 1.x/2.x (SDXL, SD3, Flux, PixArt): scan (formats, rejects, resume),
+explain, calibrate, sweep, eval, the service, generate and (slow) Ray.
 
 The family tests prove the scores; these prove that every job reaches them through the
 adapter: the same numbers as `Scanner.score`, whatever the command.
@@ -17,14 +17,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from tiny_families_diffusion import build_tiny_pixart, build_tiny_sdxl
-from tiny_families_flow import build_tiny_sd3
+from tiny_families_flow import build_tiny_flux, build_tiny_sd3
 
 from scanner.cli import main
 from scanner.detect import DetectSettings, Scanner
 from scanner.families import FAMILIES
 from scanner.model import load_model
 
-BUILDERS = {"sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "pixart": build_tiny_pixart}
+BUILDERS = {"sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux, "pixart": build_tiny_pixart}
 WORDS = ["a", "photo", "of", "red", "cat", "castle", "at", "night", "oil", "painting", "Portrait", "1914"]
 
 
