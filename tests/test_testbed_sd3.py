@@ -137,6 +137,8 @@ def test_testbed_build_command_takes_the_family(tmp_path, capsys):
     assert "planted reproduced" in capsys.readouterr().out
 
 
+CALIBRATE = ("memscan calibrate --model scanner/data/testbed_sd3 --labels scanner/data/testbed_sd3/eval_prompts.jsonl "
+             "--target-fpr 0.01 --out scanner/data/testbed_sd3/calibration.json")
 bundled = pytest.mark.skipif(not (default_model_path("sd3") / "model_index.json").exists(), reason="no bundled sd3 testbed")
 
 
@@ -153,22 +155,10 @@ def test_the_bundled_sd3_testbed_fits_and_records_its_ground_truth():
 
 @bundled
 def test_the_bundled_sd3_testbed_calibration_is_for_the_bundled_model():
-    from scanner.calibration import load_calibration
-    from scanner.detect import DetectSettings, Scanner
-    from scanner.model import identify_model
-    from scanner.scan import scanner_settings
+    from test_calibration import check_shipped_calibration
 
-    model = default_model_path("sd3")
     rows = [json.loads(line) for line in default_labels_path("sd3").read_text().splitlines()]
-    regenerate = (
-        "regenerate it: memscan calibrate --model scanner/data/testbed_sd3 --labels scanner/data/testbed_sd3/eval_prompts.jsonl "
-        "--target-fpr 0.01 --out scanner/data/testbed_sd3/calibration.json"
-    )
-    calibration = load_calibration(model / "calibration.json")
-    assert calibration.model == identify_model(model)[1], f"calibration.json is stale (the testbed was rebuilt); {regenerate}"
-    assert calibration.settings == scanner_settings(Scanner(load_model(model, device="cpu"), DetectSettings())), regenerate
-    assert calibration.target_fpr == 0.01 and calibration.fpr <= 0.01
-    assert (calibration.n_pos, calibration.n_neg) == (sum(r["label"] for r in rows), sum(1 - r["label"] for r in rows))
+    check_shipped_calibration(default_model_path("sd3"), rows, CALIBRATE)
 
 
 def test_demo_takes_a_testbed_folder(smoke_builds, tmp_path, capsys):
