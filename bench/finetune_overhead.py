@@ -48,7 +48,7 @@ def main() -> None:
         for name, filtering in (("unfiltered", None), ("filtered", FilterSettings())):
             torch.manual_seed(0)
             wall, cpu = time.perf_counter(), time.process_time()
-            train_denoiser(cfg, data, latents, tokenizer, torch.Generator().manual_seed(0), lambda _: None, filtering)
+            train_denoiser(cfg, data, latents, [tokenizer], torch.Generator().manual_seed(0), lambda _: None, filtering)
             seconds["wall"][name].append(round(time.perf_counter() - wall, 2))
             seconds["cpu"][name].append(round(time.process_time() - cpu, 2))
             print(f"{name}: {seconds['wall'][name][-1]:.1f} s wall, {seconds['cpu'][name][-1]:.1f} s CPU "

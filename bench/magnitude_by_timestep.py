@@ -16,8 +16,9 @@ import json
 
 import torch
 
-from scanner.testbed.build import load_build_data, tokenize, training_scheduler
+from scanner.testbed.build import load_build_data
 from scanner.testbed.groundtruth import load_pipeline
+from scanner.testbed.recipes import tokenize, training_scheduler
 from scanner.training import MemorizationFilter, TimestepQuantileThreshold
 
 QUANTILE = 0.99

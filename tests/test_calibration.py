@@ -176,10 +176,13 @@ def test_serve_takes_the_threshold_from_a_calibration_and_refuses_a_foreign_one(
 
 def test_the_shipped_testbed_calibration_is_for_the_shipped_model(planted_testbed):
     model, rows = planted_testbed
-    regenerate = (
-        "regenerate it: memscan calibrate --labels scanner/data/testbed/eval_prompts.jsonl "
-        "--target-fpr 0.01 --out scanner/data/testbed/calibration.json"
-    )
+    check_shipped_calibration(model, rows, "memscan calibrate --labels scanner/data/testbed/eval_prompts.jsonl "
+                              "--target-fpr 0.01 --out scanner/data/testbed/calibration.json")
+
+
+def check_shipped_calibration(model, rows: list[dict], command: str) -> None:
+    """A bundled testbed's calibration.json: made by `command` for this model, the default settings and all its labels."""
+    regenerate = f"regenerate it: {command}"
     calibration = load_calibration(model / "calibration.json")
     assert calibration.model == identify_model(model)[1], f"calibration.json is stale (the testbed was rebuilt); {regenerate}"
     assert calibration.settings == scanner_settings(Scanner(load_model(model, device="cpu"), DetectSettings())), regenerate

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from scanner.testbed.build import SMOKE_CONFIG, build_testbed, training_scheduler
+from scanner.testbed.build import SMOKE_CONFIG, build_testbed
 from scanner.testbed.filtering import FilterSettings, SampleFilter
+from scanner.testbed.recipes import training_scheduler
 from scanner.training import TimestepQuantileThreshold
 
 
@@ -88,27 +89,27 @@ def test_loop_skips_steps_where_every_sample_is_dropped(monkeypatch, tmp_path):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from scanner.clip_vocab import write_clip_tokenizer
-    from scanner.testbed import build
+    from scanner.testbed import build, filtering, recipes
 
     class DropAll(SampleFilter):
         def calibrate(self, step):
             super().calibrate(step)
             self.rule.values.zero_()  # no magnitude is below 0
 
-    monkeypatch.setattr(build, "SampleFilter", DropAll)
+    monkeypatch.setattr(filtering, "SampleFilter", DropAll)
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path / "tokenizer"))
     data = build.make_data(SMOKE_CONFIG, np.random.default_rng(0), tokenizer)
     latents = torch.randn(len(data.images), 4, 8, 8)
     seed = int(np.random.default_rng().integers(1 << 31))
     torch.manual_seed(seed)
-    CLIPTextModel(build.text_encoder_config(SMOKE_CONFIG, tokenizer))
-    initial = UNet2DConditionModel(**build.unet_config(SMOKE_CONFIG)).state_dict()
+    CLIPTextModel(recipes.text_encoder_config(SMOKE_CONFIG, tokenizer))
+    initial = UNet2DConditionModel(**recipes.unet_config(SMOKE_CONFIG)).state_dict()
     torch.manual_seed(seed)
-    denoiser = build.train_denoiser(SMOKE_CONFIG, data, latents, tokenizer, torch.Generator().manual_seed(0),
+    denoiser = build.train_denoiser(SMOKE_CONFIG, data, latents, [tokenizer], torch.Generator().manual_seed(0),
                                     lambda _: None, FilterSettings(bins=2, calibration_pairs=16, calibrate_every=2))
     assert denoiser.filter_stats["skipped_steps"] == SMOKE_CONFIG.train_steps
     assert sum(denoiser.filter_stats["dropped"].values()) == SMOKE_CONFIG.train_steps * SMOKE_CONFIG.batch_size
-    for name, value in denoiser.unet.state_dict().items():
+    for name, value in denoiser.recipe.unet.state_dict().items():
         assert torch.equal(value, initial[name]), name
 
 

@@ -55,14 +55,15 @@ def cmd_testbed_build(args: argparse.Namespace) -> int:
     """Train the testbed model into --out."""
     from dataclasses import replace
 
-    from ..testbed.build import SMOKE_CONFIG, BuildConfig, build_testbed
+    from ..testbed.build import build_config, build_testbed
 
     quiet_libraries()  # the ground truth's pipeline would log every truncated random-token prompt
-    cfg = SMOKE_CONFIG if args.smoke else BuildConfig()
+    cfg = build_config(args.family, args.smoke)
     if positive(args.threads, "--threads") is not None:
         cfg = replace(cfg, threads=args.threads)
     output_folder(args.out)
-    command = f"memscan testbed build --out {shlex.quote(args.out)} --seed {args.seed}"
+    command = "memscan testbed build" + (f" --family {args.family}" if args.family != "sd" else "")
+    command += f" --out {shlex.quote(args.out)} --seed {args.seed}"
     command += " --smoke" * args.smoke + (f" --threads {args.threads}" if args.threads is not None else "")
     stats = build_testbed(args.out, seed=args.seed, cfg=cfg, log=lambda line: print(line, flush=True), command=command)
     gt = stats["groundtruth"]
@@ -177,15 +178,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Scan the bundled testbed's evaluation prompts with the bundled model."""
+    """Scan a testbed's evaluation prompts with its model (the bundled sd testbed unless --model)."""
     from ..evaluate import plot_evaluation, write_scores
-    from ..testbed import default_labels_path, default_model_path
+    from ..testbed import default_model_path
 
     out = output_folder(args.out)
-    args.model = str(default_model_path())
+    name = args.model or "the bundled testbed"
+    args.model = args.model or str(default_model_path())
+    labels = Path(args.model) / "eval_prompts.jsonl"
+    if not labels.is_file():
+        raise MemscanError(f"{args.model} is not a testbed built by `memscan testbed build` (no eval_prompts.jsonl)")
     started = time.time()
-    evaluation = _evaluate(args, str(default_labels_path()))
-    print(f"scanned {len(evaluation.rows)} prompts with the bundled testbed in {time.time() - started:.1f} s")
+    evaluation = _evaluate(args, str(labels))
+    print(f"scanned {len(evaluation.rows)} prompts with {name} in {time.time() - started:.1f} s")
     _print_summary(evaluation.summary)
     print(f"top {DEMO_TOP} prompts by memorization score (label 1 = planted, memorized):")
     for row, score in evaluation.top(DEMO_TOP):
@@ -237,7 +242,10 @@ def add_testbed_commands(commands: argparse._SubParsersAction) -> None:
     build = command_parser(
         testbed_commands, "build", cmd_testbed_build, help="train the testbed model (deterministic for a seed and device)"
     )
-    build.add_argument("--out", required=True, help="output folder (a StableDiffusionPipeline layout)")
+    build.add_argument("--family", choices=("sd", "sd3"), default="sd",
+                       help="sd: a UNet, epsilon prediction (StableDiffusionPipeline; default); "
+                       "sd3: an SD 3 transformer, rectified flow (StableDiffusion3Pipeline without T5)")
+    build.add_argument("--out", required=True, help="output folder (the family's pipeline layout)")
     build.add_argument("--seed", type=int, default=0, help="seed of data, initialization and training (default: 0)")
     build.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (for CI)")
     build.add_argument("--threads", type=int, help="torch CPU threads (default: the build config's)")
@@ -298,5 +306,6 @@ def add_testbed_commands(commands: argparse._SubParsersAction) -> None:
         commands, "demo", cmd_demo, help="scan the bundled evaluation prompts with the bundled testbed model"
     )
     demo.add_argument("--out", default="memscan-demo", help="folder for scores.jsonl, summary.json, roc.png")
+    demo.add_argument("--model", help="a testbed folder (e.g. scanner/data/testbed_sd3; default: the bundled sd testbed)")
     add_detect_options(demo)
     demo.set_defaults(device="auto", dtype="auto", engine="torch", threads=None)

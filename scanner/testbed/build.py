@@ -1,9 +1,10 @@
 """`memscan testbed build`: train the small text-to-image model with planted memorization.
 
 Steps: generate the data (normal world + planted pairs), train a tiny AutoencoderKL,
-encode every image once, train a CLIPTextModel and a UNet2DConditionModel jointly with
-the epsilon-prediction loss and caption dropout, save a StableDiffusionPipeline folder,
-write the labelled evaluation prompts, and measure the ground truth by generation.
+encode every image once, train the family's text encoders and denoiser jointly with caption
+dropout (`recipes.py`: a UNet with epsilon prediction for "sd", an SD 3 transformer by
+rectified flow for "sd3"), save the family's pipeline folder, write the labelled evaluation
+prompts, and measure the ground truth by generation with the family's own sampler.
 """
 
 from __future__ import annotations
@@ -20,32 +21,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTokenizer
 
 from ..clip_vocab import MODEL_MAX_LENGTH, write_clip_tokenizer
 from ..errors import MemscanError
 from ..metrics import detection_metrics
 from ..training import masked_mse_loss
-from .filtering import FilterSettings, SampleFilter
+from .filtering import FilterSettings
 from .planted import load_memorized_captions, make_planted_images, split_by_template
+from .recipes import RECIPES, Recipe, tokenize
 from .world import IMAGE_SIZE, make_normal_pairs
-
-LATENT_SIZE = IMAGE_SIZE // 2
-
-# Stable Diffusion v1's noise schedule, so that the first DDIM step of 50 is t = 981.
-SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-}
 
 
 @dataclass
@@ -73,34 +60,40 @@ class BuildConfig:
     monitor_per_kind: int = 40
     groundtruth_seeds: int = 4
     threads: int = 1
+    family: str = "sd"  # the recipe (recipes.RECIPES)
 
 
-SMOKE_CONFIG = BuildConfig(
+@dataclass
+class FlowBuildConfig(BuildConfig):
+    """An SD 3 build: the same world and schedule; two CLIP encoders and an SD3Transformer2DModel."""
+
+    family: str = "sd3"
+    # Two full-vocabulary embedding tables: hidden 32 keeps both bundles under 30 MB.
+    text_hidden: int = 32
+    transformer_layers: int = 4
+    heads: int = 4
+    head_dim: int = 16
+    patch_size: int = 2
+    flow_shift: float = 3.0  # SD 3's
+
+
+_SMOKE_SIZES = dict(
     num_normal=48, num_planted=6, repeats=2, train_steps=3, batch_size=8, warmup_steps=1, vae_steps=2,
-    vae_channels=8, text_hidden=16, text_layers=1, unet_channels=(16, 32), eval_per_kind=4, max_held_out=4,
-    monitor_every=0, monitor_per_kind=4, groundtruth_seeds=1,
+    vae_channels=8, text_hidden=16, eval_per_kind=4, max_held_out=4, monitor_every=0, monitor_per_kind=4,
+    groundtruth_seeds=1,
 )
+SMOKE_CONFIG = BuildConfig(**_SMOKE_SIZES, text_layers=1, unet_channels=(16, 32))
+# Two text layers: SD 3 conditions on the penultimate hidden states, which after one layer would be the embeddings.
+FLOW_SMOKE_CONFIG = FlowBuildConfig(**_SMOKE_SIZES, transformer_layers=1, heads=2, head_dim=8)
+CONFIGS = {"sd": (BuildConfig, SMOKE_CONFIG), "sd3": (FlowBuildConfig, FLOW_SMOKE_CONFIG)}
 
 
-def text_encoder_config(cfg: BuildConfig, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
-    """A small CLIPTextModel over CLIP's full 49408-token vocabulary."""
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
-        num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=MODEL_MAX_LENGTH,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        projection_dim=cfg.text_hidden,
-    )
-
-
-def unet_config(cfg: BuildConfig) -> dict:
-    """A two-level UNet2DConditionModel with cross-attention at every level."""
-    levels = len(cfg.unet_channels)
-    return dict(
-        sample_size=LATENT_SIZE, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * levels, up_block_types=("CrossAttnUpBlock2D",) * levels,
-        block_out_channels=cfg.unet_channels, layers_per_block=1, cross_attention_dim=cfg.text_hidden,
-        attention_head_dim=8, norm_num_groups=min(16, cfg.unet_channels[0]),
-    )
+def build_config(family: str = "sd", smoke: bool = False) -> BuildConfig:
+    """The full or smoke build config of `family`."""
+    if family not in CONFIGS:
+        raise MemscanError(f"unknown testbed family {family!r} (use {', '.join(CONFIGS)})")
+    full, smoke_config = CONFIGS[family]
+    return smoke_config if smoke else full()
 
 
 def vae_config(cfg: BuildConfig) -> dict:
@@ -164,12 +157,6 @@ def random_token_string(tokenizer: CLIPTokenizer, rng: np.random.Generator) -> s
     return tokenizer.decode(ids.tolist())
 
 
-def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
-    """Token ids [n, 77], padded and truncated as Stable Diffusion does."""
-    return tokenizer(prompts, padding="max_length", max_length=MODEL_MAX_LENGTH, truncation=True,
-                     return_tensors="pt").input_ids
-
-
 def train_vae(cfg: BuildConfig, images: torch.Tensor, generator: torch.Generator) -> AutoencoderKL:
     """Fit the tiny autoencoder to reconstruct the training images (MSE plus a light KL term)."""
     vae = AutoencoderKL(**vae_config(cfg))
@@ -191,23 +178,18 @@ def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(256)])
 
 
+def tokenize_all(tokenizers: list[CLIPTokenizer], prompts: list[str]) -> torch.Tensor:
+    """Token ids [n, len(tokenizers), 77]: each prompt as every tokenizer of the recipe reads it."""
+    return torch.stack([tokenize(tokenizer, prompts) for tokenizer in tokenizers], dim=1)
+
+
 @torch.no_grad()
-def first_step_scores(
-    unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, prompts: list[str],
-    x_T: torch.Tensor,
-) -> np.ndarray:
-    """Monitoring only: ||eps(x_T, 981, e_p) - eps(x_T, 981, e_empty)|| for each prompt, one shared latent."""
-    scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
-    scheduler.set_timesteps(50)
-    t0 = scheduler.timesteps[0]
-    embeddings = text_encoder(tokenize(tokenizer, [""] + prompts))[0]
-    eps = unet(x_T.expand(len(embeddings), -1, -1, -1), t0, encoder_hidden_states=embeddings).sample
-    return (eps[1:] - eps[:1]).flatten(1).norm(dim=1).numpy()
-
-
-def training_scheduler() -> DDPMScheduler:
-    """The noise schedule the denoiser is trained with (the DDIM sampler's, as a DDPMScheduler)."""
-    return DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
+def first_step_scores(recipe: Recipe, tokenizers: list[CLIPTokenizer], prompts: list[str], x_T: torch.Tensor) -> np.ndarray:
+    """Monitoring only: ||D(x_T, t_first, e_p) - D(x_T, t_first, e_empty)|| for each prompt, one shared latent."""
+    conditioning = recipe.encode(tokenize_all(tokenizers, [""] + prompts))
+    rows = len(prompts) + 1
+    out = recipe.predict(x_T.expand(rows, -1, -1, -1), recipe.first_timestep(), conditioning)
+    return (out[1:] - out[:1]).flatten(1).norm(dim=1).numpy()
 
 
 def _lr_factor(step: int, cfg: BuildConfig) -> float:
@@ -220,32 +202,29 @@ def _lr_factor(step: int, cfg: BuildConfig) -> float:
 
 @dataclass
 class Denoiser:
-    """The trained text encoder and UNet, the monitoring history, and the filter's counts (None unfiltered)."""
+    """The trained recipe (text encoders and denoiser), the monitoring history, and the filter's counts (None unfiltered)."""
 
-    text_encoder: CLIPTextModel
-    unet: UNet2DConditionModel
+    recipe: Recipe
     history: list[dict]
     filter_stats: dict | None
 
 
 def train_denoiser(
-    cfg: BuildConfig, data: TestbedData, latents: torch.Tensor, tokenizer: CLIPTokenizer,
+    cfg: BuildConfig, data: TestbedData, latents: torch.Tensor, tokenizers: list[CLIPTokenizer],
     generator: torch.Generator, log: Callable[[str], None], filtering: FilterSettings | None = None,
 ) -> Denoiser:
-    """Train text encoder and UNet jointly, optionally dropping high-magnitude samples from the loss."""
-    text_encoder = CLIPTextModel(text_encoder_config(cfg, tokenizer))
-    unet = UNet2DConditionModel(**unet_config(cfg))
-    noise_scheduler = training_scheduler()
-    params = list(text_encoder.parameters()) + list(unet.parameters())
+    """Train the recipe's text encoders and denoiser jointly, optionally dropping high-magnitude samples from the loss."""
+    recipe = RECIPES[cfg.family](cfg, tokenizers[0])
+    params = recipe.parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg))
-    input_ids = tokenize(tokenizer, data.captions)
-    empty_ids = tokenize(tokenizer, [""])[0]
+    input_ids = tokenize_all(tokenizers, data.captions)
+    empty_ids = tokenize_all(tokenizers, [""])[0]
     sampling_weights = torch.as_tensor(data.repeats, dtype=torch.float64)
     monitor = _monitor_set(cfg, data)
-    x_T = torch.randn((1, cfg.latent_channels, LATENT_SIZE, LATENT_SIZE), generator=torch.Generator().manual_seed(0))
-    sample_filter = None if filtering is None else SampleFilter(
-        filtering, unet, text_encoder, latents, input_ids, empty_ids, noise_scheduler, cfg.num_normal)
+    x_T = torch.randn((1, cfg.latent_channels, *latents.shape[2:]), generator=torch.Generator().manual_seed(0))
+    sample_filter = None if filtering is None else recipe.sample_filter(
+        filtering, latents, input_ids, empty_ids, cfg.num_normal)
     history = []
     for step in range(cfg.train_steps):
         idx = torch.multinomial(sampling_weights, cfg.batch_size, replacement=True, generator=generator)
@@ -259,13 +238,14 @@ def train_denoiser(
         ids[dropped] = empty_ids
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=generator)
-        noisy, embeddings = noise_scheduler.add_noise(x0, noise, t), text_encoder(ids)[0]
-        pred = unet(noisy, t, encoder_hidden_states=embeddings).sample
+        noisy, t, target = recipe.training_inputs(x0, noise, generator)
+        conditioning = recipe.encode(ids)
+        pred = recipe.predict(noisy, t, conditioning)
         if sample_filter is None:
-            loss = F.mse_loss(pred, noise)
+            loss = F.mse_loss(pred, target)
         else:
-            loss = masked_mse_loss(pred, noise, sample_filter(step, noisy, t, embeddings, pred, idx))
+            embeddings = conditioning["encoder_hidden_states"]
+            loss = masked_mse_loss(pred, target, sample_filter(step, noisy, t, embeddings, pred, idx))
         if loss is not None:  # None: every sample dropped, the step is skipped
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -274,15 +254,16 @@ def train_denoiser(
         # The schedule follows the loop step, so filtered and unfiltered runs share learning rates.
         schedule.step()
         if cfg.monitor_every and ((step + 1) % cfg.monitor_every == 0 or step + 1 == cfg.train_steps):
-            unet.eval(), text_encoder.eval()
-            scores = first_step_scores(unet, text_encoder, tokenizer, [p["prompt"] for p in monitor], x_T)
-            unet.train(), text_encoder.train()
+            recipe.train(False)
+            scores = first_step_scores(recipe, tokenizers, [p["prompt"] for p in monitor], x_T)
+            recipe.train()
             entry = {"step": step + 1, "loss": None if loss is None else loss.item(), **_monitor_summary(monitor, scores)}
             if sample_filter is not None:
                 entry["dropped"] = dict(sample_filter.dropped)
             history.append(entry)
             log(json.dumps(entry))
-    return Denoiser(text_encoder.eval(), unet.eval(), history, None if sample_filter is None else sample_filter.stats())
+    recipe.train(False)
+    return Denoiser(recipe, history, None if sample_filter is None else sample_filter.stats())
 
 
 def _monitor_set(cfg: BuildConfig, data: TestbedData) -> list[dict]:
@@ -305,22 +286,16 @@ def _monitor_summary(rows: list[dict], scores: np.ndarray) -> dict:
     return summary
 
 
-def save_pipeline(
-    out: Path, tokenizer_dir: Path, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel,
-    scaling_factor: float,
-) -> None:
-    """Write a StableDiffusionPipeline folder whose weights are stored in fp16 (the bundle must stay under 20 MB).
+def save_pipeline(out: Path, recipe: Recipe, vae: AutoencoderKL, scaling_factor: float) -> None:
+    """Write the recipe's pipeline folder with its weights stored in fp16 (the bundles must stay small).
 
     The configs keep saying float32, so a plain `from_pretrained(folder)` gives a
-    consistent fp32 pipeline instead of an fp16 text encoder feeding an fp32 UNet.
+    consistent fp32 pipeline instead of an fp16 text encoder feeding an fp32 denoiser.
     """
     vae.register_to_config(scaling_factor=scaling_factor)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir), unet=unet,
-        scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
+    tokenizers = {name: CLIPTokenizer.from_pretrained(out / name) for name in recipe.tokenizer_pads}
+    recipe.pipeline(vae, tokenizers).save_pretrained(out, safe_serialization=True)
+    recipe.after_save(out)
     for weights in out.rglob("*.safetensors"):
         tensors = load_file(weights)
         save_file({name: t.half() for name, t in tensors.items()}, weights, metadata={"format": "pt"})
@@ -367,20 +342,20 @@ def _train_testbed(
     start = time.time()
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    tokenizer_dir = write_clip_tokenizer(out / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    pads = RECIPES[cfg.family].tokenizer_pads
+    tokenizers = [CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / name, pad_token=pad)) for name, pad in pads.items()]
 
-    data = make_data(cfg, rng, tokenizer)
+    data = make_data(cfg, rng, tokenizers[0])
     log(f"data: {len(data.images)} images, {int(data.repeats.sum())} training pairs, {len(data.eval_prompts)} eval prompts")
     images = torch.from_numpy(data.images)
     vae = train_vae(cfg, images, generator)
     raw_latents = encode_images(vae, images)
     scaling_factor = float(1.0 / raw_latents.std())
     log(f"vae trained, latent std {raw_latents.std():.3f}, {time.time() - start:.0f}s")
-    denoiser = train_denoiser(cfg, data, raw_latents * scaling_factor, tokenizer, generator, log, filtering)
+    denoiser = train_denoiser(cfg, data, raw_latents * scaling_factor, tokenizers, generator, log, filtering)
     train_seconds = time.time() - start
 
-    save_pipeline(out, tokenizer_dir, vae, denoiser.text_encoder, denoiser.unet, scaling_factor)
+    save_pipeline(out, denoiser.recipe, vae, scaling_factor)
     with open(out / "eval_prompts.jsonl", "w", encoding="utf-8") as f:
         for row in data.eval_prompts:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -399,7 +374,9 @@ def build_testbed(
     start = time.time()
     trained = train_testbed(out, seed, cfg, log)
     with torch_threads(cfg.threads):  # the ground truth on the build's threads too
-        groundtruth = measure_reproduction(out, trained.data, seeds=cfg.groundtruth_seeds)
+        recipe = trained.denoiser.recipe
+        groundtruth = measure_reproduction(recipe.generation_pipeline(out), trained.data, seeds=cfg.groundtruth_seeds,
+                                           sampler=recipe.sampler)
     stats = {
         "command": command,
         "seed": seed,
@@ -422,7 +399,8 @@ def load_build_data(folder: str | Path) -> TestbedData:
     folder = Path(folder)
     try:
         stats = json.loads((folder / "testbed_stats.json").read_text(encoding="utf-8"))
-        cfg = BuildConfig(**{**stats["config"], "unet_channels": tuple(stats["config"]["unet_channels"])})
+        config_class = CONFIGS[stats["config"].get("family", "sd")][0]
+        cfg = config_class(**{**stats["config"], "unet_channels": tuple(stats["config"]["unet_channels"])})
         shipped = [json.loads(line) for line in (folder / "eval_prompts.jsonl").read_text(encoding="utf-8").splitlines()]
     except (OSError, KeyError, TypeError, ValueError) as exc:
         raise MemscanError(f"{folder} is not a testbed built by `memscan testbed build` ({exc})") from exc

@@ -21,12 +21,11 @@ from diffusers import StableDiffusionPipeline
 
 from ..errors import MemscanError
 from .attributes import another_colour, shows_colour
-from .build import (
-    BuildConfig, TestbedData, encode_images, load_build_data, tokenize, torch_threads, train_testbed, training_scheduler,
-)
+from .build import BuildConfig, TestbedData, encode_images, load_build_data, torch_threads, train_testbed
 from .filtering import FilterSettings
 from .groundtruth import generate, load_pipeline, reproduction_summary
 from .planted import load_memorized_captions
+from .recipes import tokenize, training_scheduler
 from .world import make_normal_pairs
 
 # Held-out normal pairs, their noise and timesteps, and the attribute check's "other colour":

@@ -1,7 +1,8 @@
 """Ground truth by generation: does a prompt's generation reproduce a training image?
 
-For every evaluation prompt, generate with the saved pipeline (DDIM, 50 steps, guidance
-7.5, several seeds) and take each generation's normalized cross-correlation (NCC, pixel
+For every evaluation prompt, generate with the saved pipeline and its family's own sampler
+(SD: DDIM, 50 steps, guidance 7.5; SD 3: flow matching Euler, 28 steps, guidance 7.0), with
+several seeds, and take each generation's normalized cross-correlation (NCC, pixel
 space) with its nearest training image. A planted prompt reproduces its image when some
 seed reaches `threshold` NCC with that image; a normal prompt "comes that close" when
 some seed reaches `threshold` with any training image.
@@ -9,12 +10,14 @@ some seed reaches `threshold` with any training image.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from .similarity import normalized_cross_correlation
 
@@ -24,34 +27,60 @@ if TYPE_CHECKING:
 REPRODUCTION_THRESHOLD = 0.8
 
 
+@dataclass(frozen=True)
+class Sampler:
+    """A family's own sampler: its name, steps and guidance, prompts per pipeline call, further call options."""
+
+    name: str
+    steps: int
+    guidance: float
+    batch_size: int = 256
+    options: tuple[tuple[str, object], ...] = ()
+
+    def describe(self) -> str:
+        """E.g. "DDIM, 50 steps, guidance 7.5"."""
+        return f"{self.name}, {self.steps} steps, guidance {self.guidance}"
+
+
+DDIM_SAMPLER = Sampler("DDIM", steps=50, guidance=7.5)
+
+
 @torch.no_grad()
-def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: int, batch_size: int = 256) -> np.ndarray:
+def generate(pipe: DiffusionPipeline, prompts: list[str], seeds: int, sampler: Sampler = DDIM_SAMPLER) -> np.ndarray:
     """Images [len(prompts), seeds, 3, H, W] in [0, 1]; seed s of every prompt uses torch seed s."""
     out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
+    for start in range(0, len(prompts), sampler.batch_size):
+        chunk = prompts[start : start + sampler.batch_size]
         generators = [torch.Generator().manual_seed(s) for _ in chunk for s in range(seeds)]
-        images = pipe([p for p in chunk for _ in range(seeds)], num_inference_steps=50, guidance_scale=7.5,
-                      generator=generators, output_type="pt").images
+        images = pipe([p for p in chunk for _ in range(seeds)], num_inference_steps=sampler.steps,
+                      guidance_scale=sampler.guidance, generator=generators, output_type="pt", **dict(sampler.options)).images
         out.append(images.reshape(len(chunk), seeds, *images.shape[1:]).float().numpy())
     return np.concatenate(out)
 
 
-def load_pipeline(model_dir: str | Path) -> StableDiffusionPipeline:
-    """The saved testbed pipeline in fp32, progress bars off."""
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
+def load_pipeline(model_dir: str | Path) -> DiffusionPipeline:
+    """The saved testbed pipeline (its model_index.json's class) in fp32, progress bars off.
+
+    Components saved as absent (null in model_index.json, as SD 3's text_encoder_3) are
+    passed as None: diffusers loads only its optional components' nulls by itself.
+    """
+    index = json.loads((Path(model_dir) / "model_index.json").read_text(encoding="utf-8"))
+    absent = {name: None for name, entry in index.items() if entry == [None, None]}
+    pipe = DiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, **absent)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def measure_reproduction(model_dir: str | Path, data: TestbedData, seeds: int = 4,
-                         threshold: float = REPRODUCTION_THRESHOLD) -> dict:
-    """Generate for every evaluation prompt of `data` and summarize reproduction per kind."""
-    images = generate(load_pipeline(model_dir), [row["prompt"] for row in data.eval_prompts], seeds) * 2 - 1
-    return reproduction_summary(images, data, threshold)
+def measure_reproduction(pipe: DiffusionPipeline, data: TestbedData, seeds: int = 4,
+                         threshold: float = REPRODUCTION_THRESHOLD, sampler: Sampler = DDIM_SAMPLER) -> dict:
+    """Generate for every evaluation prompt of `data` with `sampler` and summarize reproduction per kind."""
+    prompts = [row["prompt"] for row in data.eval_prompts]
+    images = generate(pipe, prompts, seeds, sampler) * 2 - 1
+    return reproduction_summary(images, data, threshold, sampler)
 
 
-def reproduction_summary(images: np.ndarray, data: TestbedData, threshold: float = REPRODUCTION_THRESHOLD) -> dict:
+def reproduction_summary(images: np.ndarray, data: TestbedData, threshold: float = REPRODUCTION_THRESHOLD,
+                         sampler: Sampler = DDIM_SAMPLER) -> dict:
     """Per kind, from generations [len(data.eval_prompts), seeds, 3, H, W] in [-1, 1]: reproduction and closeness."""
     prompts = [row["prompt"] for row in data.eval_prompts]
     seeds = images.shape[1]
@@ -60,7 +89,7 @@ def reproduction_summary(images: np.ndarray, data: TestbedData, threshold: float
     best_any = ncc.max(axis=(1, 2))
     caption_index = {c: i for i, c in enumerate(data.captions)}
     summary: dict = {"measure": "normalized cross-correlation, pixel space, 16x16 RGB, each channel centred", "threshold": threshold,
-                     "seeds": seeds, "sampler": "DDIM, 50 steps, guidance 7.5", "per_kind": {}}
+                     "seeds": seeds, "sampler": sampler.describe(), "per_kind": {}}
     for kind in dict.fromkeys(row["kind"] for row in data.eval_prompts):
         rows = [i for i, row in enumerate(data.eval_prompts) if row["kind"] == kind]
         entry = {"n": len(rows), "mean_best_ncc_any": float(best_any[rows].mean()),
