@@ -287,7 +287,8 @@ def test_eval_mitigation_command_on_a_smoke_build(smoke_builds, tmp_path, capsys
     out = tmp_path / "mitigation.json"
     # A target above every score: the paper's method leaves every prompt untouched; the baselines never do.
     code = main(["eval-mitigation", "--model", str(folder), "--json", str(out), "--markdown", str(tmp_path / "t.md"),
-                 "--target", "1e9", "--normal", "2", "--seeds", "0", "--methods", "embed,rand-number", "--device", "cpu"])
+                 "--target", "1e9", "--normal", "2", "--seeds", "0", "--methods", "embed,rand-number", "--device", "cpu",
+                 "--inference-steps", str(SMOKE_CONFIG.groundtruth_steps)])  # the smoke build's ground truth's sampler
     assert code == 0
     report = json.loads(out.read_text())
     rows = {row["method"]: row for row in report["methods"]}

@@ -15,7 +15,7 @@ import platform
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,7 @@ class BuildConfig:
     monitor_every: int = 250
     monitor_per_kind: int = 40
     groundtruth_seeds: int = 4
+    groundtruth_steps: int | None = None  # None: the family sampler's (50 DDIM steps, 28 flow steps)
     threads: int = 1
     family: str = "sd"  # the recipe (recipes.RECIPES)
 
@@ -82,7 +83,7 @@ _SMOKE_SIZES = dict(
     vae_channels=8, text_hidden=16, eval_per_kind=4, max_held_out=4, monitor_every=0, monitor_per_kind=4,
     groundtruth_seeds=1,
 )
-SMOKE_CONFIG = BuildConfig(**_SMOKE_SIZES, text_layers=1, unet_channels=(16, 32))
+SMOKE_CONFIG = BuildConfig(**_SMOKE_SIZES, text_layers=1, unet_channels=(16, 32), groundtruth_steps=10)
 # Two text layers: SD 3 conditions on the penultimate hidden states, which after one layer would be the embeddings.
 FLOW_SMOKE_CONFIG = FlowBuildConfig(**_SMOKE_SIZES, transformer_layers=1, heads=2, head_dim=8)
 CONFIGS = {"sd": (BuildConfig, SMOKE_CONFIG), "sd3": (FlowBuildConfig, FLOW_SMOKE_CONFIG)}
@@ -375,8 +376,9 @@ def build_testbed(
     trained = train_testbed(out, seed, cfg, log)
     with torch_threads(cfg.threads):  # the ground truth on the build's threads too
         recipe = trained.denoiser.recipe
+        sampler = recipe.sampler if cfg.groundtruth_steps is None else replace(recipe.sampler, steps=cfg.groundtruth_steps)
         groundtruth = measure_reproduction(recipe.generation_pipeline(out), trained.data, seeds=cfg.groundtruth_seeds,
-                                           sampler=recipe.sampler)
+                                           sampler=sampler)
     stats = {
         "command": command,
         "seed": seed,
