@@ -15,7 +15,7 @@ import platform
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -376,9 +376,8 @@ def build_testbed(
     trained = train_testbed(out, seed, cfg, log)
     with torch_threads(cfg.threads):  # the ground truth on the build's threads too
         recipe = trained.denoiser.recipe
-        sampler = recipe.sampler if cfg.groundtruth_steps is None else replace(recipe.sampler, steps=cfg.groundtruth_steps)
         groundtruth = measure_reproduction(recipe.generation_pipeline(out), trained.data, seeds=cfg.groundtruth_seeds,
-                                           sampler=sampler)
+                                           sampler=recipe.sampler.with_steps(cfg.groundtruth_steps))
     stats = {
         "command": command,
         "seed": seed,

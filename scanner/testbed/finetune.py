@@ -23,7 +23,7 @@ from ..errors import MemscanError
 from .attributes import another_colour, shows_colour
 from .build import BuildConfig, TestbedData, encode_images, load_build_data, torch_threads, train_testbed
 from .filtering import FilterSettings
-from .groundtruth import generate, load_pipeline, reproduction_summary
+from .groundtruth import DDIM_SAMPLER, generate, load_pipeline, reproduction_summary
 from .planted import load_memorized_captions
 from .recipes import tokenize, training_scheduler
 from .world import make_normal_pairs
@@ -79,9 +79,10 @@ def _evaluate_model(folder: Path, data: TestbedData, cfg: BuildConfig) -> dict:
     subset = replace(data, eval_prompts=[data.eval_prompts[i] for i in rows], eval_colours=[data.eval_colours[i] for i in rows])
     pipe = load_pipeline(folder)
     # One set of generations serves both checks: planted prompts and colour-naming normal ones.
-    images = generate(pipe, [row["prompt"] for row in subset.eval_prompts], cfg.groundtruth_seeds) * 2 - 1
+    sampler = DDIM_SAMPLER.with_steps(cfg.groundtruth_steps)  # as the build measured its ground truth
+    images = generate(pipe, [row["prompt"] for row in subset.eval_prompts], cfg.groundtruth_seeds, sampler) * 2 - 1
     coloured = [j for j, colour in enumerate(subset.eval_colours) if colour]
-    groundtruth = reproduction_summary(images, subset)
+    groundtruth = reproduction_summary(images, subset, sampler=sampler)
     return {
         "planted_reproduced": groundtruth["planted_reproduced"],
         "held_out_normal_loss": held_out_loss(pipe, cfg),

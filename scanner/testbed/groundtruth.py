@@ -11,7 +11,7 @@ some seed reaches `threshold` with any training image.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +40,10 @@ class Sampler:
     def describe(self) -> str:
         """E.g. "DDIM, 50 steps, guidance 7.5"."""
         return f"{self.name}, {self.steps} steps, guidance {self.guidance}"
+
+    def with_steps(self, steps: int | None) -> Sampler:
+        """This sampler with `steps` steps (None: as it is; a build config's `groundtruth_steps`)."""
+        return self if steps is None else replace(self, steps=steps)
 
 
 DDIM_SAMPLER = Sampler("DDIM", steps=50, guidance=7.5)
