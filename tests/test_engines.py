@@ -42,6 +42,14 @@ def family_path(request, tmp_path_factory) -> tuple[str, Path]:
     return request.param, FAMILY_BUILDERS[request.param](tmp_path_factory.mktemp("models") / f"tiny-{request.param}")
 
 
+@pytest.fixture(scope="module")
+def family_onnx(family_path, tmp_path_factory):
+    """The family's model and its ONNX engine, exported once for every settings case (the export is the cost)."""
+    model = load_model(family_path[1], device="cpu")
+    cache = tmp_path_factory.mktemp("onnx-cache")
+    return model, create_engine("onnx", model.family.denoiser_module(), cache_dir=cache, cache_key=model.fingerprint)
+
+
 def _assert_same_scores(model, engine, **settings) -> None:
     """Eager and `engine` agree on random prompts, with latents from a fresh random seed."""
     settings = DetectSettings(**settings, seed=random.randrange(2**31))
@@ -52,17 +60,22 @@ def _assert_same_scores(model, engine, **settings) -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-4, err_msg=f"seed {settings.seed}, prompts {prompts}")
 
 
-@pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())
-def test_onnx_scores_match_torch(model, settings, tmp_path):
-    engine = create_engine("onnx", model.family.denoiser_module(), cache_dir=tmp_path, cache_key=model.fingerprint)
-    _assert_same_scores(model, engine, **settings)
+@pytest.fixture(scope="module")
+def onnx_engine(model, tmp_path_factory):
+    """`model`'s ONNX engine, exported once for every settings case."""
+    cache = tmp_path_factory.mktemp("onnx-cache")
+    return create_engine("onnx", model.family.denoiser_module(), cache_dir=cache, cache_key=model.fingerprint)
 
 
 @pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())
-def test_onnx_scores_match_torch_on_every_family(family_path, settings, tmp_path):
+def test_onnx_scores_match_torch(model, onnx_engine, settings):
+    _assert_same_scores(model, onnx_engine, **settings)
+
+
+@pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())
+def test_onnx_scores_match_torch_on_every_family(family_onnx, settings):
     """The denoiser module of each family exports with its own conditioning (PixArt's: an int64 attention mask)."""
-    model = load_model(family_path[1], device="cpu")
-    engine = create_engine("onnx", model.family.denoiser_module(), cache_dir=tmp_path, cache_key=model.fingerprint)
+    model, engine = family_onnx
     _assert_same_scores(model, engine, **settings)
 
 
