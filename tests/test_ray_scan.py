@@ -68,6 +68,7 @@ def _rejects(out):
     return [json.loads(line) for line in out.with_name(out.stem + ".rejects.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
+@pytest.mark.slow  # 2 Ray workers, each importing torch and loading the model: a minute on 2 cores
 def test_ray_scan_matches_the_single_process_scan(tmp_path, local_ray, capsys):
     inputs, expected_ids = _inputs(tmp_path)
     single, on_ray = tmp_path / "single.parquet", tmp_path / "ray.parquet"
