@@ -248,6 +248,7 @@ def test_a_second_sweep_waits_for_the_store_then_fails_clearly(tmp_path, tiny_sd
     thread.join()
 
 
+@pytest.mark.slow  # a real kill -9 of a sweep process; tests/test_faults.py kills at every sweep commit in-process
 def test_sigkill_mid_sweep_then_rerun_loses_nothing_and_scores_nothing_twice(tmp_path, tiny_sd1, capsys):
     prompts = [f"prompt number {i}" for i in range(300)]
     inp = tmp_path / "p.txt"
