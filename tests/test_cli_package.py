@@ -158,6 +158,8 @@ def test_outputs_and_options_are_checked_before_the_model_loads(tmp_path, tiny_s
          "--detector sail needs --engine torch: it takes forward-mode derivatives"),
         (["calibrate", "--labels", str(default_labels_path()), *model, "--out", str(tmp_path / "c.json"),
           "--detector", "attention-entropy", "--engine", "compile"], "--detector attention-entropy needs --engine torch"),
+        (["eval", *model, "--json", str(tmp_path / "e.json"), "--detector", "sail", "--engine", "onnx"],
+         "--detector sail needs --engine torch"),
         (["scan", str(inp), *model, "--out", str(tmp_path / "t.jsonl"), "--detector", "anisotropy", "--engine", "ray"],
          "Ray workers score with wen only"),
     ]

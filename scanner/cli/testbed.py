@@ -10,7 +10,6 @@ from pathlib import Path
 
 from ..errors import MemscanError
 from .common import (
-    DETECTOR_NAMES,
     EXIT_OK,
     add_detect_options,
     add_model_options,
@@ -20,6 +19,7 @@ from .common import (
     output_folder,
     positive,
     quiet_libraries,
+    scanner_and_detector,
     writing,
 )
 from .generation import METHOD_NAMES, add_generation_options, add_mitigation_options, check_generation_options, mitigation_plan
@@ -136,12 +136,10 @@ def _read_json(path: Path) -> dict:
 
 
 def _evaluate(args: argparse.Namespace, labels: str, detector: str = "wen"):
-    from ..detectors import create_detector
     from ..evaluate import evaluate, read_labelled_prompts
 
     rows = read_labelled_prompts(labels)  # input errors before the slow model load
-    scanner = load_scanner(args)
-    chosen = create_detector(detector, scanner)
+    scanner, chosen = scanner_and_detector(args, detector)
     with bar("scoring", total=len(rows)) as progress:
         return evaluate(scanner, rows, batch_size=args.batch_size, progress=progress.update, detector=chosen)
 
@@ -281,13 +279,9 @@ def add_testbed_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--labels", help="JSONL with prompt, label (1 memorized, 0 normal), kind (default: the testbed's)")
     evaluate.add_argument("--json", required=True, help="where to write the metrics")
     evaluate.add_argument("--plot", help="PNG with the ROC curve and score histograms")
-    evaluate.add_argument(
-        "--detector", choices=DETECTOR_NAMES, default="wen",
-        help="wen (default: the guidance magnitude), or a later detector (docs/detectors.md)",
-    )
     evaluate.add_argument("--scores", help="JSONL with one row per labelled prompt: prompt, label, kind, score")
     add_model_options(evaluate)
-    add_detect_options(evaluate)
+    add_detect_options(evaluate, detector=True)
 
     mitigation = command_parser(
         commands, "eval-mitigation", cmd_eval_mitigation,

@@ -175,8 +175,6 @@ class Flux(Family):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    # The same four embeddings as SD3's pipeline: the prompt's and the true-CFG branch's negatives.
-
     def generation_kwargs(
         self, cond: Conditioning, uncond: Conditioning, latents: torch.Tensor, guidance_scale: float
     ) -> dict:
