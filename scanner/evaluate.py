@@ -36,7 +36,7 @@ class Evaluation:
 
 
 def read_labelled_prompts(path: str | Path) -> list[dict]:
-    """JSONL rows with `prompt`, `label` (1 memorized, 0 normal) and optionally `kind`."""
+    """JSONL rows with `prompt`, `label` (1 memorized, 0 normal), optionally `kind` and `copies` (a dose build's)."""
     try:
         lines = Path(path).read_text(encoding="utf-8").split("\n")  # not splitlines: JSON may hold U+2028
     except OSError as exc:
@@ -53,7 +53,11 @@ def read_labelled_prompts(path: str | Path) -> list[dict]:
             raise MemscanError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or row.get("label") not in (0, 1):
             raise MemscanError(f"{path}:{number}: each row needs 'prompt' (a string) and 'label' (0 or 1)")
-        rows.append({"prompt": row["prompt"], "label": int(row["label"]), "kind": row.get("kind", "")})
+        copies = row.get("copies")
+        if copies is not None and (not isinstance(copies, int) or isinstance(copies, bool) or copies < 1):
+            raise MemscanError(f"{path}:{number}: 'copies' must be a positive integer")
+        rows.append({"prompt": row["prompt"], "label": int(row["label"]), "kind": row.get("kind", ""),
+                     **({"copies": copies} if copies is not None else {})})
     labels = {row["label"] for row in rows}
     if labels != {0, 1}:
         raise MemscanError(f"{path}: needs both memorized (1) and normal (0) prompts")
@@ -90,7 +94,25 @@ def summarize(rows: list[dict], scores: np.ndarray) -> dict:
         per_kind[kind] = entry
     summary["per_kind"] = per_kind
     summary["tpr_convention"] = "reference: tpr at the last ROC point with fpr < 0.01"
+    if any("copies" in row for row in rows):
+        summary["detection_by_copies"] = detection_by_copies(rows, scores)
     return summary
+
+
+def detection_by_copies(rows: list[dict], scores: np.ndarray) -> dict:
+    """Per training-copy count of a dose build: its prompts, how many are memorized, and the share flagged at the
+    threshold `memscan calibrate` fits for 1% FPR on all the rows."""
+    from .calibration import fit_threshold
+
+    labels = np.array([row["label"] for row in rows])
+    threshold = fit_threshold(labels, scores, 0.01)
+    copies = np.array([row.get("copies", 0) for row in rows])
+    result = {"threshold": threshold}
+    for count in sorted(set(copies.tolist()) - {0}):
+        mask = copies == count
+        result[str(count)] = {"n": int(mask.sum()), "memorized": int(labels[mask].sum()),
+                              "detected": float((scores[mask] >= threshold).mean())}
+    return result
 
 
 def evaluate(

@@ -188,3 +188,38 @@ def check_shipped_calibration(model, rows: list[dict], command: str) -> None:
     assert calibration.settings == scanner_settings(Scanner(load_model(model, device="cpu"), DetectSettings())), regenerate
     assert calibration.target_fpr == 0.01 and calibration.fpr <= 0.01
     assert (calibration.n_pos, calibration.n_neg) == (sum(r["label"] for r in rows), sum(1 - r["label"] for r in rows))
+
+
+def test_a_dose_builds_copies_are_kept_and_bad_ones_refused(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    rows = [{"prompt": "a", "label": 1, "kind": "planted", "copies": 4}, {"prompt": "b", "label": 0}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert [r.get("copies") for r in read_labelled_prompts(path)] == [4, None]
+    for bad in (0, -2, 1.5, "4", True):
+        path.write_text("".join(json.dumps(row) + "\n" for row in [{**rows[0], "copies": bad}, rows[1]]))
+        with pytest.raises(MemscanError, match=r"labels.jsonl:1: 'copies' must be a positive integer"):
+            read_labelled_prompts(path)
+
+
+def test_detection_by_copies_is_the_share_flagged_at_the_brute_force_1pct_threshold():
+    from scanner.evaluate import summarize
+
+    rng = np.random.default_rng()
+    counts = (1, 2, 4, 8)
+    for _ in range(50):
+        copies = rng.choice(counts, size=int(rng.integers(20, 80)))
+        memorized = rng.random(len(copies)) < copies / 10  # more copies, more often memorized
+        normal = int(rng.integers(100, 400))
+        labels = np.concatenate([memorized, np.zeros(normal, dtype=bool)])
+        scores = rng.normal(size=len(labels)) + rng.uniform(0, 3) * labels
+        rows = [{"prompt": str(i), "label": int(label), "kind": "k", **({"copies": int(copies[i])} if i < len(copies) else {})}
+                for i, label in enumerate(labels)]
+        if not memorized.any():
+            continue
+        result = summarize(rows, scores)["detection_by_copies"]
+        flagged = _brute_force(labels, scores, 0.01)  # the flags of the best threshold within 1% FPR
+        for count in sorted(set(copies.tolist())):
+            group = np.flatnonzero(copies == count)
+            assert result[str(count)] == {"n": len(group), "memorized": int(labels[group].sum()),
+                                          "detected": pytest.approx(flagged[group].mean())}
+        assert set(result) == {"threshold", *map(str, set(copies.tolist()))}

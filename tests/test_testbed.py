@@ -9,8 +9,9 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from scanner.testbed import default_labels_path, default_model_path
 from scanner.testbed.attributes import another_colour, shows_colour
-from scanner.testbed.build import SMOKE_CONFIG, build_testbed, load_build_data
-from scanner.testbed.groundtruth import REPRODUCTION_THRESHOLD, generate, load_pipeline
+from scanner.errors import MemscanError
+from scanner.testbed.build import SMOKE_CONFIG, build_config, build_testbed, load_build_data, make_data
+from scanner.testbed.groundtruth import DDIM_SAMPLER, GROUNDTRUTH_LABELS, REPRODUCTION_THRESHOLD, generate, load_pipeline
 from scanner.testbed.planted import content_bigrams, load_memorized_captions, make_planted_images, split_by_template
 from scanner.testbed.similarity import normalized_cross_correlation
 from scanner.testbed.world import COLOURS, make_normal_pairs
@@ -108,6 +109,61 @@ def test_smoke_build_writes_labels_and_stats(smoke_builds):
         "planted", "held_out_memorized_style", "normal_seen", "normal_unseen", "random_tokens"}
     stats = json.loads((folder / "testbed_stats.json").read_text())
     assert {"command", "seed", "device", "total_seconds", "groundtruth", "bundle_bytes"} <= set(stats)
+
+
+def _own_ncc_float64(generated: np.ndarray, image: np.ndarray) -> float:
+    """NCC of two [3, H, W] images, each channel centred, in float64 (the ground truth's rule, written out)."""
+    a = generated.astype(np.float64) - generated.mean(axis=(1, 2), keepdims=True, dtype=np.float64)
+    b = image.astype(np.float64) - image.mean(axis=(1, 2), keepdims=True, dtype=np.float64)
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def test_groundtruth_labels_follow_each_planted_prompts_generations(smoke_builds):
+    """groundtruth_labels.jsonl: the evaluation prompts in order, a planted one memorized iff a seed reproduced its image."""
+    stats, (folder, _) = smoke_builds
+    shipped = [json.loads(line) for line in (folder / "eval_prompts.jsonl").read_text().splitlines()]
+    labelled = [json.loads(line) for line in (folder / GROUNDTRUTH_LABELS).read_text().splitlines()]
+    assert [r["prompt"] for r in labelled] == [r["prompt"] for r in shipped]
+    data = load_build_data(folder)
+    planted = [i for i, row in enumerate(shipped) if row["kind"] == "planted"]
+    # The build's own sampler, regenerated here; NCC in float64 against each prompt's own training image.
+    images = generate(load_pipeline(folder), [shipped[i]["prompt"] for i in planted], SMOKE_CONFIG.groundtruth_seeds,
+                      DDIM_SAMPLER.with_steps(SMOKE_CONFIG.groundtruth_steps)) * 2 - 1
+    for i, generations in zip(planted, images):
+        own = data.images[data.captions.index(shipped[i]["prompt"])]
+        best = max(_own_ncc_float64(g, own) for g in generations)
+        assert labelled[i]["best_ncc_own"] == pytest.approx(best, abs=2e-4)
+        assert labelled[i]["label"] == int(best >= REPRODUCTION_THRESHOLD)
+        assert labelled[i]["kind"] == ("planted" if labelled[i]["label"] else "planted_not_reproduced")
+    assert all(labelled[i]["label"] == 0 and labelled[i]["kind"] == shipped[i]["kind"]
+               for i in range(len(shipped)) if i not in planted)
+    reproduced = np.mean([labelled[i]["label"] for i in planted])
+    assert stats[0]["groundtruth"]["planted_reproduced"] == pytest.approx(reproduced)
+
+
+def test_dose_data_plants_equal_groups_at_each_copy_count(tmp_path):
+    from dataclasses import replace
+
+    from transformers import CLIPTokenizer
+
+    from scanner.clip_vocab import write_clip_tokenizer
+
+    cfg = build_config("sd", smoke=True, dose=True)
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path / "tokenizer"))
+    seed = _draw_seed()
+    data = make_data(cfg, np.random.default_rng(seed), tokenizer)
+    planted = [row for row in data.eval_prompts if row["kind"] == "planted"]
+    per_group = cfg.num_planted // len(cfg.dose)
+    assert [row["copies"] for row in planted] == [n for n in cfg.dose for _ in range(per_group)], seed
+    # The training set holds each planted caption as often as its row says, each normal caption once.
+    counts = dict(zip(data.captions, data.repeats.tolist()))
+    assert all(counts[row["prompt"]] == row["copies"] for row in planted), seed
+    assert data.repeats[: cfg.num_normal].tolist() == [1] * cfg.num_normal
+    assert all("copies" not in row for row in data.eval_prompts if row["kind"] != "planted")
+    plain = make_data(SMOKE_CONFIG, np.random.default_rng(seed), tokenizer)
+    assert all("copies" not in row for row in plain.eval_prompts)
+    with pytest.raises(MemscanError, match="equal dose groups"):
+        make_data(replace(cfg, num_planted=7), np.random.default_rng(seed), tokenizer)
 
 
 def test_smoke_build_data_regenerates_from_its_stats(smoke_builds):
@@ -255,10 +311,17 @@ def test_eval_command_writes_metrics_and_plot(smoke_builds, tmp_path):
 def test_testbed_build_command_runs_smoke(tmp_path, capsys):
     from scanner.cli import main
 
-    assert main(["testbed", "build", "--out", str(tmp_path / "tb"), "--seed", "1", "--smoke"]) == 0
+    assert main(["testbed", "build", "--out", str(tmp_path / "tb"), "--seed", "1", "--dose", "--smoke"]) == 0
     stats = json.loads((tmp_path / "tb" / "testbed_stats.json").read_text())
-    assert stats["command"] == f"memscan testbed build --out {tmp_path / 'tb'} --seed 1 --smoke"
-    assert "planted reproduced" in capsys.readouterr().out
+    assert stats["command"] == f"memscan testbed build --out {tmp_path / 'tb'} --seed 1 --dose --smoke"
+    labelled = [json.loads(line) for line in (tmp_path / "tb" / GROUNDTRUTH_LABELS).read_text().splitlines()]
+    planted = [row for row in labelled if "copies" in row]
+    by_copies = stats["groundtruth"]["planted_reproduced_by_copies"]
+    assert set(by_copies) == {str(n) for n in build_config("sd", smoke=True, dose=True).dose}
+    for count, share in by_copies.items():
+        assert share == pytest.approx(np.mean([row["label"] for row in planted if row["copies"] == int(count)]))
+    out = capsys.readouterr().out
+    assert "planted reproduced" in out and " at 1x" in out
 
 
 @bundled

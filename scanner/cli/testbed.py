@@ -58,18 +58,21 @@ def cmd_testbed_build(args: argparse.Namespace) -> int:
     from ..testbed.build import build_config, build_testbed
 
     quiet_libraries()  # the ground truth's pipeline would log every truncated random-token prompt
-    cfg = build_config(args.family, args.smoke)
+    cfg = build_config(args.family, args.smoke, args.dose)
     if positive(args.threads, "--threads") is not None:
         cfg = replace(cfg, threads=args.threads)
     output_folder(args.out)
     command = "memscan testbed build" + (f" --family {args.family}" if args.family != "sd" else "")
     command += f" --out {shlex.quote(args.out)} --seed {args.seed}"
-    command += " --smoke" * args.smoke + (f" --threads {args.threads}" if args.threads is not None else "")
+    command += " --dose" * args.dose + " --smoke" * args.smoke + (f" --threads {args.threads}" if args.threads is not None else "")
     stats = build_testbed(args.out, seed=args.seed, cfg=cfg, log=lambda line: print(line, flush=True), command=command)
     gt = stats["groundtruth"]
+    by_copies = gt.get("planted_reproduced_by_copies")
     print(
         f"built {args.out} in {stats['total_seconds'] / 60:.1f} min ({stats['bundle_bytes'] / 2**20:.1f} MB): "
-        f"planted reproduced {gt['planted_reproduced']:.1%}, normal close to training {gt['normal_close_to_training']:.1%}"
+        f"planted reproduced {gt['planted_reproduced']:.1%}"
+        + (" (" + ", ".join(f"{share:.0%} at {n}x" for n, share in by_copies.items()) + ")" if by_copies else "")
+        + f", normal close to training {gt['normal_close_to_training']:.1%}"
     )
     return EXIT_OK
 
@@ -245,6 +248,9 @@ def add_testbed_commands(commands: argparse._SubParsersAction) -> None:
                        "sd3: an SD 3 transformer, rectified flow (StableDiffusion3Pipeline without T5)")
     build.add_argument("--out", required=True, help="output folder (the family's pipeline layout)")
     build.add_argument("--seed", type=int, default=0, help="seed of data, initialization and training (default: 0)")
+    build.add_argument("--dose", action="store_true",
+                       help="the detector benchmark: 120 planted captions, 20 at each of 1, 2, 4, 8, 16 and 32 copies; "
+                       "groundtruth_labels.jsonl labels each by its generations")
     build.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (for CI)")
     build.add_argument("--threads", type=int, help="torch CPU threads (default: the build config's)")
 

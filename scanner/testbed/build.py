@@ -15,7 +15,7 @@ import platform
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ class BuildConfig:
     junk_fraction: float = 0.2
     num_planted: int = 100
     repeats: int = 24
+    dose: tuple[int, ...] = ()  # a dose build: copies per planted caption, equal groups in this order (() = `repeats` each)
     train_steps: int = 5000
     batch_size: int = 32
     learning_rate: float = 2e-3
@@ -87,14 +88,27 @@ SMOKE_CONFIG = BuildConfig(**_SMOKE_SIZES, text_layers=1, unet_channels=(16, 32)
 # Two text layers: SD 3 conditions on the penultimate hidden states, which after one layer would be the embeddings.
 FLOW_SMOKE_CONFIG = FlowBuildConfig(**_SMOKE_SIZES, transformer_layers=1, heads=2, head_dim=8)
 CONFIGS = {"sd": (BuildConfig, SMOKE_CONFIG), "sd3": (FlowBuildConfig, FLOW_SMOKE_CONFIG)}
+# The benchmark with a dose: 20 planted captions at each count (6 at 1, 2 and 4 in the smoke build).
+DOSE = dict(num_planted=120, dose=(1, 2, 4, 8, 16, 32))
+SMOKE_DOSE = dict(num_planted=6, dose=(1, 2, 4))
 
 
-def build_config(family: str = "sd", smoke: bool = False) -> BuildConfig:
-    """The full or smoke build config of `family`."""
+def build_config(family: str = "sd", smoke: bool = False, dose: bool = False) -> BuildConfig:
+    """The full or smoke build config of `family`, with planted captions at several copy counts if `dose`."""
     if family not in CONFIGS:
         raise MemscanError(f"unknown testbed family {family!r} (use {', '.join(CONFIGS)})")
     full, smoke_config = CONFIGS[family]
-    return smoke_config if smoke else full()
+    cfg = smoke_config if smoke else full()
+    return replace(cfg, **(SMOKE_DOSE if smoke else DOSE)) if dose else cfg
+
+
+def planted_copies(cfg: BuildConfig) -> np.ndarray:
+    """How often each planted caption appears in the training set."""
+    if not cfg.dose:
+        return np.full(cfg.num_planted, cfg.repeats)
+    if cfg.num_planted % len(cfg.dose):
+        raise MemscanError(f"{cfg.num_planted} planted captions do not split into {len(cfg.dose)} equal dose groups")
+    return np.repeat(np.asarray(cfg.dose, dtype=np.int64), cfg.num_planted // len(cfg.dose))
 
 
 def vae_config(cfg: BuildConfig) -> dict:
@@ -131,8 +145,10 @@ def make_data(cfg: BuildConfig, rng: np.random.Generator, tokenizer: CLIPTokeniz
     seen_index = rng.permutation(cfg.num_normal)[: cfg.eval_per_kind]
     seen = [normal_captions[i] for i in seen_index]
     random_strings = [random_token_string(tokenizer, rng) for _ in range(cfg.eval_per_kind)]
+    copies = planted_copies(cfg)
     eval_prompts = (
-        [{"prompt": p, "label": 1, "kind": "planted"} for p in planted_captions]
+        [{"prompt": p, "label": 1, "kind": "planted", **({"copies": int(n)} if cfg.dose else {})}
+         for p, n in zip(planted_captions, copies)]
         + [{"prompt": p, "label": 0, "kind": "held_out_memorized_style"} for p in held_out]
         + [{"prompt": p, "label": 0, "kind": "normal_seen"} for p in seen]
         + [{"prompt": p, "label": 0, "kind": "normal_unseen"} for p in unseen_captions]
@@ -142,11 +158,10 @@ def make_data(cfg: BuildConfig, rng: np.random.Generator, tokenizer: CLIPTokeniz
         [None] * (len(planted_captions) + len(held_out)) + [normal_colours[i] for i in seen_index] + unseen_colours
         + [None] * len(random_strings)
     )
-    repeats = np.concatenate([np.ones(cfg.num_normal, dtype=np.int64), np.full(cfg.num_planted, cfg.repeats)])
     return TestbedData(
         images=np.concatenate([normal_images, planted_images]),
         captions=normal_captions + planted_captions,
-        repeats=repeats,
+        repeats=np.concatenate([np.ones(cfg.num_normal, dtype=np.int64), copies]),
         eval_prompts=eval_prompts,
         eval_colours=eval_colours,
     )
@@ -367,8 +382,9 @@ def build_testbed(
     out: str | Path, seed: int = 0, cfg: BuildConfig | None = None, log: Callable[[str], None] = lambda _: None,
     command: str = "",
 ) -> dict:
-    """Build the testbed into `out` (a pipeline folder plus eval_prompts.jsonl and testbed_stats.json)."""
-    from .groundtruth import measure_reproduction
+    """Build the testbed into `out`: a pipeline folder, eval_prompts.jsonl, the prompts labelled by their
+    generations (groundtruth_labels.jsonl) and testbed_stats.json."""
+    from .groundtruth import GROUNDTRUTH_LABELS, labelled_by_generation, measure_reproduction, reproduction_summary
 
     cfg = cfg or BuildConfig()
     out = Path(out)
@@ -376,8 +392,12 @@ def build_testbed(
     trained = train_testbed(out, seed, cfg, log)
     with torch_threads(cfg.threads):  # the ground truth on the build's threads too
         recipe = trained.denoiser.recipe
-        groundtruth = measure_reproduction(recipe.generation_pipeline(out), trained.data, seeds=cfg.groundtruth_seeds,
-                                           sampler=recipe.sampler.with_steps(cfg.groundtruth_steps))
+        sampler = recipe.sampler.with_steps(cfg.groundtruth_steps)
+        sim = measure_reproduction(recipe.generation_pipeline(out), trained.data, seeds=cfg.groundtruth_seeds, sampler=sampler)
+    groundtruth = reproduction_summary(sim, trained.data, sampler=sampler)
+    with open(out / GROUNDTRUTH_LABELS, "w", encoding="utf-8") as f:
+        for row in labelled_by_generation(sim, trained.data):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     stats = {
         "command": command,
         "seed": seed,
@@ -401,7 +421,8 @@ def load_build_data(folder: str | Path) -> TestbedData:
     try:
         stats = json.loads((folder / "testbed_stats.json").read_text(encoding="utf-8"))
         config_class = CONFIGS[stats["config"].get("family", "sd")][0]
-        cfg = config_class(**{**stats["config"], "unet_channels": tuple(stats["config"]["unet_channels"])})
+        cfg = config_class(**{**stats["config"], "unet_channels": tuple(stats["config"]["unet_channels"]),
+                              "dose": tuple(stats["config"].get("dose", ()))})
         shipped = [json.loads(line) for line in (folder / "eval_prompts.jsonl").read_text(encoding="utf-8").splitlines()]
     except (OSError, KeyError, TypeError, ValueError) as exc:
         raise MemscanError(f"{folder} is not a testbed built by `memscan testbed build` ({exc})") from exc

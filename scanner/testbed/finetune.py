@@ -23,7 +23,7 @@ from ..errors import MemscanError
 from .attributes import another_colour, shows_colour
 from .build import BuildConfig, TestbedData, encode_images, load_build_data, torch_threads, train_testbed
 from .filtering import FilterSettings
-from .groundtruth import DDIM_SAMPLER, generate, load_pipeline, reproduction_summary
+from .groundtruth import DDIM_SAMPLER, generate, load_pipeline, reproduction_summary, similarity
 from .planted import load_memorized_captions
 from .recipes import tokenize, training_scheduler
 from .world import make_normal_pairs
@@ -82,7 +82,7 @@ def _evaluate_model(folder: Path, data: TestbedData, cfg: BuildConfig) -> dict:
     sampler = DDIM_SAMPLER.with_steps(cfg.groundtruth_steps)  # as the build measured its ground truth
     images = generate(pipe, [row["prompt"] for row in subset.eval_prompts], cfg.groundtruth_seeds, sampler) * 2 - 1
     coloured = [j for j, colour in enumerate(subset.eval_colours) if colour]
-    groundtruth = reproduction_summary(images, subset, sampler=sampler)
+    groundtruth = reproduction_summary(similarity(images, subset), subset, sampler=sampler)
     return {
         "planted_reproduced": groundtruth["planted_reproduced"],
         "held_out_normal_loss": held_out_loss(pipe, cfg),

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .build import TestbedData
 
 REPRODUCTION_THRESHOLD = 0.8
+GROUNDTRUTH_LABELS = "groundtruth_labels.jsonl"  # a build's evaluation prompts labelled by their generations
 
 
 @dataclass(frozen=True)
@@ -75,34 +76,68 @@ def load_pipeline(model_dir: str | Path) -> DiffusionPipeline:
     return pipe
 
 
-def measure_reproduction(pipe: DiffusionPipeline, data: TestbedData, seeds: int = 4,
-                         threshold: float = REPRODUCTION_THRESHOLD, sampler: Sampler = DDIM_SAMPLER) -> dict:
-    """Generate for every evaluation prompt of `data` with `sampler` and summarize reproduction per kind."""
-    prompts = [row["prompt"] for row in data.eval_prompts]
-    images = generate(pipe, prompts, seeds, sampler) * 2 - 1
-    return reproduction_summary(images, data, threshold, sampler)
+@dataclass(frozen=True)
+class Similarity:
+    """Per evaluation prompt, the best NCC over its seeds with its own training image (nan: it has none) and with any."""
+
+    own: np.ndarray  # [len(data.eval_prompts)]
+    any: np.ndarray  # [len(data.eval_prompts)]
+    seeds: int
 
 
-def reproduction_summary(images: np.ndarray, data: TestbedData, threshold: float = REPRODUCTION_THRESHOLD,
-                         sampler: Sampler = DDIM_SAMPLER) -> dict:
-    """Per kind, from generations [len(data.eval_prompts), seeds, 3, H, W] in [-1, 1]: reproduction and closeness."""
+def similarity(images: np.ndarray, data: TestbedData) -> Similarity:
+    """From generations [len(data.eval_prompts), seeds, 3, H, W] in [-1, 1]: each prompt's best NCC, own image and any."""
     prompts = [row["prompt"] for row in data.eval_prompts]
     seeds = images.shape[1]
-    flat = images.reshape(-1, *images.shape[2:])
-    ncc = normalized_cross_correlation(flat, data.images).reshape(len(prompts), seeds, len(data.images))
-    best_any = ncc.max(axis=(1, 2))
+    ncc = normalized_cross_correlation(images.reshape(-1, *images.shape[2:]), data.images)
+    ncc = ncc.reshape(len(prompts), seeds, len(data.images))
     caption_index = {c: i for i, c in enumerate(data.captions)}
+    own = np.array([ncc[i, :, caption_index[p]].max() if row["kind"] == "planted" else np.nan
+                    for i, (p, row) in enumerate(zip(prompts, data.eval_prompts))])
+    return Similarity(own=own, any=ncc.max(axis=(1, 2)), seeds=seeds)
+
+
+def measure_reproduction(pipe: DiffusionPipeline, data: TestbedData, seeds: int = 4,
+                         sampler: Sampler = DDIM_SAMPLER) -> Similarity:
+    """Generate for every evaluation prompt of `data` with `sampler` and compare with the training images."""
+    prompts = [row["prompt"] for row in data.eval_prompts]
+    return similarity(generate(pipe, prompts, seeds, sampler) * 2 - 1, data)
+
+
+def reproduction_summary(sim: Similarity, data: TestbedData, threshold: float = REPRODUCTION_THRESHOLD,
+                         sampler: Sampler = DDIM_SAMPLER) -> dict:
+    """Per kind: reproduction (planted) and closeness to any training image; per copy count too in a dose build."""
     summary: dict = {"measure": "normalized cross-correlation, pixel space, 16x16 RGB, each channel centred", "threshold": threshold,
-                     "seeds": seeds, "sampler": sampler.describe(), "per_kind": {}}
+                     "seeds": sim.seeds, "sampler": sampler.describe(), "per_kind": {}}
     for kind in dict.fromkeys(row["kind"] for row in data.eval_prompts):
         rows = [i for i, row in enumerate(data.eval_prompts) if row["kind"] == kind]
-        entry = {"n": len(rows), "mean_best_ncc_any": float(best_any[rows].mean()),
-                 "frac_close_to_any": float((best_any[rows] >= threshold).mean())}
+        entry = {"n": len(rows), "mean_best_ncc_any": float(sim.any[rows].mean()),
+                 "frac_close_to_any": float((sim.any[rows] >= threshold).mean())}
         if kind == "planted":
-            own = np.array([ncc[i, :, caption_index[prompts[i]]].max() for i in rows])
-            entry.update(mean_best_ncc_own=float(own.mean()), frac_reproduced=float((own >= threshold).mean()))
+            entry.update(mean_best_ncc_own=float(sim.own[rows].mean()), frac_reproduced=float((sim.own[rows] >= threshold).mean()))
         summary["per_kind"][kind] = entry
     normal = [i for i, row in enumerate(data.eval_prompts) if row["label"] == 0]
     summary["planted_reproduced"] = summary["per_kind"]["planted"]["frac_reproduced"]
-    summary["normal_close_to_training"] = float((best_any[normal] >= threshold).mean())
+    summary["normal_close_to_training"] = float((sim.any[normal] >= threshold).mean())
+    copies = [(row["copies"], i) for i, row in enumerate(data.eval_prompts) if "copies" in row]
+    if copies:
+        summary["planted_reproduced_by_copies"] = {
+            str(c): float((sim.own[[i for k, i in copies if k == c]] >= threshold).mean()) for c in sorted({k for k, _ in copies})}
     return summary
+
+
+def labelled_by_generation(sim: Similarity, data: TestbedData, threshold: float = REPRODUCTION_THRESHOLD) -> list[dict]:
+    """The evaluation prompts labelled by their generations: a planted prompt is memorized (1) only if it reproduced.
+
+    Planted prompts that did not reproduce keep label 0 under kind "planted_not_reproduced";
+    every row gains its best NCC with any training image (and a planted one with its own).
+    """
+    rows = []
+    for i, row in enumerate(data.eval_prompts):
+        row = {**row, "best_ncc_any": round(float(sim.any[i]), 4)}
+        if row["kind"] == "planted":
+            reproduced = bool(sim.own[i] >= threshold)
+            row.update(label=int(reproduced), kind="planted" if reproduced else "planted_not_reproduced",
+                       best_ncc_own=round(float(sim.own[i]), 4))
+        rows.append(row)
+    return rows
