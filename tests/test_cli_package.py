@@ -272,3 +272,18 @@ def test_eval_with_a_named_detector_writes_its_metrics_and_scores(tmp_path, tiny
     assert summary["detector"] == "anisotropy" and summary["forwards_per_prompt"] == 2
     assert summary["auc"] == pytest.approx(roc_auc_score([r["label"] for r in rows], [r["score"] for r in rows]))
     assert (summary["n_pos"], summary["n_neg"]) == (3, 3) and summary["seconds"] > 0
+
+
+def test_batch_size_defaults_to_the_devices_and_an_explicit_one_stays(tmp_path, tiny_sd1):
+    import torch
+
+    from scanner.cli.common import load_scanner
+    from scanner.model import default_batch_size
+
+    assert [default_batch_size(d) for d in ("cpu", "cuda", torch.device("cuda", 1), "mps")] == [16, 64, 64, 16]
+    for given, expected in ((None, 16), (7, 7)):
+        argv = ["scan", "p.txt", "--model", str(tiny_sd1), "--out", str(tmp_path / "s.jsonl"), "--device", "cpu"]
+        args = build_parser().parse_args(argv + (["--batch-size", str(given)] if given else []))
+        assert args.batch_size == given
+        load_scanner(args)
+        assert args.batch_size == expected

@@ -38,12 +38,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import tempfile
 
     from .. import benchmark
+    from ..model import default_batch_size
     from ..threads import current_threads
 
-    if args.batch_size < 1 or (args.prompts is not None and args.prompts < 1):
+    if (args.batch_size is not None and args.batch_size < 1) or (args.prompts is not None and args.prompts < 1):
         raise MemscanError("--batch-size and --prompts must be >= 1")
     json_out = output_file(args.json) if args.json else None  # before the timing, not after it
     if args.orchestrator:
+        args.batch_size = args.batch_size or default_batch_size("cpu")  # the model is a no-op: rows, not a device
         count = args.prompts or (100_000 if args.quick else 1_000_000)
         with tempfile.TemporaryDirectory() as folder:
             result = benchmark.orchestrator_throughput(count, args.batch_size, Path(folder))
@@ -56,6 +58,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 json_out.write_text(json.dumps([{"name": "orchestrator (no-op model)", **vars(result)}], indent=2) + "\n")
         return EXIT_OK
     model = bench_model(args)
+    args.batch_size = args.batch_size or default_batch_size(model.device)
     count = args.prompts or args.batch_size * (3 if args.quick else 8)  # the median of 3 batches at least
     if args.engines is None:
         engines = benchmark.default_engines(model.device, args.quick)
@@ -104,7 +107,7 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:
         "--prompts", type=int,
         help="prompts to time (default: 8 batches, 3 with --quick; 1,000,000, 100,000 with --orchestrator)",
     )
-    bench.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default: 16)")
+    bench.add_argument("--batch-size", type=int, help="prompts per batch (default: 64 on CUDA, 16 on the CPU)")
     bench.add_argument("--quick", action="store_true", help="fewer prompts (see --prompts); on the CPU, skip compile")
     bench.add_argument("--orchestrator", action="store_true", help="time a scan with no-op UNet and text encoder")
     bench.add_argument("--json", help="also write the results to this JSON file")

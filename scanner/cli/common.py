@@ -195,7 +195,7 @@ def add_detect_options(parser: argparse.ArgumentParser, detector: bool = False) 
         help="where the difference is measured: epsilon (noise), model (the raw output: the velocity for flow models); "
         "auto (default): epsilon for diffusion families, model for flow families (SD3, Flux)",
     )
-    group.add_argument("--batch-size", type=int, default=16, help="prompts per denoiser batch (default: 16)")
+    group.add_argument("--batch-size", type=int, help="prompts per denoiser batch (default: 64 on CUDA, 16 on the CPU)")
 
 
 def add_detector_option(group: argparse._ActionsContainer) -> None:
@@ -239,7 +239,7 @@ def detect_settings(args: argparse.Namespace) -> DetectSettings:
     """`DetectSettings` from the detection options."""
     from ..detect import DetectSettings
 
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise MemscanError(f"--batch-size must be >= 1, got {args.batch_size}")
     return DetectSettings(
         num_inference_steps=args.inference_steps,
@@ -285,6 +285,10 @@ def load_scanner(args: argparse.Namespace, settings: DetectSettings | None = Non
     start_loading(args)
     quiet_libraries()
     scanner = spec.load()
+    if "batch_size" in vars(args) and args.batch_size is None:
+        from ..model import default_batch_size
+
+        args.batch_size = default_batch_size(scanner.model.device)
     if "guidance_scale" in vars(args) and args.guidance_scale is None:
         # The generating commands read the option itself once the scanner is loaded: the family's default.
         args.guidance_scale = scanner.family.default_guidance_scale

@@ -101,6 +101,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
             commit_rows=args.checkpoint_rows,
         )
         if scanner is None:
+            from ..model import default_batch_size
+
+            options["batch_size"] = args.batch_size or default_batch_size("cuda" if args.gpus_per_worker else "cpu")
             summary = scan_on_ray(args, choose_threshold=choose, **options)
         else:
             summary = run_scan(scanner, args.inputs, args.out, threshold=chosen[0].value, wait=args.wait, read=bar.read,
