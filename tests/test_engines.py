@@ -20,7 +20,7 @@ from scanner.engines.onnx_symbolics import register_symbolics
 from scanner.model import load_model
 from scanner.testbed import default_model_path
 
-SETTINGS = {"first step": {}, "3-step window, 2 generations": {"end_step": 3, "generations": 2}}
+SETTINGS = {"first step": {}, "2-step window, 2 generations": {"end_step": 2, "generations": 2}}
 # The tiny pipeline builders of the families besides SD 1.x/2.x (tests/tiny_families_*.py).
 FAMILY_BUILDERS = {"sdxl": build_tiny_sdxl, "pixart": build_tiny_pixart, "sd3": build_tiny_sd3, "flux": build_tiny_flux}
 

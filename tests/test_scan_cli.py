@@ -120,7 +120,7 @@ def test_resume_after_crash_loses_and_duplicates_nothing(tmp_path, scanner, monk
 
 def test_resume_after_sigkill(tmp_path, tiny_sd1, capsys):
     inp = tmp_path / "p.txt"
-    inp.write_text("\n".join(f"prompt number {i}" for i in range(160)) + "\n")
+    inp.write_text("\n".join(f"prompt number {i}" for i in range(64)) + "\n")
     out = tmp_path / "scan.parquet"
     cmd = [sys.executable, "-m", "scanner.cli", "scan", str(inp), "--model", str(tiny_sd1), "--out", str(out)]
     cmd += ["--batch-size", "2", "--checkpoint-rows", "4", "--generations", "2"]
@@ -136,10 +136,10 @@ def test_resume_after_sigkill(tmp_path, tiny_sd1, capsys):
     assert main(cmd[3:]) == 0  # the re-run, in this process: the kill was the other one's
     assert "rows resumed" in capsys.readouterr().out
     rows = _read_output(out)
-    assert [r["id"] for r in rows] == [f"{inp}:{i}" for i in range(1, 161)]
-    assert [r["prompt"] for r in rows] == [f"prompt number {i}" for i in range(160)]
+    assert [r["id"] for r in rows] == [f"{inp}:{i}" for i in range(1, 65)]
+    assert [r["prompt"] for r in rows] == [f"prompt number {i}" for i in range(64)]
     scanner = Scanner(load_model(tiny_sd1, device="cpu"), DetectSettings(generations=2))
-    sample = [0, 1, 80, 159]
+    sample = [0, 1, 32, 63]
     expected = scanner.score([rows[i]["prompt"] for i in sample]).score
     assert [rows[i]["score"] for i in sample] == pytest.approx(expected.tolist(), rel=1e-5)
 
