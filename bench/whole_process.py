@@ -1,0 +1,143 @@
+"""Whole processes side by side: `memscan scan` against a plain diffusers loop, and the scoring loop against the roofline.
+
+    python bench/whole_process.py --prompts 512 --rounds 3 [--json F]
+
+- Whole process: `memscan scan` of N testbed-style prompts (default environment, default options)
+  against a plain diffusers script that loads the same `StableDiffusionPipeline` and scores one
+  prompt at a time, `[uncond, cond]` in one UNet batch of 2 (`--plain`, this file; it imports
+  nothing from memscan). Rounds interleave the two; the ratio is each round's wall time over the
+  other's, then the median. The scores of both are compared.
+- Roofline: FLOPs per prompt of the scoring loop (one text-encoder row and one conditional UNet row;
+  the unconditional row is cached), counted by `torch.utils.flop_counter`, times the scoring
+  rate `memscan scan` reports, against the fp32 matmul peak measured here on the same threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODEL = Path(__file__).resolve().parents[1] / "scanner" / "data" / "testbed"
+
+
+def plain_loop(model: str, prompts_file: str, out: str) -> None:
+    """Score each prompt as a diffusers user would write it: first DDIM step of 50, seed 0, ||eps_c - eps_u||."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(50)
+    t = scheduler.timesteps[0]
+    shape = (1, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    latent = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
+    x = scheduler.scale_model_input(torch.cat([latent, latent]), t)
+    prompts = Path(prompts_file).read_text(encoding="utf-8").splitlines()
+    with torch.inference_mode(), open(out, "w", encoding="utf-8") as f:
+        for prompt in prompts:
+            cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, do_classifier_free_guidance=True)
+            eps = pipe.unet(x, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+            f.write(json.dumps({"prompt": prompt, "score": float((eps[1] - eps[0]).norm())}) + "\n")
+
+
+def timed(cmd: list[str]) -> tuple[float, str]:
+    """Wall seconds and stdout of one process in the default environment."""
+    began = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return time.perf_counter() - began, done.stdout
+
+
+def flops_per_prompt() -> float:
+    """FLOPs of one prompt's text-encoder row plus its conditional UNet row at the first step (batch of 16, divided)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from scanner.detect import DetectSettings, Scanner
+    from scanner.model import load_model
+
+    scanner = Scanner(load_model(MODEL, device="cpu"), DetectSettings())
+    prompts = [f"a photo of thing {i}" for i in range(16)]
+    scanner.score(prompts[:1])  # the cached unconditional row: not part of the per-prompt cost
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        scanner.score(prompts[1:] + ["another prompt"])
+    return counter.get_total_flops() / 16
+
+
+def matmul_peak(threads: int) -> float:
+    """Best fp32 GFLOP/s of a 1024 x 1024 matmul on `threads` torch threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    best = 0.0
+    for _ in range(20):
+        began = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = max(best, 5 * 2 * 1024**3 / (time.perf_counter() - began) / 1e9)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--plain", nargs=3, metavar=("MODEL", "PROMPTS", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain:
+        return plain_loop(*args.plain)
+
+    from scanner.benchmark import sample_prompts
+    from scanner.threads import current_threads
+
+    walls: dict[str, list[float]] = {"memscan scan": [], "plain diffusers loop": []}
+    rates, loads = [], []
+    with tempfile.TemporaryDirectory() as folder:
+        prompts = Path(folder) / "prompts.txt"
+        prompts.write_text("\n".join(sample_prompts(args.prompts)) + "\n", encoding="utf-8")
+        for round_ in range(args.rounds):
+            loads.append(os.getloadavg()[0])
+            scan_out, plain_out = Path(folder) / f"scan{round_}.jsonl", Path(folder) / f"plain{round_}.jsonl"
+            wall, stdout = timed([sys.executable, "-m", "scanner.cli", "scan", str(prompts), "--out", str(scan_out)])
+            walls["memscan scan"].append(wall)
+            rates.append(float(re.search(r"([\d.]+) prompts/s", stdout).group(1)))
+            walls["plain diffusers loop"].append(
+                timed([sys.executable, __file__, "--plain", str(MODEL), str(prompts), str(plain_out)])[0])
+            print(f"round {round_ + 1}: memscan {walls['memscan scan'][-1]:.1f} s, plain {walls['plain diffusers loop'][-1]:.1f} s, "
+                  f"load {loads[-1]:.2f}", file=sys.stderr, flush=True)
+        ours = {r["prompt"]: r["score"] for r in map(json.loads, scan_out.read_text().splitlines())}
+        theirs = {r["prompt"]: r["score"] for r in map(json.loads, plain_out.read_text().splitlines())}
+    max_rel_diff = max(abs(ours[p] - s) / abs(s) for p, s in theirs.items())
+    ratio = statistics.median(p / m for p, m in zip(walls["plain diffusers loop"], walls["memscan scan"]))
+    threads = current_threads()
+    flops = flops_per_prompt()
+    peak = matmul_peak(threads.threads)
+    achieved = statistics.median(rates) * flops / 1e9
+    record = {
+        "prompts": args.prompts, "rounds": args.rounds, "wall_seconds": walls, "whole_process_ratio": ratio,
+        "max_rel_score_diff": max_rel_diff, "scoring_prompts_per_s": rates, "flops_per_prompt": flops,
+        "matmul_peak_gflops": peak, "scoring_gflops": achieved, "roofline_fraction": achieved / peak,
+        "load_average": loads, "runtime": threads.record(),
+    }
+    print(f"{args.prompts} prompts, {args.rounds} rounds, {threads.describe()}, load {', '.join(f'{x:.2f}' for x in loads)}")
+    for name, seconds in walls.items():
+        print(f"  {name:<22} median {statistics.median(seconds):6.1f} s  ({', '.join(f'{s:.1f}' for s in seconds)})")
+    print(f"  whole process: memscan {ratio:.2f}x the plain loop (target 3x); scores within {max_rel_diff:.1e} relative")
+    print(f"  scoring loop: {statistics.median(rates):.0f} prompts/s x {flops / 1e6:.1f} MFLOP = {achieved:.1f} GFLOP/s; "
+          f"fp32 matmul peak {peak:.1f} GFLOP/s: {achieved / peak:.0%} of the roofline (target 50%)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
