@@ -16,7 +16,7 @@ from tiny_families_flow import build_tiny_flux, build_tiny_sd3
 
 from scanner.detect import DetectSettings, Scanner
 from scanner.engines import ENGINES, EngineUnavailable, create_engine
-from scanner.engines.compile_engine import bucket_for, pad_rows
+from scanner.engines.compile_engine import bucket_for, in_buckets, pad_rows
 from scanner.engines.onnx_export import MODEL_FILE, OPSET, TEXT_ENCODER_FILE
 from scanner.engines.onnx_symbolics import register_symbolics
 from scanner.model import load_model
@@ -185,10 +185,26 @@ def test_buckets_pad_with_the_last_row_and_cover_every_size():
     assert pad_rows(x, 3) is x
 
 
+def test_in_buckets_cuts_pads_and_slices_back():
+    seen = []
+
+    def run(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(len(x))
+        return x * 2, (x + y).sum(-1)
+
+    x, y = torch.randn(7, 3), torch.randn(7, 3)
+    doubled, sums = in_buckets(run, {"x": x, "y": y}, buckets=(1, 2, 4))
+    assert seen == [4, 4] and torch.equal(doubled, x * 2) and torch.equal(sums, (x + y).sum(-1))  # 4 rows, then 3 padded to 4
+
+
 @pytest.mark.slow  # torch.compile takes minutes per graph on 2 CPU cores
-def test_compile_scores_match_torch(tiny_sd1):
+def test_compile_scores_match_torch(tiny_sd1, monkeypatch):
+    """The denoiser and the text encoder are compiled, and score as eager does."""
     model = load_model(tiny_sd1, device="cpu")
+    compiled, compile_ = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **options: compiled.append(module) or compile_(module, **options))
     _assert_same_scores(model, create_engine("compile", model.family.denoiser_module()))
+    assert [getattr(m, "encoder", None) for m in compiled[1:]] == [model.family.text_encoders["text_encoder"]]
 
 
 @pytest.mark.slow  # as above, one graph per family
