@@ -1,8 +1,9 @@
-"""Engines run a denoiser for a batch: they know nothing of prompts, files, users or model families.
+"""Engines run a denoiser and text encoders for a batch: they know nothing of prompts, files, users or model families.
 
 Every engine is a `DenoiserEngine`: `predict(latents, timestep, conditioning)` and
 `conditional_norm(latents, timestep, conditioning, uncond)`, where `conditioning` is the
-denoiser's keyword tensors (see `base`). `create_engine` builds one
+denoiser's keyword tensors, and `text_encoder(name, module)`, the runner of a text encoder
+module (see `base`). `create_engine` builds one
 by name; a backend that cannot start (no GPU, package missing) raises `EngineUnavailable`
 with a one-line reason, and nothing falls back silently. Backends with optional packages
 are imported only when asked for.
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Conditioning, DenoiserEngine, EngineUnavailable
+from .base import Conditioning, DenoiserEngine, EngineUnavailable, TextEncoder
 from .torch_engine import TorchEngine
 
 
@@ -63,4 +64,4 @@ def create_engine(
     return ENGINES[name](denoiser, cache_dir=cache_dir, cache_key=cache_key)
 
 
-__all__ = ["ENGINES", "Conditioning", "DenoiserEngine", "EngineUnavailable", "TorchEngine", "create_engine"]
+__all__ = ["ENGINES", "Conditioning", "DenoiserEngine", "EngineUnavailable", "TextEncoder", "TorchEngine", "create_engine"]

@@ -1,8 +1,8 @@
-"""ONNX Runtime engine: the denoiser exported with a norm head, run on the CPU or CUDA provider.
+"""ONNX Runtime engine: the denoiser exported with a norm head, and the text encoders, run on the CPU or CUDA provider.
 
-The export happens on the first call, when the latent and conditioning shapes are known, and is
-cached on disk (`onnx_export.cached_export`). Tensors are handed to ONNX Runtime through IO
-binding by pointer, so nothing is copied between torch and the session on either device.
+Each export happens on its first call, when the input shapes are known, and is cached on disk
+(`onnx_export.cached_export`, `cached_text_encoder_export`). Tensors are handed to ONNX Runtime
+through IO binding by pointer, so nothing is copied between torch and a session on either device.
 """
 
 from __future__ import annotations
@@ -13,10 +13,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import Conditioning, DenoiserEngine, EngineUnavailable
-from .onnx_export import cached_export, cond_spec
+from .base import Conditioning, DenoiserEngine, EngineUnavailable, TextEncoder
+from .onnx_export import cached_export, cached_text_encoder_export, cond_spec
 
 NUMPY_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+# ONNX Runtime's names of its tensor types, for the outputs a text encoder session declares.
+ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64}
+
+
+def bind(binding, name: str, tensor: torch.Tensor, output: bool = False) -> None:
+    """Bind a contiguous torch tensor to a session's input or output `name` by pointer (no copy)."""
+    device = tensor.device
+    method = binding.bind_output if output else binding.bind_input
+    method(name, device.type, device.index or 0, NUMPY_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
 
 
 class OnnxEngine(DenoiserEngine):
@@ -54,28 +63,25 @@ class OnnxEngine(DenoiserEngine):
             f"{', '.join(available)}"
         )
 
+    def open(self, path: Path):
+        """An ONNX Runtime session of the exported graph at `path` on this engine's provider."""
+        options = self.ort.SessionOptions()
+        options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle ORT threads spin by default, holding cores that other work (tokenizing, the
+        # scan's other threads, another session) needs between calls.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return self.ort.InferenceSession(str(path), options, providers=self.providers)
+
     def _session(self, latents: torch.Tensor, conditioning: Conditioning):
         spec = cond_spec(conditioning)
         shapes = (tuple(latents.shape[1:]), tuple(spec.items()))
         if shapes not in self._sessions:
-            path = cached_export(self.denoiser, shapes[0], spec, self.cache_dir, self.cache_key)
-            options = self.ort.SessionOptions()
-            options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            # Idle ORT threads spin by default, holding cores that the torch text encoder
-            # needs between UNet calls.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self._sessions[shapes] = self.ort.InferenceSession(str(path), options, providers=self.providers)
+            self._sessions[shapes] = self.open(cached_export(self.denoiser, shapes[0], spec, self.cache_dir, self.cache_key))
         return self._sessions[shapes]
 
-    def _bind(self, binding, name: str, tensor: torch.Tensor) -> None:
-        binding.bind_input(
-            name,
-            self.device.type,
-            self.device.index or 0,
-            NUMPY_TYPES[tensor.dtype],
-            list(tensor.shape),
-            tensor.data_ptr(),
-        )
+    def _text_encoder(self, name: str, module: torch.nn.Module) -> TextEncoder:
+        """The text encoder exported with the cache key `<model's key>-<name>` and run by ONNX Runtime."""
+        return OnnxTextEncoder(self, module, f"{self.cache_key}-{name}")
 
     def _run(
         self, output: str, out: torch.Tensor, latents: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning,
@@ -90,14 +96,7 @@ class OnnxEngine(DenoiserEngine):
             "uncond": uncond.to(self.device, self.dtype).contiguous(),
             **{k: v.to(self.device).contiguous() for k, v in conditioning.items()},
         }
-        binding = session.io_binding()
-        for name, tensor in inputs.items():  # `inputs` keeps the tensors alive until the run ends
-            self._bind(binding, name, tensor)
-        binding.bind_output(output, self.device.type, self.device.index or 0, NUMPY_TYPES[out.dtype], list(out.shape), out.data_ptr())
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # ORT runs on its own stream
-        session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
+        run_bound(session, inputs, {output: out})
         return out
 
     def predict(self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
@@ -112,3 +111,55 @@ class OnnxEngine(DenoiserEngine):
         """`||predict(latents, t, c) - uncond||_2` per row, fp32 `[R]`, from the graph's norm head."""
         out = torch.empty(len(latents), dtype=torch.float32, device=self.device)
         return self._run("norm", out, latents, timestep, conditioning, uncond)
+
+
+def run_bound(session, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+    """Run `session` on `inputs`, writing into the preallocated `outputs` (all contiguous, on one device)."""
+    binding = session.io_binding()
+    for name, tensor in inputs.items():  # the caller's dicts keep the tensors alive until the run ends
+        bind(binding, name, tensor)
+    for name, tensor in outputs.items():
+        bind(binding, name, tensor, output=True)
+    device = next(iter(outputs.values())).device
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # ORT runs on its own stream
+    session.run_with_iobinding(binding)
+    binding.synchronize_outputs()
+
+
+class OnnxTextEncoder:
+    """A text encoder module (`forward(**inputs) -> tuple`, `output_names`) exported and run by ONNX Runtime.
+
+    Exported on the first call, when the inputs' shapes are known, one session per input spec.
+    """
+
+    def __init__(self, engine: OnnxEngine, module: torch.nn.Module, cache_key: str):
+        self.engine = engine
+        self.module = module
+        self.cache_key = cache_key
+        self._sessions: dict[tuple, tuple] = {}  # input spec -> (session, [(output name, per-row shape, dtype)])
+
+    def _session(self, inputs: dict[str, torch.Tensor]) -> tuple:
+        spec = cond_spec(inputs)
+        key = tuple(spec.items())
+        if key not in self._sessions:
+            path = cached_text_encoder_export(self.module, spec, self.engine.cache_dir, self.cache_key)
+            session = self.engine.open(path)
+            outputs = []
+            for meta in session.get_outputs():
+                # The export fixes every size but the batch: sizes are known before a run.
+                if not all(isinstance(size, int) for size in meta.shape[1:]):
+                    raise EngineUnavailable(f"{path}: output {meta.name} has sizes {meta.shape}; only the batch may vary")
+                outputs.append((meta.name, tuple(meta.shape[1:]), ORT_TYPES[meta.type]))
+            self._sessions[key] = (session, outputs)
+        return self._sessions[key]
+
+    def __call__(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The module's outputs for keyword inputs `[B, ...]`, in `output_names` order, on the engine's device."""
+        device = self.engine.device
+        inputs = {k: v.to(device).contiguous() for k, v in inputs.items()}
+        session, metas = self._session(inputs)
+        rows = len(next(iter(inputs.values())))
+        outputs = {name: torch.empty(rows, *shape, dtype=dtype, device=device) for name, shape, dtype in metas}
+        run_bound(session, inputs, outputs)
+        return tuple(outputs[name] for name in self.module.output_names)

@@ -1,4 +1,4 @@
-"""Export a denoiser to ONNX with a fused score head, cached on disk by model and export settings.
+"""Export a denoiser (with a fused score head) and text encoders to ONNX, cached on disk by model and export settings.
 
 The exported graph takes `latents [B, C, H, W]`, `timestep []` (fp32), `uncond [B|1, C, H, W]`
 and the denoiser's conditioning tensors under their own names (`encoder_hidden_states
@@ -6,6 +6,10 @@ and the denoiser's conditioning tensors under their own names (`encoder_hidden_s
 output) and `norm` (`||noise - uncond||_2` per row, fp32). Asking a session for `norm` alone
 keeps whole predictions on the device. The batch axis is dynamic; every other size is fixed
 by the example shapes, so the export is keyed by them.
+
+A text encoder module (`forward(**inputs) -> tuple`, with `output_names`: a family's
+`TextEncoderModule`) exports with its inputs under their names (`input_ids [B, L]`, and
+`attention_mask [B, L]` where the family passes one) and its outputs under `output_names`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +33,8 @@ EXPORT_FORMAT = 2
 INPUT_NAMES = ("latents", "timestep", "uncond")  # then the conditioning's names
 OUTPUT_NAMES = ("noise", "norm")
 MODEL_FILE = "denoiser.onnx"
+TEXT_ENCODER_FILE = "text_encoder.onnx"
+TEXT_ENCODER_FORMAT = 1  # as EXPORT_FORMAT, for text encoder graphs
 # name -> (shape without the batch axis, dtype name): the conditioning an export is traced for.
 CondSpec = dict[str, tuple[tuple[int, ...], str]]
 
@@ -53,6 +60,27 @@ class ScoringDenoiser(torch.nn.Module):
         return noise, (noise.float() - uncond.float()).flatten(1).norm(dim=1)
 
 
+class NamedInputs(torch.nn.Module):
+    """A module taking keyword tensors, called with them positionally (the exporter passes positional inputs)."""
+
+    def __init__(self, module: torch.nn.Module, names: tuple[str, ...]):
+        super().__init__()
+        self.module = module
+        self.names = names
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`module(**dict(zip(names, tensors)))`."""
+        return self.module(**dict(zip(self.names, tensors)))
+
+
+def example(shape: tuple[int, ...], dtype: str, param: torch.Tensor) -> torch.Tensor:
+    """A tracing input of per-row `shape` and `dtype` on `param`'s device, floats in `param`'s dtype."""
+    # Batch 2 for tracing: the exporter would specialise a batch of 1 to a constant.
+    if dtype.startswith(("int", "bool")):  # ids and masks: all ones, a valid token and a valid mask
+        return torch.ones(2, *shape, device=param.device, dtype=getattr(torch, dtype))
+    return torch.randn(2, *shape, device=param.device, dtype=param.dtype)
+
+
 def export_settings(denoiser: torch.nn.Module, latent_shape: tuple[int, ...], spec: CondSpec) -> dict:
     """Everything besides the weights that decides the exported graph."""
     dtype = next(denoiser.parameters()).dtype
@@ -69,16 +97,9 @@ def export_settings(denoiser: torch.nn.Module, latent_shape: tuple[int, ...], sp
 def export_denoiser(denoiser: torch.nn.Module, latent_shape: tuple[int, ...], spec: CondSpec, folder: Path) -> Path:
     """Export `ScoringDenoiser(denoiser)` into `folder` (weights as external data when over 2 GB)."""
     param = next(denoiser.parameters())
-
-    def example(shape: tuple[int, ...], dtype: str) -> torch.Tensor:
-        # Batch 2 for tracing: the exporter would specialise a batch of 1 to a constant.
-        if dtype.startswith(("int", "bool")):  # masks: all ones, a valid mask
-            return torch.ones(2, *shape, device=param.device, dtype=getattr(torch, dtype))
-        return torch.randn(2, *shape, device=param.device, dtype=param.dtype)
-
     latents = torch.randn(2, *latent_shape, device=param.device, dtype=param.dtype)
     uncond = torch.randn(1, *latent_shape, device=param.device, dtype=param.dtype)
-    conditioning = [example(shape, dtype) for shape, dtype in spec.values()]
+    conditioning = [example(shape, dtype, param) for shape, dtype in spec.values()]
     timestep = torch.tensor(981.0, device=param.device)
     batch = {0: "batch"}
     path = folder / MODEL_FILE
@@ -102,6 +123,40 @@ def export_denoiser(denoiser: torch.nn.Module, latent_shape: tuple[int, ...], sp
     return path
 
 
+def text_encoder_settings(module: torch.nn.Module, spec: CondSpec) -> dict:
+    """Everything besides the weights that decides a text encoder's exported graph."""
+    dtype = next(module.parameters()).dtype
+    return {
+        "format": TEXT_ENCODER_FORMAT,
+        "opset": OPSET,
+        "dtype": str(dtype).removeprefix("torch."),
+        "inputs": {k: [list(shape), dt] for k, (shape, dt) in spec.items()},
+        "outputs": list(module.output_names),
+        "torch": torch.__version__.split("+")[0],
+    }
+
+
+def export_text_encoder(module: torch.nn.Module, spec: CondSpec, folder: Path) -> Path:
+    """Export the text encoder `module` for inputs `spec` into `folder` (weights as external data when over 2 GB)."""
+    param = next(module.parameters())
+    path = folder / TEXT_ENCODER_FILE
+    batch = {0: "batch"}
+    register_symbolics(OPSET)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings, as for the denoiser
+        torch.onnx.export(
+            NamedInputs(module, tuple(spec)).eval(),
+            tuple(example(shape, dtype, param) for shape, dtype in spec.values()),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=list(spec),
+            output_names=list(module.output_names),
+            dynamic_axes={name: batch for name in (*spec, *module.output_names)},
+        )
+    return path
+
+
 def cached_export(
     denoiser: torch.nn.Module,
     latent_shape: tuple[int, ...],
@@ -109,24 +164,35 @@ def cached_export(
     cache_dir: Path,
     cache_key: str,
 ) -> Path:
-    """The ONNX file for this model and these shapes: exported once into `cache_dir/onnx/`, then reused."""
+    """The denoiser's ONNX file for this model and these shapes: exported once into `cache_dir/onnx/`, then reused."""
     settings = export_settings(denoiser, latent_shape, spec)
+    return _cached(settings, MODEL_FILE, lambda folder: export_denoiser(denoiser, latent_shape, spec, folder), cache_dir, cache_key)
+
+
+def cached_text_encoder_export(module: torch.nn.Module, spec: CondSpec, cache_dir: Path, cache_key: str) -> Path:
+    """The text encoder's ONNX file for these inputs, exported once into `cache_dir/onnx/` as the denoiser's is."""
+    settings = text_encoder_settings(module, spec)
+    return _cached(settings, TEXT_ENCODER_FILE, lambda folder: export_text_encoder(module, spec, folder), cache_dir, cache_key)
+
+
+def _cached(settings: dict, filename: str, export: Callable[[Path], Path], cache_dir: Path, cache_key: str) -> Path:
+    """`cache_dir/onnx/<key>-<settings hash>/<filename>`, made by `export(folder)` unless it exists."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     safe_key = "".join(c if c.isalnum() or c in "-_." else "_" for c in cache_key)
     target = Path(cache_dir) / "onnx" / f"{safe_key}-{digest}"
-    if (target / MODEL_FILE).is_file():
-        return target / MODEL_FILE
+    if (target / filename).is_file():
+        return target / filename
     target.parent.mkdir(parents=True, exist_ok=True)
     # Export into a private folder, then rename: readers never see a half-written export.
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        export_denoiser(denoiser, latent_shape, spec, staging)
+        export(staging)
         (staging / "settings.json").write_text(json.dumps({**settings, "cache_key": cache_key}, indent=2))
         try:
             os.rename(staging, target)
         except OSError:  # another process finished the same export first; use theirs
-            if not (target / MODEL_FILE).is_file():
+            if not (target / filename).is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target / MODEL_FILE
+    return target / filename

@@ -6,6 +6,9 @@ a timing cache per GPU and version makes later builds faster. It runs with
 `execute_async_v3` on the current torch stream; each batch bucket is captured once in a CUDA
 graph and replayed, batches padded to the bucket as in the compile engine.
 
+The text encoders run eagerly with this engine (`DenoiserEngine.text_encoder`'s default): a
+TensorRT build of theirs would need its own profiles and runners (int64 ids in, no norm head).
+
 Not verified on a GPU yet (see docs/engines.md): written against the TensorRT 10 Python API.
 """
 

@@ -291,9 +291,9 @@ class StubTextEncoder(torch.nn.Module):
         self.config = SimpleNamespace(use_attention_mask=False)
         self.device, self.dtype = torch.device("cpu"), torch.float32
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor]:
-        """`(last_hidden_state,)` of zeros, `[*input_ids.shape, width]`; the mask is ignored."""
-        return (torch.zeros(()).expand(*input_ids.shape, self.width),)  # no memory touched
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options) -> SimpleNamespace:
+        """`last_hidden_state` of zeros, `[*input_ids.shape, width]`; the mask and output options are ignored."""
+        return SimpleNamespace(last_hidden_state=torch.zeros(()).expand(*input_ids.shape, self.width))  # no memory touched
 
 
 def stub_model() -> ScanModel:

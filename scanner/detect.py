@@ -5,7 +5,9 @@ For each prompt, generation (initial latent) and sampling step `s` in the window
 unconditional one, in the score space (epsilon for diffusion families, the raw output, the
 velocity, for flow families) and fp32. A prompt's score is the mean over the window's steps
 and the generations. The model's family (`scanner.families`) encodes, calls the denoiser and
-walks the trajectory; nothing here knows which family it is.
+walks the trajectory; nothing here knows which family it is. The engine runs the denoiser and,
+for scoring, the text encoders (`encode_tokens`); the autograd paths (explain, mitigate) encode
+with the family's eager modules.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class Scanner:
         self.family = model.family
         self.settings = settings.for_family(type(model.family))
         self.engine = engine or TorchEngine(self.family.denoiser_module())
+        self.text_encoders = {name: self.engine.text_encoder(name, m) for name, m in self.family.text_encoder_modules().items()}
         # Stateless uses only (timesteps, model inputs, scales); walks make their own.
         self.schedule = self.family.schedule(self.settings.num_inference_steps)
         self.timesteps = self.schedule.timesteps[: self.settings.end_step]
@@ -117,6 +120,10 @@ class Scanner:
         """The engine for autograd paths (explain, mitigate): this one, or the same denoiser eagerly."""
         # Compiled engines cannot differentiate.
         return self.engine if self.engine.name == "torch" else TorchEngine(self.family.denoiser_module())
+
+    def encode_tokens(self, tokens: TokenizedPrompts) -> Conditioning:
+        """The conditioning of tokenized prompts, the text encoders run by the engine (the unconditional one stays the family's)."""
+        return self.family.encode_tokens(tokens, self.text_encoders)
 
     # -- initial latents ----------------------------------------------------------------
     def shared_latents(self) -> torch.Tensor:
@@ -190,7 +197,7 @@ class Scanner:
             self._cache.popitem(last=False)
 
     def _compute(self, tokens: TokenizedPrompts, latents: torch.Tensor | None = None) -> PromptScores:
-        cond = self.family.encode_tokens(tokens)
+        cond = self.encode_tokens(tokens)
         count = len(tokens.n_tokens)
         if latents is None and self.settings.first_step_only and self.reuse_uncond:
             norms = self._first_step_shared(cond)

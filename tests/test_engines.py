@@ -1,8 +1,10 @@
-"""Engines against torch eager: the same scores in fp32 on the CPU, for every family; the ONNX export cache."""
+"""Engines against torch eager: the same scores in fp32 on the CPU, for every family, with the text encoders run by
+the engine too; the ONNX export cache."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 from pathlib import Path
 
@@ -14,8 +16,8 @@ from tiny_families_flow import build_tiny_flux, build_tiny_sd3
 
 from scanner.detect import DetectSettings, Scanner
 from scanner.engines import ENGINES, EngineUnavailable, create_engine
-from scanner.engines.compile_engine import bucket_for, pad_rows
-from scanner.engines.onnx_export import MODEL_FILE, OPSET
+from scanner.engines.compile_engine import bucket_for, in_buckets, pad_rows
+from scanner.engines.onnx_export import MODEL_FILE, OPSET, TEXT_ENCODER_FILE
 from scanner.engines.onnx_symbolics import register_symbolics
 from scanner.model import load_model
 from scanner.testbed import default_model_path
@@ -44,7 +46,7 @@ def family_path(request, tmp_path_factory) -> tuple[str, Path]:
 
 @pytest.fixture(scope="module")
 def family_onnx(family_path, tmp_path_factory):
-    """The family's model and its ONNX engine, exported once for every settings case (the export is the cost)."""
+    """The family's model and its ONNX engine, denoiser and text encoders exported once for every case (the exports are the cost)."""
     model = load_model(family_path[1], device="cpu")
     cache = tmp_path_factory.mktemp("onnx-cache")
     return model, create_engine("onnx", model.family.denoiser_module(), cache_dir=cache, cache_key=model.fingerprint)
@@ -60,9 +62,34 @@ def _assert_same_scores(model, engine, **settings) -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-4, err_msg=f"seed {settings.seed}, prompts {prompts}")
 
 
+def _assert_text_encoders_run_in_onnx_runtime(model, engine, monkeypatch) -> None:
+    """With every eager text encoder made to raise, the engine's scanner encodes as eager did and scores alike."""
+    settings = DetectSettings(seed=random.randrange(2**31))
+    prompts = _prompts(np.random.default_rng(), 3)
+    tokens = {n: model.family.tokenize(prompts[:n]) for n in (1, 3)}  # not the traced batch of 2
+    eager = {n: model.family.encode_tokens(t) for n, t in tokens.items()}
+    expected = Scanner(model, settings).score(prompts).per_generation  # the unconditional encoding is eager, once
+    scanner = Scanner(model, settings, engine=engine)
+    scanner.score(["a warm-up prompt"])  # exports the text encoders where no earlier test has
+
+    def eager_forward(*args, **kwargs):
+        raise AssertionError("the eager text encoder ran")
+
+    for encoder in filter(None, model.family.text_encoders.values()):
+        monkeypatch.setattr(encoder, "forward", eager_forward)
+    for n, t in tokens.items():
+        torch.testing.assert_close(scanner.encode_tokens(t), eager[n], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(scanner.score(prompts).per_generation, expected, rtol=1e-4, err_msg=f"seed {settings.seed}")
+
+
+def test_onnx_engine_runs_the_text_encoders_on_every_family(family_onnx, monkeypatch):
+    """Every text encoder a family has (SDXL's two CLIPs, SD3's CLIPs and T5, Flux's CLIP and T5, PixArt's masked T5)."""
+    _assert_text_encoders_run_in_onnx_runtime(*family_onnx, monkeypatch)
+
+
 @pytest.fixture(scope="module")
 def onnx_engine(model, tmp_path_factory):
-    """`model`'s ONNX engine, exported once for every settings case."""
+    """`model`'s ONNX engine, denoiser and text encoder exported once for every case."""
     cache = tmp_path_factory.mktemp("onnx-cache")
     return create_engine("onnx", model.family.denoiser_module(), cache_dir=cache, cache_key=model.fingerprint)
 
@@ -70,6 +97,10 @@ def onnx_engine(model, tmp_path_factory):
 @pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())
 def test_onnx_scores_match_torch(model, onnx_engine, settings):
     _assert_same_scores(model, onnx_engine, **settings)
+
+
+def test_onnx_engine_runs_the_text_encoder(model, onnx_engine, monkeypatch):
+    _assert_text_encoders_run_in_onnx_runtime(model, onnx_engine, monkeypatch)
 
 
 @pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())
@@ -154,10 +185,26 @@ def test_buckets_pad_with_the_last_row_and_cover_every_size():
     assert pad_rows(x, 3) is x
 
 
+def test_in_buckets_cuts_pads_and_slices_back():
+    seen = []
+
+    def run(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(len(x))
+        return x * 2, (x + y).sum(-1)
+
+    x, y = torch.randn(7, 3), torch.randn(7, 3)
+    doubled, sums = in_buckets(run, {"x": x, "y": y}, buckets=(1, 2, 4))
+    assert seen == [4, 4] and torch.equal(doubled, x * 2) and torch.equal(sums, (x + y).sum(-1))  # 4 rows, then 3 padded to 4
+
+
 @pytest.mark.slow  # torch.compile takes minutes per graph on 2 CPU cores
-def test_compile_scores_match_torch(tiny_sd1):
+def test_compile_scores_match_torch(tiny_sd1, monkeypatch):
+    """The denoiser and the text encoder are compiled, and score as eager does."""
     model = load_model(tiny_sd1, device="cpu")
+    compiled, compile_ = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **options: compiled.append(module) or compile_(module, **options))
     _assert_same_scores(model, create_engine("compile", model.family.denoiser_module()))
+    assert [getattr(m, "encoder", None) for m in compiled[1:]] == [model.family.text_encoders["text_encoder"]]
 
 
 @pytest.mark.slow  # as above, one graph per family
@@ -201,4 +248,9 @@ def test_scan_command_with_the_onnx_engine_matches_torch(tiny_sd1, tmp_path, mon
         assert main(["scan", str(inputs), "--model", str(tiny_sd1), "--out", str(out), "--engine", engine, "--batch-size", "2"]) == 0
         scores[engine] = pq.read_table(out).column("score").to_numpy()
     np.testing.assert_allclose(scores["onnx"], scores["torch"], rtol=1e-4)
-    assert list((tmp_path / "cache" / "onnx").glob(f"*/{MODEL_FILE}"))  # exported into the user's cache
+    # Exported into the user's cache, the text encoder beside the denoiser under its own key.
+    [denoiser] = (tmp_path / "cache" / "onnx").glob(f"*/{MODEL_FILE}")
+    [text_encoder] = (tmp_path / "cache" / "onnx").glob(f"*/{TEXT_ENCODER_FILE}")
+    fingerprint = load_model(tiny_sd1, device="cpu").fingerprint
+    keys = [json.loads((path.parent / "settings.json").read_text())["cache_key"] for path in (denoiser, text_encoder)]
+    assert keys == [fingerprint, f"{fingerprint}-text_encoder"]

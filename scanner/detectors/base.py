@@ -62,9 +62,9 @@ class Detector(ABC):
 
     # -- shared pieces -------------------------------------------------------------------
     def encode(self, prompts: Sequence[str], tokens: TokenizedPrompts | None = None) -> Conditioning:
-        """The prompts' conditioning, from `tokens` when given: a scan tokenizes in its prefetch thread, and a
-        fast tokenizer must not be entered from two threads at once."""
-        return self.family.encode(prompts) if tokens is None else self.family.encode_tokens(tokens)
+        """The prompts' conditioning, the text encoders run by the scanner's engine, from `tokens` when given: a scan
+        tokenizes in its prefetch thread, and a fast tokenizer must not be entered from two threads at once."""
+        return self.scanner.encode_tokens(self.family.tokenize(prompts) if tokens is None else tokens)
 
     def latents(self, generations: int, size: int | None = None) -> torch.Tensor:
         """`[n, C, H, W]` unit Gaussian latents from the scanner's seed, drawn on the CPU in fp32 (as `Scanner.shared_latents`)."""

@@ -11,6 +11,11 @@ ordered dict of tensors, every one batched on dim 0 (`encoder_hidden_states [B, 
 `(sample [R, C, H, W], timestep [], **conditioning)` and returns its raw prediction in the
 latent layout `[R, C, H, W]`, so that engines, kernels and the scoring loop are the same for
 every family.
+
+Text encoders are called the same way: `text_encoder_modules()` wraps each one as
+`forward(input_ids, attention_mask=None) -> (the outputs the family takes)`, and
+`encode_tokens` runs those modules (or an engine's runners of them) on `text_encoder_inputs`
+and joins their outputs with the family's `conditioning`.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import copy
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,10 +31,13 @@ from typing import Any, ClassVar
 import torch
 
 from ..encode import PromptTokenizer, TokenizedPrompts
-from ..engines.base import Conditioning
+from ..engines.base import Conditioning, TextEncoder
 from ..errors import MemscanError
 
 SCORE_SPACES = ("epsilon", "model")
+# The text encoder output that is `hidden_states[-2]` (SDXL's and SD3's CLIP layers); the
+# others are named as in transformers' model outputs (`last_hidden_state`, `text_embeds`, ...).
+PENULTIMATE = "penultimate_hidden_state"
 
 
 def cond_expand(cond: Conditioning, rows: int) -> Conditioning:
@@ -117,10 +125,30 @@ class TextEncoderSlot:
     max_length: int | None = None  # None: the tokenizer's model_max_length
 
 
+class TextEncoderModule(torch.nn.Module):
+    """A text encoder called as its family calls it: `(input_ids [B, L], attention_mask [B, L] | None)` -> `output_names`.
+
+    What engines run for a text encoder (`DenoiserEngine.text_encoder`), as `Family.denoiser_module`
+    is for the denoiser: only the outputs the family takes leave it.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, output_names: tuple[str, ...]):
+        super().__init__()
+        self.encoder = encoder
+        self.output_names = output_names
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The encoder's `output_names` for the ids (and mask), in that order."""
+        out = self.encoder(
+            input_ids, attention_mask=attention_mask, output_hidden_states=PENULTIMATE in self.output_names, return_dict=True
+        )
+        return tuple(out.hidden_states[-2] if name == PENULTIMATE else getattr(out, name) for name in self.output_names)
+
+
 class Family(ABC):
     """A loaded model of one family: its text encoders, its denoiser, its sampler.
 
-    Subclasses set the class attributes and implement `load`, `encode_tokens`, `denoiser_module`,
+    Subclasses set the class attributes and implement `load`, `conditioning`, `denoiser_module`,
     `schedule`, `latent_shape` and `pipeline`; everything else is shared.
     """
 
@@ -136,6 +164,8 @@ class Family(ABC):
     frozen_positions: ClassVar[int] = 1
     pooled_key: ClassVar[str | None] = None  # the pooled embedding's entry, the pipeline's `pooled_prompt_embeds`
     denoiser_folder: ClassVar[str] = "unet"
+    # What `conditioning` takes from each text encoder (by folder name), in order; absent encoders are skipped.
+    text_encoder_outputs: ClassVar[dict[str, tuple[str, ...]]]
     # The pipeline folders the model is made of, in fingerprint order (absent ones are skipped).
     components: ClassVar[tuple[str, ...]]
 
@@ -212,9 +242,46 @@ class Family(ABC):
         ids = {name: t for tokens in each for name, t in tokens.ids.items()}
         return TokenizedPrompts(ids, each[0].n_tokens, each[0].truncated)
 
+    def text_encoder_modules(self) -> dict[str, TextEncoderModule]:
+        """Each loaded text encoder as `encode_tokens` calls it (what engines run), by folder name."""
+        return {
+            name: TextEncoderModule(encoder, self.text_encoder_outputs[name])
+            for name, encoder in self.text_encoders.items()
+            if encoder is not None
+        }
+
+    def uses_attention_mask(self, encoder: str) -> bool:
+        """Whether the pipeline passes the text encoder `encoder` the prompt's attention mask (default: no)."""
+        return False
+
+    def text_encoder_inputs(self, tokens: TokenizedPrompts) -> dict[str, dict[str, torch.Tensor]]:
+        """Each loaded text encoder's keyword inputs: its tokenizer's ids (`tokenizer_2` for `text_encoder_2`, ...),
+        and the attention mask where the pipeline passes one."""
+        inputs = {}
+        for name, encoder in self.text_encoders.items():
+            if encoder is None:
+                continue
+            tokenizer = "tokenizer" + name.removeprefix("text_encoder")
+            ids = tokens.ids[tokenizer].to(self.device)
+            inputs[name] = {"input_ids": ids}
+            if self.uses_attention_mask(name):
+                inputs[name]["attention_mask"] = self.tokenizers[tokenizer].attention_mask(ids)
+        return inputs
+
+    def encode_tokens(self, tokens: TokenizedPrompts, encoders: Mapping[str, TextEncoder] | None = None) -> Conditioning:
+        """The denoiser's text conditioning for tokenized prompts, as the pipeline builds it.
+
+        `encoders` run the text encoders by name (an engine's, `Scanner.encode_tokens`); default: the eager modules.
+        """
+        encoders = self.text_encoder_modules() if encoders is None else encoders
+        inputs = self.text_encoder_inputs(tokens)
+        return self.conditioning({name: encoders[name](**x) for name, x in inputs.items()}, inputs)
+
     @abstractmethod
-    def encode_tokens(self, tokens: TokenizedPrompts) -> Conditioning:
-        """The denoiser's text conditioning for tokenized prompts, as the pipeline builds it."""
+    def conditioning(
+        self, outputs: dict[str, tuple[torch.Tensor, ...]], inputs: dict[str, dict[str, torch.Tensor]]
+    ) -> Conditioning:
+        """The conditioning from each loaded text encoder's `text_encoder_outputs` (and its inputs), as the pipeline joins them."""
 
     def encode(self, prompts: Sequence[str]) -> Conditioning:
         """`encode_tokens(tokenize(prompts))`."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..encode import PromptTokenizer, TokenizedPrompts
+from ..encode import PromptTokenizer
 from .base import Conditioning, Family, Trajectory, check_width, load_component, load_tokenizer, read_json
 from .sd3 import check_flow_folder, flow_scheduler
 
@@ -80,6 +80,7 @@ class Flux(Family):
     frozen_positions = 0
     pooled_key = "pooled_projections"
     denoiser_folder = "transformer"
+    text_encoder_outputs = {"text_encoder": ("pooler_output",), "text_encoder_2": ("last_hidden_state",)}
     components = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "transformer", "scheduler", "vae")
 
     def __init__(self, *args, vae_scale_factor: int = 8, **kwargs):
@@ -118,12 +119,11 @@ class Flux(Family):
         scheduler_config = dict(read_json(path / "scheduler" / "scheduler_config.json"))
         return cls(path, tokenizers, encoders, transformer, scheduler_config, index, device, dtype, vae_scale_factor=scale)
 
-    def encode_tokens(self, tokens: TokenizedPrompts) -> Conditioning:
+    def conditioning(self, outputs: dict[str, tuple[torch.Tensor, ...]], inputs: dict) -> Conditioning:
         """`encoder_hidden_states [B, 512, D]` (T5's last hidden state) and `pooled_projections [B, P]` (CLIP's pooled output)."""
         clip, t5 = self.text_encoders["text_encoder"], self.text_encoders["text_encoder_2"]
-        pooled = clip(tokens.ids["tokenizer"].to(self.device), output_hidden_states=False).pooler_output.to(clip.dtype)
-        sequence = t5(tokens.ids["tokenizer_2"].to(self.device), output_hidden_states=False)[0].to(t5.dtype)
-        return {"encoder_hidden_states": sequence, "pooled_projections": pooled}
+        (pooled,), (sequence,) = outputs["text_encoder"], outputs["text_encoder_2"]
+        return {"encoder_hidden_states": sequence.to(t5.dtype), "pooled_projections": pooled.to(clip.dtype)}
 
     def denoiser_module(self) -> torch.nn.Module:
         """The transformer called as the pipeline calls it, packing and unpacking the latents."""

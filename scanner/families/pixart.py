@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..encode import PromptTokenizer, TokenizedPrompts
+from ..encode import PromptTokenizer
 from ..errors import MemscanError
 from .base import Conditioning, Family, check_width, load_component, load_tokenizer, read_json
 from .stable_diffusion import DDIMTrajectoryMixin
@@ -72,6 +72,7 @@ class PixArt(DDIMTrajectoryMixin, Family):
     components = ("tokenizer", "text_encoder", "transformer", "scheduler", "vae")
     denoiser_folder = "transformer"
     frozen_positions = 0  # T5 has no BOS: every position is the prompt's
+    text_encoder_outputs = {"text_encoder": ("last_hidden_state",)}
 
     @classmethod
     def check(cls, path: Path, index: dict) -> None:
@@ -109,12 +110,14 @@ class PixArt(DDIMTrajectoryMixin, Family):
         """The prompt as the pipeline preprocesses it without caption cleaning: lowercased, stripped."""
         return prompt.lower().strip()
 
-    def encode_tokens(self, tokens: TokenizedPrompts) -> Conditioning:
+    def uses_attention_mask(self, encoder: str) -> bool:
+        """Always: the pipelines encode with the prompt's mask (and pass it on to the transformer)."""
+        return True
+
+    def conditioning(self, outputs: dict[str, tuple[torch.Tensor, ...]], inputs: dict) -> Conditioning:
         """`encoder_hidden_states [B, L, D]` (T5's last hidden state, masked) and `encoder_attention_mask [B, L]`, int64."""
-        ids = tokens.ids["tokenizer"].to(self.device)
-        mask = self.tokenizer.attention_mask(ids)
-        hidden = self.text_encoders["text_encoder"](ids, attention_mask=mask)[0]
-        return {"encoder_hidden_states": hidden.to(self.dtype), "encoder_attention_mask": mask}
+        (hidden,) = outputs["text_encoder"]
+        return {"encoder_hidden_states": hidden.to(self.dtype), "encoder_attention_mask": inputs["text_encoder"]["attention_mask"]}
 
     def denoiser_module(self) -> torch.nn.Module:
         """The transformer called as the pipeline calls it at its default size."""

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..encode import PromptTokenizer, TokenizedPrompts
+from ..encode import PromptTokenizer
 from ..errors import MemscanError
-from .base import Conditioning, Family, Trajectory, check_width, load_component, load_tokenizer, read_json
+from .base import PENULTIMATE, Conditioning, Family, Trajectory, check_width, load_component, load_tokenizer, read_json
 
 T5_MAX_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
 
@@ -88,6 +88,12 @@ class StableDiffusion3(Family):
     frozen_positions = 1
     pooled_key = "pooled_projections"
     denoiser_folder = "transformer"
+    # CLIP's clip_skip None: the penultimate hidden states, and the projected pooled outputs.
+    text_encoder_outputs = {
+        "text_encoder": (PENULTIMATE, "text_embeds"),
+        "text_encoder_2": (PENULTIMATE, "text_embeds"),
+        "text_encoder_3": ("last_hidden_state",),
+    }
     components = (
         "tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3",
         "transformer", "scheduler", "vae",
@@ -131,22 +137,17 @@ class StableDiffusion3(Family):
         scheduler_config = dict(read_json(path / "scheduler" / "scheduler_config.json"))
         return cls(path, tokenizers, encoders, transformer, scheduler_config, index, device, dtype)
 
-    def _clip(self, name: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One CLIP encoder's penultimate hidden states `[B, 77, D]` and `text_embeds` `[B, P]` (clip_skip None)."""
-        out = self.text_encoders[name](ids.to(self.device), output_hidden_states=True)
-        return out.hidden_states[-2].to(self.text_encoders["text_encoder"].dtype), out[0]
-
-    def encode_tokens(self, tokens: TokenizedPrompts) -> Conditioning:
+    def conditioning(self, outputs: dict[str, tuple[torch.Tensor, ...]], inputs: dict) -> Conditioning:
         """`encoder_hidden_states [B, 77 + 256, W]` and `pooled_projections [B, P]`, as `encode_prompt` joins them."""
-        hidden_l, pooled_l = self._clip("text_encoder", tokens.ids["tokenizer"])
-        hidden_g, pooled_g = self._clip("text_encoder_2", tokens.ids["tokenizer_2"])
-        t5 = self.text_encoders["text_encoder_3"]
-        if t5 is None:
+        clip_dtype = self.text_encoders["text_encoder"].dtype
+        (hidden_l, pooled_l), (hidden_g, pooled_g) = outputs["text_encoder"], outputs["text_encoder_2"]
+        hidden_l, hidden_g = hidden_l.to(clip_dtype), hidden_g.to(clip_dtype)
+        if "text_encoder_3" not in outputs:
             # The pipeline's stand-in for T5: zeros of T5's length and the transformer's text width.
             shape = (len(hidden_l), T5_MAX_LENGTH, self.denoiser.config.joint_attention_dim)
-            t5_hidden = torch.zeros(shape, device=self.device, dtype=self.text_encoders["text_encoder"].dtype)
+            t5_hidden = torch.zeros(shape, device=self.device, dtype=clip_dtype)
         else:
-            t5_hidden = t5(tokens.ids["tokenizer_3"].to(self.device))[0].to(t5.dtype)
+            t5_hidden = outputs["text_encoder_3"][0].to(self.text_encoders["text_encoder_3"].dtype)
         clip_hidden = torch.cat([hidden_l, hidden_g], dim=-1)
         clip_hidden = torch.nn.functional.pad(clip_hidden, (0, t5_hidden.shape[-1] - clip_hidden.shape[-1]))
         return {

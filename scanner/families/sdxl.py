@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 
-from ..encode import PromptTokenizer, TokenizedPrompts
+from ..encode import PromptTokenizer
 from ..errors import MemscanError
-from .base import Conditioning, Family, check_width, load_component, load_tokenizer, read_json
+from .base import PENULTIMATE, Conditioning, Family, check_width, load_component, load_tokenizer, read_json
 from .stable_diffusion import DDIMTrajectoryMixin, StableDiffusion, UNetDenoiser, check_unet
 
 FOLDERS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "scheduler")
-ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))  # in the pipeline's order
 
 
 class SDXLUNetDenoiser(UNetDenoiser):
@@ -57,6 +56,7 @@ class StableDiffusionXL(DDIMTrajectoryMixin, Family):
     trainable_keys = ("encoder_hidden_states", "text_embeds")  # the token embeddings and the pooled one
     frozen_positions = 1  # CLIP's BOS leads the sequence
     pooled_key = "text_embeds"
+    text_encoder_outputs = {"text_encoder": (PENULTIMATE,), "text_encoder_2": (PENULTIMATE, "text_embeds")}
 
     @classmethod
     def check(cls, path: Path, index: dict) -> None:
@@ -91,7 +91,7 @@ class StableDiffusionXL(DDIMTrajectoryMixin, Family):
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        tokenizers = {name: PromptTokenizer(load_tokenizer(path / name), name=name) for name, _ in ENCODERS}
+        tokenizers = {name: PromptTokenizer(load_tokenizer(path / name), name=name) for name in ("tokenizer", "tokenizer_2")}
         encoders = {
             "text_encoder": load_component(CLIPTextModel, path / "text_encoder", dtype, device),
             "text_encoder_2": load_component(CLIPTextModelWithProjection, path / "text_encoder_2", dtype, device),
@@ -123,14 +123,11 @@ class StableDiffusionXL(DDIMTrajectoryMixin, Family):
         factor = 2 ** (len(read_json(vae_config)["block_out_channels"]) - 1) if vae_config.is_file() else 8
         return self.latent_shape[1] * factor
 
-    def encode_tokens(self, tokens: TokenizedPrompts) -> Conditioning:
-        """`encoder_hidden_states [B, 77, D1 + D2]` (penultimate layers) and `text_embeds [B, P]` (pooled, projected)."""
-        hidden, pooled = [], None
-        for tokenizer, encoder in ENCODERS:
-            out = self.text_encoders[encoder](tokens.ids[tokenizer].to(self.device), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled = out[0]  # the last encoder's (CLIPTextModelWithProjection) text_embeds
-        return {"encoder_hidden_states": torch.cat(hidden, dim=-1).to(self.dtype), "text_embeds": pooled.to(self.dtype)}
+    def conditioning(self, outputs: dict[str, tuple[torch.Tensor, ...]], inputs: dict) -> Conditioning:
+        """`encoder_hidden_states [B, 77, D1 + D2]` (penultimate layers) and `text_embeds [B, P]` (the second encoder's
+        pooled projection)."""
+        (hidden_1,), (hidden_2, pooled) = outputs["text_encoder"], outputs["text_encoder_2"]
+        return {"encoder_hidden_states": torch.cat([hidden_1, hidden_2], dim=-1).to(self.dtype), "text_embeds": pooled.to(self.dtype)}
 
     def encode_unconditional(self) -> Conditioning:
         """Zeros in the shape of the encoding of "" with `force_zeros_for_empty_prompt`, that encoding otherwise."""

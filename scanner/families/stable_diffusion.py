@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..encode import PromptTokenizer, TokenizedPrompts
+from ..encode import PromptTokenizer
 from ..errors import MemscanError
 from .base import Conditioning, Family, Trajectory, check_width, load_component, load_tokenizer, read_json
 
@@ -74,6 +74,7 @@ class StableDiffusion(DDIMTrajectoryMixin, Family):
     pipelines = ("StableDiffusionPipeline",)
     default_guidance_scale = 7.5  # StableDiffusionPipeline's
     components = ("tokenizer", "text_encoder", "unet", "scheduler", "vae")
+    text_encoder_outputs = {"text_encoder": ("last_hidden_state",)}
 
     @classmethod
     def check(cls, path: Path, index: dict) -> None:
@@ -97,14 +98,13 @@ class StableDiffusion(DDIMTrajectoryMixin, Family):
         return cls(path, {"tokenizer": PromptTokenizer(tokenizer)}, {"text_encoder": text_encoder}, unet,
                    scheduler_config, index, device, dtype)
 
-    def encode_tokens(self, tokens: TokenizedPrompts) -> Conditioning:
+    def uses_attention_mask(self, encoder: str) -> bool:
+        """As the pipeline decides: when the text encoder's config asks for one."""
+        return bool(getattr(self.text_encoders[encoder].config, "use_attention_mask", False))
+
+    def conditioning(self, outputs: dict[str, tuple[torch.Tensor, ...]], inputs: dict) -> Conditioning:
         """`{"encoder_hidden_states": [B, 77, D]}`: the text encoder's last hidden state."""
-        encoder = self.text_encoders["text_encoder"]
-        ids = tokens.ids["tokenizer"]
-        mask = None
-        if getattr(encoder.config, "use_attention_mask", False):
-            mask = self.tokenizer.attention_mask(ids).to(self.device)
-        hidden = encoder(ids.to(self.device), attention_mask=mask)[0]
+        (hidden,) = outputs["text_encoder"]
         return {"encoder_hidden_states": hidden.to(self.denoiser.dtype)}  # the dtype the denoiser runs in
 
     def denoiser_module(self) -> torch.nn.Module:
