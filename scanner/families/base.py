@@ -24,7 +24,6 @@ import copy
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -114,15 +113,6 @@ def epsilon_scale(prediction_type: str, alpha_bar: float) -> float:
     if prediction_type == "sample":  # eps = (x_t - sqrt(ab) * x0) / sqrt(1 - ab)
         return (alpha_bar / (1.0 - alpha_bar)) ** 0.5
     raise MemscanError(f"unsupported prediction_type {prediction_type!r}")
-
-
-@dataclass(frozen=True)
-class TextEncoderSlot:
-    """One tokenizer and text encoder pair of a pipeline: folder names and sequence length."""
-
-    tokenizer: str
-    encoder: str
-    max_length: int | None = None  # None: the tokenizer's model_max_length
 
 
 class TextEncoderModule(torch.nn.Module):
