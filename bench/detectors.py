@@ -8,10 +8,11 @@ detector runs at its paper's defaults through `scanner.evaluate.evaluate`, as `m
 --detector NAME` does; a detector a model refuses at its defaults is run with the adapted settings
 of `ADAPTED` where there are some (NeMo's MS-SSIM on 8 x 8 latents), else reported refused.
 
-Then the combination none of the papers has: for each pair of detectors, each score is
-standardized by the normal prompts' median and MAD, **cross-fitted** (a prompt is standardized
-with the statistics of the other half of the prompts, split by position), and the pair's score is
-the larger of the two; its threshold is fitted for 1% FPR as `memscan calibrate` fits it.
+Then the combination none of the papers has: for each pair of detectors, a logistic regression
+on their two standardized scores, **cross-fitted** (the prompts split in two halves by position;
+each half is scored by the model fitted on the other, labels included, so that no prompt scores
+itself), summarized as every detector is (AUC, and TPR at the threshold `memscan calibrate`
+fits for 1% FPR). Needs scikit-learn (the test extra).
 """
 
 from __future__ import annotations
@@ -66,25 +67,27 @@ def run_detector(scanner: Scanner, rows: list[dict], name: str, batch_size: int)
     return {**evaluation.summary, "adapted": adapted}, evaluation.scores
 
 
-def robust_z(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Scores standardized by the normal prompts' median and MAD, each half with the other half's statistics."""
-    z = np.empty_like(scores, dtype=np.float64)
-    halves = np.arange(len(scores)) % 2
+def cross_fitted_logistic(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Decision values of a logistic regression on standardized `features` [N, k], each half by the other half's fit."""
+    from sklearn.linear_model import LogisticRegression
+
+    combined = np.empty(len(labels))
+    halves = np.arange(len(labels)) % 2
     for half in (0, 1):
-        reference = scores[(halves != half) & (labels == 0)]
-        median = np.median(reference)
-        mad = 1.4826 * np.median(np.abs(reference - median)) or 1e-12
-        z[halves == half] = (scores[halves == half] - median) / mad
-    return z
+        train, test = halves != half, halves == half
+        mean, std = features[train].mean(axis=0), features[train].std(axis=0)
+        fit = LogisticRegression(max_iter=1000).fit((features[train] - mean) / std, labels[train])
+        combined[test] = fit.decision_function((features[test] - mean) / std)
+    return combined
 
 
 def combined_pairs(rows: list[dict], scores: dict[str, np.ndarray]) -> list[dict]:
-    """For each pair of detectors, the summary of the larger of their cross-fitted robust z-scores."""
+    """For each pair of detectors, the summary of their cross-fitted logistic combination, best first."""
     labels = np.array([row["label"] for row in rows])
-    z = {name: robust_z(s, labels) for name, s in scores.items() if np.isfinite(s).all()}
+    usable = [name for name, s in scores.items() if np.isfinite(s).all()]
     out = []
-    for a, b in itertools.combinations(z, 2):
-        summary = summarize(rows, np.maximum(z[a], z[b]))
+    for a, b in itertools.combinations(usable, 2):
+        summary = summarize(rows, cross_fitted_logistic(np.column_stack([scores[a], scores[b]]), labels))
         out.append({"detectors": [a, b], **{k: summary[k] for k in ("auc", "tpr_at_1pct_fpr")},
                     **({"detection_by_copies": summary["detection_by_copies"]} if "detection_by_copies" in summary else {})})
     return sorted(out, key=lambda r: (r["tpr_at_1pct_fpr"], r["auc"]), reverse=True)
@@ -110,7 +113,7 @@ def markdown(results: list[dict]) -> str:
                          f"{PAPER_FIGURES[name]} |")
         if result["combined"]:
             best = result["combined"][0]
-            lines.append(f"| {result['name']} | max of z({best['detectors'][0]}), z({best['detectors'][1]}) (cross-fitted) | "
+            lines.append(f"| {result['name']} | logistic({best['detectors'][0]}, {best['detectors'][1]}), cross-fitted | "
                          f"{best['auc']:.3f} | {best['tpr_at_1pct_fpr']:.3f} | {_copies_cell(best)} | | | | |")
     return "\n".join(lines) + "\n"
 
