@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import torch
 
 
@@ -80,13 +82,24 @@ class PromptTokenizer:
             content = [e.ids for e in self._backend.encode_batch(list(prompts), add_special_tokens=False)]
         else:
             content = tok(list(prompts), add_special_tokens=False, verbose=False).input_ids
-        rows = []
-        for ids in content:
-            row = [*self.bos, *ids[: self.keep], tok.eos_token_id]
-            rows.append(row + [tok.pad_token_id] * (self.max_length - len(row)))
-        n_tokens = [len(ids) for ids in content]
-        ids = torch.tensor(rows, dtype=torch.long)
-        return TokenizedPrompts({self.name: ids}, n_tokens, [n > self.keep for n in n_tokens])
+        counts = np.fromiter(map(len, content), dtype=np.int64, count=len(content))
+        ids = self._padded(content, counts)
+        return TokenizedPrompts({self.name: torch.from_numpy(ids)}, counts.tolist(), (counts > self.keep).tolist())
+
+    def _padded(self, content: list[list[int]], counts: np.ndarray) -> np.ndarray:
+        """`[B, max_length]`: BOS, each row's first `keep` ids, EOS, then padding, filled in whole-array steps
+        (built row by row in Python, with `torch.tensor` over the lists, it was a quarter of `tokenize`'s time)."""
+        tok = self.tokenizer
+        ids = np.full((len(content), self.max_length), tok.pad_token_id, dtype=np.int64)
+        ids[:, : len(self.bos)] = self.bos
+        kept = np.minimum(counts, self.keep)
+        flat = np.fromiter(chain.from_iterable(content), dtype=np.int64, count=int(counts.sum()))
+        columns = np.arange(self.keep)
+        inside = columns < kept[:, None]
+        starts = np.cumsum(counts) - counts
+        ids[:, len(self.bos) : len(self.bos) + self.keep][inside] = flat[(starts[:, None] + columns)[inside]]
+        ids[np.arange(len(content)), len(self.bos) + kept] = tok.eos_token_id
+        return ids
 
     def attention_mask(self, ids: torch.Tensor) -> torch.Tensor:
         """`[B, L]`: 1 up to and including the first EOS, 0 on the padding after it (the tokenizer's own mask).

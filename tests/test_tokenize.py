@@ -1,15 +1,20 @@
-"""Tokenizing through the private Rust tokenizer gives the ids transformers' tokenizer gives."""
+"""Tokenizing through the private Rust tokenizer gives the ids, counts and flags transformers' tokenizer gives."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from tiny_families import t5_tokenizer
 
 from scanner.benchmark import sample_prompts
 from scanner.encode import PromptTokenizer
 from scanner.model import load_model
 
+# Besides caption words: what the CLIP pre-tokenizer splits apart (digits, contractions, punctuation runs,
+# special-token text in and out of case), accents, scripts without spaces, emoji, whitespace runs.
+PIECES = ["7", "42", "don't", "it's", "!!", "a|b", "|", "<|", "|>>", "<|endoftext|>", "<|ENDOFTEXT|>", "<|startoftext|>",
+          "café", "naïve", "東京", "🙂👍🏽", "—", "\t", "\n", "  "]
 EDGE_CASES = ["", " ", "¿Qué? café — naïve résumé 東京", "<|endoftext|> hi", "A  B\tC\n", " ".join(["long words"] * 60), "🙂👍🏽"]
 
 
@@ -33,3 +38,38 @@ def test_select_keeps_the_order_asked_for(tiny_sd1):
     picked = tokens.select([2, 0])
     assert torch.equal(picked.input_ids, tokens.input_ids[[2, 0]]) and picked.n_tokens == [3, 1]
     assert tokens.select(range(3)) is tokens
+
+
+def random_prompts(rng: np.random.Generator, count: int, longest: int) -> list[str]:
+    """`count` prompts of 0 to `longest` pieces: caption words, mostly, and `PIECES`, joined by one space or none."""
+    words = np.array(" ".join(sample_prompts(500)).split())
+    prompts = []
+    for _ in range(count):
+        size = rng.integers(0, longest + 1)
+        pieces = np.where(rng.random(size) < 0.2, rng.choice(np.array(PIECES), size), rng.choice(words, size))
+        spaces = np.where(rng.random(size) < 0.8, " ", "")
+        prompts.append("".join(piece + space for piece, space in zip(pieces, spaces)))
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def t5():
+    words = " ".join(sample_prompts(500)).lower().split()
+    return t5_tokenizer(words[: len(words) // 2], max_length=32)  # half the words spelled out: long prompts
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2", "t5"])
+def test_random_prompts_as_transformers_pads_counts_and_truncates(variant, tiny_sd1, tiny_sd2, t5):
+    """Ids as `tokenizer(..., padding="max_length", truncation=True)`, the untruncated count and the flag, on
+    prompts from empty to several times the length, CLIP's (BOS, two pad ids) and T5's (no BOS)."""
+    tokenizer = t5 if variant == "t5" else load_model({"sd1": tiny_sd1, "sd2": tiny_sd2}[variant], device="cpu").tokenizer
+    length = tokenizer.model_max_length
+    prompts = random_prompts(np.random.default_rng(), 300, longest=3 * length) + EDGE_CASES
+    got = PromptTokenizer(tokenizer).tokenize(prompts)
+    expected = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    assert torch.equal(got.input_ids, expected.input_ids)
+    counts = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids]
+    assert got.n_tokens == counts
+    assert got.truncated == [n + tokenizer.num_special_tokens_to_add() > length for n in counts]
+    assert 0 < sum(got.truncated) < len(prompts)
+
