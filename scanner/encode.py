@@ -26,6 +26,11 @@ class TokenizedPrompts:
     n_tokens: list[int]
     truncated: list[bool]
 
+    def rows(self, start: int, stop: int) -> TokenizedPrompts:
+        """The prompts at positions `[start, stop)`: views of the ids, nothing copied."""
+        ids = {name: t[start:stop] for name, t in self.ids.items()}
+        return TokenizedPrompts(ids, self.n_tokens[start:stop], self.truncated[start:stop])
+
     @property
     def input_ids(self) -> torch.Tensor:
         """The primary tokenizer's ids `[B, L]`."""

@@ -73,3 +73,9 @@ def test_random_prompts_as_transformers_pads_counts_and_truncates(variant, tiny_
     assert got.truncated == [n + tokenizer.num_special_tokens_to_add() > length for n in counts]
     assert 0 < sum(got.truncated) < len(prompts)
 
+
+def test_rows_are_views_of_the_batch(tiny_sd1):
+    tokens = PromptTokenizer(load_model(tiny_sd1, device="cpu").tokenizer).tokenize(["a", "b c", "d e f"])
+    part = tokens.rows(1, 3)
+    assert part.input_ids.data_ptr() == tokens.input_ids[1].data_ptr() and torch.equal(part.input_ids, tokens.input_ids[1:])
+    assert (part.n_tokens, part.truncated) == ([2, 3], [False, False])
