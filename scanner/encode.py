@@ -84,7 +84,9 @@ class PromptTokenizer:
         """Padded ids `[B, max_length]` (under this tokenizer's name), untruncated counts, truncation flags."""
         tok = self.tokenizer
         if self._backend is not None:  # the same ids, without transformers' per-row Python work
-            content = [e.ids for e in self._backend.encode_batch(list(prompts), add_special_tokens=False)]
+            # encode_batch_fast, where the installed tokenizers has it, skips the offsets (unused here).
+            encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+            content = [e.ids for e in encode(list(prompts), add_special_tokens=False)]
         else:
             content = tok(list(prompts), add_special_tokens=False, verbose=False).input_ids
         counts = np.fromiter(map(len, content), dtype=np.int64, count=len(content))
