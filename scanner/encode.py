@@ -6,6 +6,7 @@ joins them and runs its text encoders on the ids (`scanner.families`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -87,8 +88,6 @@ def _clip_without_gpt2_regex(backend):
     GPT-2's regex splits it in three. It needs a `|`, which CLIP's normalizer creates from no other
     character, so prompts with one are tokenized by the exact copy (`PromptTokenizer._encode`).
     """
-    import json
-
     from tokenizers import Tokenizer
 
     config = json.loads(backend.to_str())

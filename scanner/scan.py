@@ -55,7 +55,7 @@ def batch_rows(rows: Iterable[InputRow], batch_size: int) -> Iterator[list[Input
 
 
 # Prompts per tokenizer call: one Rust call and one padded array per chunk instead of per batch
-# (bench/RESULTS.md, "Tokenization"); the chunk's ids are 600 KB at CLIP's 77 tokens.
+# (bench/RESULTS.md, "Tokenization and the orchestrator"); the chunk's ids are 600 KB at CLIP's 77 tokens.
 TOKENIZE_CHUNK = 1024
 
 
