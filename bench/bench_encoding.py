@@ -1,6 +1,6 @@
-"""Prompt encoding: tokenization alone, and tokenization + an SD 1.5-shaped CLIP text encoder.
+"""Prompt encoding: tokenization alone (per batch size), and tokenization + an SD 1.5-shaped CLIP text encoder.
 
-    python -m pytest bench/bench_encoding.py --benchmark-enable
+    python -m pytest bench/bench_encoding.py --benchmark-enable -n 0
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ def text_encoder() -> torch.nn.Module:
     return CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER)).eval().requires_grad_(False)
 
 
-def test_tokenize(benchmark, tokenizer):
-    benchmark.group = f"prompt encoding, {BATCH} prompts"
-    result = benchmark(tokenizer.tokenize, sample_prompts(BATCH))
-    assert result.input_ids.shape == (BATCH, 77)
+@pytest.mark.parametrize("batch", [16, BATCH, 1024])  # 16: `memscan scan`'s default batch
+def test_tokenize(benchmark, tokenizer, batch):
+    benchmark.group = "tokenization"
+    result = benchmark(tokenizer.tokenize, sample_prompts(batch))
+    assert result.input_ids.shape == (batch, 77)
 
 
 def test_tokenize_and_encode(benchmark, tokenizer, text_encoder):

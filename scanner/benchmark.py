@@ -8,7 +8,7 @@ Modes, timed in turns batch by batch over the same prompts after an untimed warm
   (c) the scanner as it runs by default: the cached unconditional prediction;
   (d) (c) with each other engine that can start here.
 Every mode's scores are checked against (a). The orchestrator mode times reading,
-tokenizing, batching and writing with the UNet and text encoder replaced by no-ops.
+tokenizing, batching and writing with the model's scoring replaced by a no-op.
 """
 
 from __future__ import annotations
@@ -21,17 +21,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .detect import DetectSettings, Scanner
-from .encode import PromptTokenizer
+from .detect import DetectSettings, PromptScores, Scanner
+from .encode import PromptTokenizer, TokenizedPrompts
 from .families.base import epsilon_scale
 from .families.stable_diffusion import StableDiffusion
-from .engines import ENGINES, Conditioning, DenoiserEngine, EngineUnavailable, create_engine
+from .engines import ENGINES, EngineUnavailable, create_engine
 from .model import ScanModel
 
 if TYPE_CHECKING:
@@ -266,52 +265,30 @@ def write_json(results: Sequence[ModeResult], path: str | Path) -> None:
 
 
 # -- the orchestrator alone --------------------------------------------------------------------
-class NoOpEngine(DenoiserEngine):
-    """Returns zeros at once: what is left to time is everything around the UNet."""
+class NoOpScanner(Scanner):
+    """A scanner whose scoring returns zeros at once: what is left to time is everything around the model."""
 
-    name = "noop"
-
-    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
-        """Zeros shaped like the latents."""
-        return torch.zeros_like(latents)
-
-    def conditional_norm(
-        self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning, uncond: torch.Tensor
-    ) -> torch.Tensor:
-        """Zeros, one per row."""
-        return torch.zeros(len(latents), dtype=torch.float32, device=latents.device)
-
-
-class StubTextEncoder(torch.nn.Module):
-    """A text encoder that returns zeros of the right shape without computing anything."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.width = width
-        self.config = SimpleNamespace(use_attention_mask=False)
-        self.device, self.dtype = torch.device("cpu"), torch.float32
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options) -> SimpleNamespace:
-        """`last_hidden_state` of zeros, `[*input_ids.shape, width]`; the mask and output options are ignored."""
-        return SimpleNamespace(last_hidden_state=torch.zeros(()).expand(*input_ids.shape, self.width))  # no memory touched
-
-
-def stub_model() -> ScanModel:
-    """An SD 1.5-shaped `ScanModel` whose text encoder and UNet do nothing (real tokenizer)."""
-    unet = SimpleNamespace(config=SimpleNamespace(in_channels=4, sample_size=SD15_UNET["sample_size"]), dtype=torch.float32)
-    text_encoder = StubTextEncoder(SD15_UNET["cross_attention_dim"])
-    return _sd_model(text_encoder, unet, "stub", "no-op model", torch.device("cpu"), torch.float32)
+    def _compute(self, tokens: TokenizedPrompts, latents: torch.Tensor | None = None) -> PromptScores:
+        return PromptScores(np.zeros((len(tokens.n_tokens), self.settings.generations), np.float32),
+                            tokens.n_tokens, tokens.truncated)
 
 
 @dataclass
 class OrchestratorResult:
-    """Prompts/s of a no-op scan and its memory: RSS after a tenth of the input, at the end, peak."""
+    """Prompts/s of a no-op scan, the CPU seconds it took (every thread) and its memory: RSS after a tenth
+    of the input, at the end, peak."""
 
     prompts: int
     prompts_per_s: float
+    cpu_s: float
     rss_tenth_mb: float
     rss_end_mb: float
     peak_rss_mb: float
+
+    @property
+    def prompts_per_cpu_s(self) -> float:
+        """Prompts per CPU second: what the scan costs, whatever share of the cores other jobs left it."""
+        return self.prompts / self.cpu_s if self.cpu_s > 0 else 0.0
 
 
 def _rss_mb() -> float:
@@ -319,15 +296,20 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def orchestrator_throughput(count: int, batch_size: int, folder: Path) -> OrchestratorResult:
-    """Scan a generated `count`-prompt file with no-op models: the pipeline's own ceiling."""
-    from .scan import run_scan
-
-    inputs = folder / "prompts.txt"
-    with inputs.open("w", encoding="utf-8") as f:
+def write_prompts(path: Path, count: int) -> Path:
+    """`count` distinct prompts (`sample_prompts`), one a line, written 10,000 at a time."""
+    with path.open("w", encoding="utf-8") as f:
         for start in range(0, count, 10000):
             f.write("".join(p + "\n" for p in sample_prompts(min(10000, count - start), offset=start)))
-    scanner = Scanner(stub_model(), DetectSettings(), engine=NoOpEngine())
+    return path
+
+
+def orchestrator_throughput(model: ScanModel, count: int, batch_size: int, folder: Path) -> OrchestratorResult:
+    """`run_scan` over a generated `count`-prompt file with `model`'s scoring a no-op: the pipeline's own ceiling."""
+    from .scan import run_scan
+
+    inputs = write_prompts(folder / "prompts.txt", count)
+    scanner = NoOpScanner(model, DetectSettings())
     done, rss_tenth = 0, []
 
     def progress(rows: int) -> None:
@@ -336,9 +318,22 @@ def orchestrator_throughput(count: int, batch_size: int, folder: Path) -> Orches
         if not rss_tenth and done >= count // 10:
             rss_tenth.append(_rss_mb())
 
+    cpu = time.process_time()
     summary = run_scan(scanner, [inputs], folder / "scan.parquet", batch_size=batch_size, overwrite=True, progress=progress)
+    cpu = time.process_time() - cpu
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    return OrchestratorResult(summary.scored, summary.prompts_per_s, rss_tenth[0] if rss_tenth else 0.0, _rss_mb(), peak_mb)
+    return OrchestratorResult(summary.scored, summary.prompts_per_s, cpu, rss_tenth[0] if rss_tenth else 0.0, _rss_mb(),
+                              peak_mb)
+
+
+def tokenize_throughput(tokenizer: PromptTokenizer, prompts: Sequence[str], batch_size: int) -> tuple[float, float]:
+    """`tokenizer.tokenize` over `prompts` in batches of `batch_size`, after one untimed batch: (prompts/s, prompts per
+    CPU second of the process, the Rust tokenizer's threads included)."""
+    tokenizer.tokenize(prompts[:batch_size])
+    start, cpu = time.perf_counter(), time.process_time()
+    for i in range(0, len(prompts), batch_size):
+        tokenizer.tokenize(prompts[i : i + batch_size])
+    return len(prompts) / (time.perf_counter() - start), len(prompts) / (time.process_time() - cpu)
 
 
 def default_engines(device: torch.device, quick: bool) -> list[str]:

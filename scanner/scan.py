@@ -54,13 +54,38 @@ def batch_rows(rows: Iterable[InputRow], batch_size: int) -> Iterator[list[Input
         yield group
 
 
+# Prompts per tokenizer call: one Rust call and one padded array per chunk instead of per batch
+# (bench/RESULTS.md, "Tokenization and the orchestrator"); the chunk's ids are 600 KB at CLIP's 77 tokens.
+TOKENIZE_CHUNK = 1024
+
+
 def tokenized_batches(
-    scanner: Scanner, groups: Iterable[list[InputRow]]
+    scanner: Scanner, groups: Iterable[list[InputRow]], chunk: int = TOKENIZE_CHUNK
 ) -> Iterator[tuple[list[InputRow], TokenizedPrompts | None]]:
-    """Each group with its prompts tokenized: run in the prefetch thread, off the model's path."""
+    """Each group with its prompts tokenized: run in the prefetch thread, off the model's path.
+
+    Groups are tokenized together, at least `chunk` prompts at a time (or what is left), and handed on one by one."""
+    block: list[list[InputRow]] = []
+    prompts: list[str] = []
     for group in groups:
-        prompts = [r.prompt for r in group if r.error is None]
-        yield group, scanner.family.tokenize(prompts) if prompts else None
+        block.append(group)
+        prompts.extend(r.prompt for r in group if r.error is None)
+        if len(prompts) >= chunk:
+            yield from _split(scanner, block, prompts)
+            block, prompts = [], []
+    yield from _split(scanner, block, prompts)
+
+
+def _split(
+    scanner: Scanner, block: list[list[InputRow]], prompts: list[str]
+) -> Iterator[tuple[list[InputRow], TokenizedPrompts | None]]:
+    """`block`'s groups, each with its rows of `prompts` (the block's prompts) tokenized in one call."""
+    tokens = scanner.family.tokenize(prompts) if prompts else None
+    start = 0
+    for group in block:
+        count = sum(r.error is None for r in group)
+        yield group, tokens.rows(start, start + count) if count else None
+        start += count
 
 
 def own_score(detector: Detector | None) -> bool:

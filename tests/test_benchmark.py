@@ -75,12 +75,13 @@ def test_cli_bench_writes_the_json_list(tiny_sd1, tmp_path, capsys):
     assert "(c) + cached uncond (torch)" in capsys.readouterr().out
 
 
-def test_orchestrator_scans_every_prompt_with_noop_models(tmp_path):
-    result = benchmark.orchestrator_throughput(700, batch_size=64, folder=tmp_path)
-    assert result.prompts == 700 and result.prompts_per_s > 0
+def test_orchestrator_scans_every_prompt_with_noop_scoring(model, tmp_path):
+    result = benchmark.orchestrator_throughput(model, 700, batch_size=64, folder=tmp_path)
+    assert result.prompts == 700 and result.prompts_per_s > 0 and result.prompts_per_cpu_s > 0
     assert 0 < result.rss_tenth_mb <= result.peak_rss_mb
     import pyarrow.parquet as pq
 
     table = pq.read_table(tmp_path / "scan.parquet")
     assert table.num_rows == 700 and set(table.column("score").to_pylist()) == {0.0}
     assert table.column("prompt").to_pylist()[:2] == benchmark.sample_prompts(2)
+    assert table.column("n_tokens").to_pylist()[:2] == model.family.tokenize(benchmark.sample_prompts(2)).n_tokens

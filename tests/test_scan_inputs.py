@@ -7,6 +7,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from cli_output import one_line_error
 
@@ -14,7 +15,7 @@ from scanner import scan as scan_module
 from scanner.cli import main
 from scanner.detect import DetectSettings, Scanner
 from scanner.errors import MemscanError
-from scanner.io import MAX_PROMPT_CHARS, check_inputs, count_rows, read_prompts
+from scanner.io import MAX_PROMPT_CHARS, InputRow, check_inputs, count_rows, read_prompts
 from scanner.model import load_model
 from scanner.service import MAX_CHARS
 from scanner.sweep import SweepStore, run_sweep
@@ -131,3 +132,21 @@ def test_truncated_safetensors_and_pickle_only_weights_are_refused_in_one_line(t
     monkeypatch.setattr("scanner.detect.ScannerSpec.load", lambda spec: pytest.fail("the model was loaded"))
     code = main(["scan", str(tmp_path / "p.txt"), "--model", str(model), "--out", str(tmp_path / "o.parquet")])
     assert "only as pickles" in one_line_error(capsys, code)  # the command refuses before the slow load
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1024])
+def test_groups_tokenized_in_chunks_get_their_own_rows(scanner, chunk):
+    """Chunks across groups (rejected rows and all-rejected groups among them) hand each group its prompts' ids."""
+    rows = [InputRow(f"p:{i}", i, None, "empty") if i % 4 == 3 else InputRow(f"p:{i}", i, f"a photo of item {i}")
+            for i in range(23)]
+    groups = [rows[0:3], rows[3:4], rows[4:11], rows[11:12], rows[12:23]]
+    batches = list(scan_module.tokenized_batches(scanner, groups, chunk=chunk))
+    assert [group for group, _ in batches] == groups
+    for group, tokens in batches:
+        prompts = [r.prompt for r in group if r.error is None]
+        if not prompts:
+            assert tokens is None
+            continue
+        expected = scanner.family.tokenize(prompts)
+        assert torch.equal(tokens.input_ids, expected.input_ids)
+        assert (tokens.n_tokens, tokens.truncated) == (expected.n_tokens, expected.truncated)

@@ -1,15 +1,20 @@
-"""Tokenizing through the private Rust tokenizer gives the ids transformers' tokenizer gives."""
+"""Tokenizing through the private Rust tokenizer gives the ids, counts and flags transformers' tokenizer gives."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from tiny_families import t5_tokenizer
 
 from scanner.benchmark import sample_prompts
 from scanner.encode import PromptTokenizer
 from scanner.model import load_model
 
+# Besides caption words: what the CLIP pre-tokenizer splits apart (digits, contractions, punctuation runs,
+# special-token text in and out of case), accents, scripts without spaces, emoji, whitespace runs.
+PIECES = ["7", "42", "don't", "it's", "!!", "a|b", "|", "<|", "|>>", "<|endoftext|>", "<|ENDOFTEXT|>", "<|startoftext|>",
+          "café", "naïve", "東京", "🙂👍🏽", "—", "\t", "\n", "  "]
 EDGE_CASES = ["", " ", "¿Qué? café — naïve résumé 東京", "<|endoftext|> hi", "A  B\tC\n", " ".join(["long words"] * 60), "🙂👍🏽"]
 
 
@@ -18,7 +23,7 @@ def test_private_backend_matches_transformers(variant, tiny_sd1, tiny_sd2):
     tokenizer = load_model({"sd1": tiny_sd1, "sd2": tiny_sd2}[variant], device="cpu").tokenizer
     prompts = sample_prompts(200, offset=int(np.random.default_rng().integers(0, 10_000))) + EDGE_CASES
     fast = PromptTokenizer(tokenizer)
-    assert fast._backend is not None
+    assert fast._backend is not None and fast._unsplit is not None  # CLIP's: GPT-2's regex skipped
     slow = PromptTokenizer(tokenizer)
     slow._backend = None  # the transformers path
     got, expected = fast.tokenize(prompts), slow.tokenize(prompts)
@@ -33,3 +38,57 @@ def test_select_keeps_the_order_asked_for(tiny_sd1):
     picked = tokens.select([2, 0])
     assert torch.equal(picked.input_ids, tokens.input_ids[[2, 0]]) and picked.n_tokens == [3, 1]
     assert tokens.select(range(3)) is tokens
+
+
+def random_text(rng: np.random.Generator, count: int) -> list[str]:
+    """`count` strings of 1 to 4 code points from anywhere in Unicode but the surrogates, ASCII and Latin more often."""
+    ranges = np.array([(0x20, 0x7F), (0xA0, 0x250), (0x300, 0x370), (0x4E00, 0x4F00), (0x1F300, 0x1FB00), (0x80, 0xD800),
+                       (0xE000, 0x110000)])
+    picks = ranges[rng.choice(len(ranges), size=(count, 4), p=[0.4, 0.15, 0.05, 0.1, 0.1, 0.1, 0.1])]
+    codes = rng.integers(picks[..., 0], picks[..., 1])
+    return ["".join(map(chr, row[: rng.integers(1, 5)])) for row in codes]
+
+
+def random_prompts(rng: np.random.Generator, count: int, longest: int) -> list[str]:
+    """`count` prompts of 0 to `longest` pieces: caption words, mostly, `PIECES` and random code points, joined by
+    one space or none."""
+    words = np.array(" ".join(sample_prompts(500)).split())
+    prompts = []
+    for _ in range(count):
+        size = rng.integers(0, longest + 1)
+        odd = np.array(PIECES + random_text(rng, 20))
+        pieces = np.where(rng.random(size) < 0.2, rng.choice(odd, size), rng.choice(words, size))
+        spaces = np.where(rng.random(size) < 0.8, " ", "")
+        prompts.append("".join(piece + space for piece, space in zip(pieces, spaces)))
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def t5():
+    words = " ".join(sample_prompts(500)).lower().split()
+    return t5_tokenizer(words[: len(words) // 2], max_length=32)  # half the words spelled out: long prompts
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2", "t5"])
+def test_random_prompts_as_transformers_pads_counts_and_truncates(variant, tiny_sd1, tiny_sd2, t5):
+    """Ids as `tokenizer(..., padding="max_length", truncation=True)`, the untruncated count and the flag, on
+    prompts from empty to several times the length, CLIP's (BOS, two pad ids) and T5's (no BOS)."""
+    tokenizer = t5 if variant == "t5" else load_model({"sd1": tiny_sd1, "sd2": tiny_sd2}[variant], device="cpu").tokenizer
+    length = tokenizer.model_max_length
+    prompts = random_prompts(np.random.default_rng(), 300, longest=3 * length) + EDGE_CASES
+    encoder = PromptTokenizer(tokenizer)
+    assert (encoder._unsplit is None) == (variant == "t5")  # T5's Metaspace tokenizer: the copy as it is
+    got = encoder.tokenize(prompts)
+    expected = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    assert torch.equal(got.input_ids, expected.input_ids)
+    counts = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids]
+    assert got.n_tokens == counts
+    assert got.truncated == [n + tokenizer.num_special_tokens_to_add() > length for n in counts]
+    assert 0 < sum(got.truncated) < len(prompts)
+
+
+def test_rows_are_views_of_the_batch(tiny_sd1):
+    tokens = PromptTokenizer(load_model(tiny_sd1, device="cpu").tokenizer).tokenize(["a", "b c", "d e f"])
+    part = tokens.rows(1, 3)
+    assert part.input_ids.data_ptr() == tokens.input_ids[1].data_ptr() and torch.equal(part.input_ids, tokens.input_ids[1:])
+    assert (part.n_tokens, part.truncated) == ([2, 3], [False, False])

@@ -33,7 +33,7 @@ def bench_model(args: argparse.Namespace):
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Time first-step detection side by side (modes a-d), or the orchestrator with no-op models."""
+    """Time first-step detection side by side (modes a-d), or the orchestrator with the scoring a no-op."""
     import json
     import tempfile
 
@@ -44,21 +44,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if (args.batch_size is not None and args.batch_size < 1) or (args.prompts is not None and args.prompts < 1):
         raise MemscanError("--batch-size and --prompts must be >= 1")
     json_out = output_file(args.json) if args.json else None  # before the timing, not after it
+    model = bench_model(args)
+    args.batch_size = args.batch_size or default_batch_size(model.device)
     if args.orchestrator:
-        args.batch_size = args.batch_size or default_batch_size("cpu")  # the model is a no-op: rows, not a device
-        count = args.prompts or (100_000 if args.quick else 1_000_000)
+        count = args.prompts or (20_000 if args.quick else 200_000)
         with tempfile.TemporaryDirectory() as folder:
-            result = benchmark.orchestrator_throughput(count, args.batch_size, Path(folder))
+            result = benchmark.orchestrator_throughput(model, count, args.batch_size, Path(folder))
         print(
-            f"orchestrator, no-op model: {result.prompts} prompts, batch {args.batch_size}: {result.prompts_per_s:,.0f} prompts/s; "
-            f"RSS {result.rss_tenth_mb:.0f} MB at 10%, {result.rss_end_mb:.0f} MB at the end, peak {result.peak_rss_mb:.0f} MB"
+            f"orchestrator, {model.source}, scoring a no-op: {result.prompts} prompts, batch {args.batch_size}: "
+            f"{result.prompts_per_s:,.0f} prompts/s, {result.prompts_per_cpu_s:,.0f} prompts per CPU second "
+            f"({current_threads().describe()}); RSS {result.rss_tenth_mb:.0f} MB at 10%, {result.rss_end_mb:.0f} MB "
+            f"at the end, peak {result.peak_rss_mb:.0f} MB"
         )
         if json_out:
             with writing(json_out):
-                json_out.write_text(json.dumps([{"name": "orchestrator (no-op model)", **vars(result)}], indent=2) + "\n")
+                row = {"name": "orchestrator (no-op scoring)", **vars(result), "prompts_per_cpu_s": result.prompts_per_cpu_s}
+                json_out.write_text(json.dumps([row], indent=2) + "\n")
         return EXIT_OK
-    model = bench_model(args)
-    args.batch_size = args.batch_size or default_batch_size(model.device)
     count = args.prompts or args.batch_size * (3 if args.quick else 8)  # the median of 3 batches at least
     if args.engines is None:
         engines = benchmark.default_engines(model.device, args.quick)
@@ -105,9 +107,9 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:
     )
     bench.add_argument(
         "--prompts", type=int,
-        help="prompts to time (default: 8 batches, 3 with --quick; 1,000,000, 100,000 with --orchestrator)",
+        help="prompts to time (default: 8 batches, 3 with --quick; with --orchestrator 200,000, 20,000 with --quick)",
     )
     bench.add_argument("--batch-size", type=int, help="prompts per batch (default: 64 on CUDA, 16 on the CPU)")
     bench.add_argument("--quick", action="store_true", help="fewer prompts (see --prompts); on the CPU, skip compile")
-    bench.add_argument("--orchestrator", action="store_true", help="time a scan with no-op UNet and text encoder")
+    bench.add_argument("--orchestrator", action="store_true", help="time a scan of --model with its scoring a no-op")
     bench.add_argument("--json", help="also write the results to this JSON file")
