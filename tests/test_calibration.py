@@ -145,8 +145,11 @@ def test_calibrate_then_scan_with_the_calibration_on_the_testbed(planted_testbed
     prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in sample))
     scan_out = tmp_path / "scan.jsonl"
     assert main(["scan", str(prompts), "--out", str(scan_out), "--calibration", str(out), *cpu]) == 0
-    flagged = [json.loads(line)["flagged"] for line in scan_out.read_text().splitlines()]
-    assert flagged == (scores >= calibration.threshold).tolist()
+    scanned = [json.loads(line) for line in scan_out.read_text().splitlines()]
+    # The scan rejects an empty prompt (the testbed has one random token string of 0 tokens); calibrate scores it.
+    assert [r["prompt"] for r in scanned] == [r["prompt"] for r in sample if r["prompt"].strip()]
+    expected = {r["prompt"]: bool(score >= calibration.threshold) for r, score in zip(sample, scores)}
+    assert [r["flagged"] for r in scanned] == [expected[r["prompt"]] for r in scanned]
 
     other = ["scan", str(prompts), "--out", str(tmp_path / "other.jsonl"), "--calibration", str(out), *cpu]
     assert "other detection settings (end_step 1 vs 2" in one_line_error(capsys, main([*other, "--steps", "2"]))
