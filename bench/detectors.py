@@ -131,14 +131,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = []
     for folder in map(Path, args.model):
-        rows = read_labelled_prompts(labels_of(folder))
+        labels = labels_of(folder)
+        rows = read_labelled_prompts(labels)
         scanner = Scanner(load_model(folder, device="cpu"), DetectSettings(seed=args.seed))
         summaries, scores = {}, {}
         for name in args.detectors.split(","):
             began = time.perf_counter()
             summaries[name], scores[name] = run_detector(scanner, rows, name, args.batch_size)
             print(f"{folder.name} {name}: {time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
-        results.append({"name": folder.name, "model": str(folder), "labels": str(labels_of(folder)),
+        results.append({"name": folder.name, "model": str(folder), "labels": str(labels),
                         "n_pos": sum(r["label"] for r in rows), "n_neg": sum(1 - r["label"] for r in rows),
                         "detectors": summaries, "combined": combined_pairs(rows, scores)})
     table = markdown(results)
