@@ -5,7 +5,8 @@
 #   2. the SD 1.5-, SDXL- and SD3-shaped denoisers (real configs, random weights, fp16):
 #      first-step throughput per engine over batch sizes 128..1, share of measured bf16 peak
 #      (SDXL and SD3: torch and compile only; an ONNX export of 2B+ parameters takes minutes);
-#   3. `memscan bench --sd15`: reference-style loop vs scanner vs compile, same prompts.
+#   3. `memscan bench --sd15`: reference-style loop vs scanner vs compile, same prompts;
+#   and the GPU-only tests (`-m gpu`).
 # Then: copy RESULTS.md's table into bench/RESULTS.md with the card, date and versions.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]            # default: $OUT, else bench/gpu_results
@@ -59,6 +60,8 @@ cat "$out/environment.txt"
 run kernel_bandwidth 60 python bench/gpu_kernel_bandwidth.py "${dry[@]}" --out "$out"
 if [[ ${#dry[@]} -eq 0 ]]; then
     run native_vs_triton 60 python bench/gpu_native_vs_triton.py
+    # The GPU-only tests: the native op, and a scan's batches submitted without a sync (pinned ids, async norms).
+    run gpu_tests 90 python -m pytest -q -n 0 -m gpu -p no:cacheprovider tests/test_native_ops.py tests/test_pipelined_scoring.py
 fi
 run denoiser_sd15 200 python bench/gpu_unet.py "${dry[@]}" --shape sd15 --budget 45 --out "$out"
 run denoiser_sdxl 75 python bench/gpu_unet.py "${dry[@]}" --shape sdxl --engines torch,compile --budget 30 --out "$out"

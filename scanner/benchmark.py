@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .detect import DetectSettings, PromptScores, Scanner
+from .detect import DetectSettings, Scanner
 from .encode import PromptTokenizer, TokenizedPrompts
 from .families.base import epsilon_scale
 from .families.stable_diffusion import StableDiffusion
@@ -268,9 +268,8 @@ def write_json(results: Sequence[ModeResult], path: str | Path) -> None:
 class NoOpScanner(Scanner):
     """A scanner whose scoring returns zeros at once: what is left to time is everything around the model."""
 
-    def _compute(self, tokens: TokenizedPrompts, latents: torch.Tensor | None = None) -> PromptScores:
-        return PromptScores(np.zeros((len(tokens.n_tokens), self.settings.generations), np.float32),
-                            tokens.n_tokens, tokens.truncated)
+    def _compute(self, tokens: TokenizedPrompts, latents: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.zeros(len(tokens.n_tokens), self.settings.generations)
 
 
 @dataclass

@@ -90,6 +90,53 @@ class PromptScores:
         return self.per_generation.mean(axis=1)
 
 
+class HostCopy:
+    """Per-generation scores `[B, n]` of one computed batch, on their way to the host.
+
+    On CUDA the copy starts at once into pinned memory and an event marks its end, so that
+    nothing waits for the device until `numpy()` is first called.
+    """
+
+    def __init__(self, norms: torch.Tensor):
+        """`norms` `[B, n]` fp32 on any device."""
+        self._ready = None
+        if norms.device.type == "cuda":
+            norms = norms.to("cpu", non_blocking=True)  # pinned by torch: no sync
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        self._norms = norms
+        self._values: np.ndarray | None = None
+
+    def numpy(self) -> np.ndarray:
+        """The scores, once the device has written them."""
+        if self._values is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            self._values = self._norms.numpy()
+        return self._values
+
+
+# One prompt's scores: (the batch computed with it, its row there, its token count, truncated).
+ScoreRow = tuple[HostCopy, int, int, bool]
+
+
+@dataclass
+class PendingScores:
+    """A submitted batch: each prompt's row of scores in the `HostCopy` of the batch that computed it."""
+
+    rows: list[ScoreRow]
+
+    @classmethod
+    def of(cls, copy: HostCopy, tokens: TokenizedPrompts) -> PendingScores:
+        """Every row of `copy`, computed for `tokens`."""
+        return cls([(copy, i, n, t) for i, (n, t) in enumerate(zip(tokens.n_tokens, tokens.truncated))])
+
+    def result(self) -> PromptScores:
+        """The batch's scores (waits for the device where they are not on the host yet)."""
+        return PromptScores(np.stack([copy.numpy()[i] for copy, i, _, _ in self.rows]),
+                            [r[2] for r in self.rows], [r[3] for r in self.rows])
+
+
 class Scanner:
     """Scores batches of prompts for one model and one `DetectSettings`; holds the caches."""
 
@@ -113,7 +160,7 @@ class Scanner:
         self.score_scales = [self.schedule.score_scale(self.settings.score_space, s) for s in range(len(self.timesteps))]
         self.cache_size = cache_size
         self.reuse_uncond = reuse_uncond
-        self._cache: OrderedDict[str, tuple[np.ndarray, int, bool]] = OrderedDict()
+        self._cache: OrderedDict[str, ScoreRow] = OrderedDict()
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def autograd_engine(self) -> DenoiserEngine:
@@ -158,7 +205,6 @@ class Scanner:
         return self._shared
 
     # -- scoring --------------------------------------------------------------------------
-    @torch.inference_mode()
     def score(
         self, prompts: Sequence[str], indices: Sequence[int] | None = None, tokens: TokenizedPrompts | None = None
     ) -> PromptScores:
@@ -166,57 +212,63 @@ class Scanner:
 
         `tokens`, when given, is `self.family.tokenize(prompts)` done ahead (off the model's thread).
         """
+        return self.submit(prompts, indices, tokens).result()
+
+    @torch.inference_mode()
+    def submit(
+        self, prompts: Sequence[str], indices: Sequence[int] | None = None, tokens: TokenizedPrompts | None = None
+    ) -> PendingScores:
+        """`score`, returned before the device is done: the scores come back to the host while the next batch is
+        submitted, and `result()` waits for them (on CUDA the batch's one sync; elsewhere they are ready)."""
         if tokens is None:
             tokens = self.family.tokenize(prompts)
         if self.settings.noise == "reference":
             if indices is None or len(indices) != len(prompts):
                 raise ValueError("reference noise mode needs one input index per prompt")
             latents = torch.stack([self.reference_latents(i) for i in indices])
-            return self._compute(tokens, latents)
-        # Shared noise: a prompt's score depends on the prompt alone, so score each once.
+            return PendingScores.of(HostCopy(self._compute(tokens, latents)), tokens)
+        # Shared noise: a prompt's score depends on the prompt alone, so score each once; prompts of a batch
+        # still in flight take their rows from it.
         todo: dict[str, int] = {}  # prompt -> its first row
         for row, prompt in enumerate(prompts):
-            if prompt not in self._cache:
+            if prompt in self._cache:
+                self._cache.move_to_end(prompt)
+            else:
                 todo.setdefault(prompt, row)
-        fresh = {}
+        fresh: dict[str, ScoreRow] = {}
         if todo:
-            result = self._compute(tokens.select(todo.values()))
-            for i, prompt in enumerate(todo):
-                fresh[prompt] = (result.per_generation[i], result.n_tokens[i], result.truncated[i])
+            computed = tokens.select(todo.values())
+            fresh = dict(zip(todo, PendingScores.of(HostCopy(self._compute(computed)), computed).rows))
         rows = [fresh.get(p) or self._cache[p] for p in prompts]
         for prompt, row in fresh.items():
             self._remember(prompt, row)
-        return PromptScores(
-            np.stack([r[0] for r in rows]), [r[1] for r in rows], [r[2] for r in rows]
-        )
+        return PendingScores(rows)
 
-    def _remember(self, prompt: str, row: tuple[np.ndarray, int, bool]) -> None:
+    def _remember(self, prompt: str, row: ScoreRow) -> None:
         self._cache[prompt] = row
         self._cache.move_to_end(prompt)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
 
-    def _compute(self, tokens: TokenizedPrompts, latents: torch.Tensor | None = None) -> PromptScores:
+    def _compute(self, tokens: TokenizedPrompts, latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-generation scores `[B, n]` of tokenized prompts, fp32 on the model's device."""
         cond = self.encode_tokens(tokens)
         count = len(tokens.n_tokens)
         if latents is None and self.settings.first_step_only and self.reuse_uncond:
-            norms = self._first_step_shared(cond)
-        else:
-            if latents is None:
-                latents = self.shared_latents().expand(count, -1, -1, -1, -1)
-            norms = self._trajectory(cond, latents)
-        return PromptScores(norms.cpu().numpy(), tokens.n_tokens, tokens.truncated)
+            return self._first_step_shared(cond)
+        if latents is None:
+            latents = self.shared_latents().expand(count, -1, -1, -1, -1)
+        return self._trajectory(cond, latents)
 
     def _first_step_shared(self, cond: Conditioning) -> torch.Tensor:
-        """Fast path: one conditional forward per (prompt, generation); cached unconditional."""
+        """Fast path: one conditional forward per (prompt, generation), all in one call; cached unconditional."""
         latents, uncond = self._shared_state()
-        t0 = self.timesteps[0]
-        b = cond_rows(cond)
-        norms = []
-        for g in range(len(latents)):  # each generation's rows share one cached uncond row
-            rows = self.first_step_input(latents[g : g + 1].expand(b, -1, -1, -1))
-            norms.append(self.engine.conditional_norm(rows, t0, cond, uncond[g : g + 1]))
-        return torch.stack(norms, dim=1) * self.score_scales[0]
+        b, n = cond_rows(cond), len(latents)
+        # Prompt-major rows, as the trajectory's: row i * n + g is prompt i's generation g.
+        rows = self.first_step_input(latents).repeat(b, 1, 1, 1)
+        uncond = uncond if n == 1 else uncond.repeat(b, 1, 1, 1)  # one row broadcasts over every prompt
+        norms = self.engine.conditional_norm(rows, self.timesteps[0], cond_repeat(cond, n), uncond)
+        return norms.view(b, n) * self.score_scales[0]
 
     def scored_states(
         self, cond: Conditioning, latents: torch.Tensor

@@ -32,6 +32,10 @@ class TokenizedPrompts:
         ids = {name: t[start:stop] for name, t in self.ids.items()}
         return TokenizedPrompts(ids, self.n_tokens[start:stop], self.truncated[start:stop])
 
+    def pinned(self) -> TokenizedPrompts:
+        """These prompts with their ids in pinned host memory: copied to a CUDA device without a sync."""
+        return TokenizedPrompts({name: t.pin_memory() for name, t in self.ids.items()}, self.n_tokens, self.truncated)
+
     @property
     def input_ids(self) -> torch.Tensor:
         """The primary tokenizer's ids `[B, L]`."""

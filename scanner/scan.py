@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .detect import DetectSettings, PromptScores, Scanner
+from .detect import DetectSettings, HostCopy, PendingScores, PromptScores, Scanner
 from .encode import TokenizedPrompts
 from .io import MAX_PROMPT_CHARS, InputRow, ScanJournal, check_inputs, read_prompts, rejects_path
 from .prefetch import prefetch
@@ -81,6 +81,8 @@ def _split(
 ) -> Iterator[tuple[list[InputRow], TokenizedPrompts | None]]:
     """`block`'s groups, each with its rows of `prompts` (the block's prompts) tokenized in one call."""
     tokens = scanner.family.tokenize(prompts) if prompts else None
+    if tokens is not None and scanner.model.device.type == "cuda":
+        tokens = tokens.pinned()  # a pageable copy to the device would wait for the batch before it
     start = 0
     for group in block:
         count = sum(r.error is None for r in group)
@@ -118,17 +120,17 @@ def settings_record(settings: DetectSettings, dtype: torch.dtype, engine: str, d
     return json.dumps(settings_fields(settings, dtype, engine, detector), sort_keys=True)
 
 
-def score_batch(
+def submit_batch(
     scanner: Scanner, detector: Detector | None, prompts: list[str], indices: Sequence[int] | None = None,
     tokens: TokenizedPrompts | None = None,
-) -> PromptScores:
-    """The prompts' scores by the scanner (Wen's: per generation) or by `detector` (one value per prompt, as
-    a one-generation row); `indices` and `tokens` as for `Scanner.score`."""
+) -> PendingScores:
+    """The prompts' scores by the scanner (Wen's: per generation, `Scanner.submit`) or by `detector` (one value
+    per prompt, as a one-generation row, ready at once); `indices` and `tokens` as for `Scanner.score`."""
     if own_score(detector):
-        return scanner.score(prompts, indices, tokens)
+        return scanner.submit(prompts, indices, tokens)
     if tokens is None:
         tokens = scanner.family.tokenize(prompts)
-    return PromptScores(detector.score(prompts, tokens)[:, None], tokens.n_tokens, tokens.truncated)
+    return PendingScores.of(HostCopy(torch.from_numpy(detector.score(prompts, tokens)[:, None])), tokens)
 
 
 def run_key(paths: Sequence[Path], field: str | None, model: str, settings: str, threshold: float | None) -> dict:
@@ -249,23 +251,36 @@ def run_scan(
     output = ScanOutput(
         out, key, inputs=paths, overwrite=overwrite, commit_rows=commit_rows, commit_seconds=commit_seconds, wait_s=wait
     )
+
+    def emit(group: list[InputRow], prompts: list[InputRow], pending: PendingScores | None) -> None:
+        """A scored group's rows and rejects into the output, in input order."""
+        results = result_rows(prompts, pending.result(), model, settings, threshold) if pending is not None else []
+        rejects = [{"id": r.id, "reason": r.error} for r in group if r.error is not None]
+        output.add(results, rejects, group[-1].index + 1)
+        if progress is not None:
+            progress(len(group))
+        if read is not None:
+            read(group[-1].offset)
+
     try:
         rows = islice(read_prompts(paths, field, max_chars=max_prompt_chars), output.resumed, None)
         # The empty prompt's embedding first: from here on only the prefetch thread tokenizes
         # (a fast tokenizer must not be entered from two threads at once).
         scanner.family.unconditional()
+        # Each batch is submitted before the one before it is read back: the device never waits on the host.
+        previous: tuple[list[InputRow], list[InputRow], PendingScores | None] | None = None
         for group, tokens in prefetch(tokenized_batches(scanner, batch_rows(rows, batch_size))):
             prompts = [r for r in group if r.error is None]
-            results = []
-            if prompts:
-                scores = score_batch(scanner, detector, [r.prompt for r in prompts], [r.index for r in prompts], tokens)
-                results = result_rows(prompts, scores, model, settings, threshold)
-            rejects = [{"id": r.id, "reason": r.error} for r in group if r.error is not None]
-            output.add(results, rejects, group[-1].index + 1)
-            if progress is not None:
-                progress(len(group))
-            if read is not None:
-                read(group[-1].offset)
+            pending = None
+            try:
+                if prompts:
+                    pending = submit_batch(scanner, detector, [r.prompt for r in prompts], [r.index for r in prompts], tokens)
+            finally:  # a batch that fails still leaves the one before it in the output
+                if previous is not None:
+                    emit(*previous)
+            previous = group, prompts, pending
+        if previous is not None:
+            emit(*previous)
         return output.finish()
     finally:
         output.close()  # after finish a no-op; after a failure the next run may take the output

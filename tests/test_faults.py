@@ -157,14 +157,14 @@ def test_part_commits_are_fsynced(tmp_path, scanner, monkeypatch):
 
 def test_two_scans_on_one_output_never_lose_a_row(tmp_path, scanner, monkeypatch):
     started, release = threading.Event(), threading.Event()
-    real_score = Scanner.score
+    real_score = Scanner.submit
 
     def slow_score(self, *args, **kwargs):
         started.set()
         release.wait(timeout=60)
         return real_score(self, *args, **kwargs)
 
-    monkeypatch.setattr(Scanner, "score", slow_score)
+    monkeypatch.setattr(Scanner, "submit", slow_score)
     first: dict = {}
     thread = threading.Thread(target=lambda: first.setdefault("summary", _scan(scanner, tmp_path)))
     thread.start()
@@ -189,7 +189,7 @@ def test_two_scans_on_one_output_never_lose_a_row(tmp_path, scanner, monkeypatch
 def test_resume_refuses_a_changed_input_and_overwrite_starts_over(tmp_path, scanner, monkeypatch):
     inp = tmp_path / "p.txt"
     inp.write_text("\n".join(PROMPTS) + "\n")
-    real_score = Scanner.score
+    real_score = Scanner.submit
     calls = {"n": 0}
 
     def crash_on_third(self, *args, **kwargs):
@@ -199,7 +199,7 @@ def test_resume_refuses_a_changed_input_and_overwrite_starts_over(tmp_path, scan
         return real_score(self, *args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(Scanner, "score", crash_on_third)
+        patch.setattr(Scanner, "submit", crash_on_third)
         with pytest.raises(RuntimeError):
             _scan(scanner, tmp_path)
     # Same size, same modification time: only the hash of the bytes tells.

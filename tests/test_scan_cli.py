@@ -85,18 +85,18 @@ def test_every_format_with_rejects(tmp_path, tiny_sd1, scanner, capsys):
     assert not out.with_name(out.name + ".parts").exists()
 
 
-REAL_SCORE = Scanner.score
+REAL_SUBMIT = Scanner.submit
 
 
 def _crashing_on_batch(crash_at: int):
-    """`Scanner.score` that raises on its `crash_at`-th call (1-based), a crash mid-scan."""
+    """`Scanner.submit` that raises on its `crash_at`-th call (1-based), a crash mid-scan."""
     calls = {"n": 0}
 
     def score(self, prompts, indices=None, tokens=None):
         calls["n"] += 1
         if calls["n"] == crash_at:
             raise RuntimeError("simulated crash")
-        return REAL_SCORE(self, prompts, indices, tokens)
+        return REAL_SUBMIT(self, prompts, indices, tokens)
 
     return score
 
@@ -105,11 +105,11 @@ def test_resume_after_crash_loses_and_duplicates_nothing(tmp_path, scanner, monk
     inp = tmp_path / "p.txt"
     inp.write_text("\n".join(PROMPTS + ["", "a photo of item 3 on a table"]) + "\n")
     out = tmp_path / "scan.jsonl"
-    monkeypatch.setattr(Scanner, "score", _crashing_on_batch(4))
+    monkeypatch.setattr(Scanner, "submit", _crashing_on_batch(4))
     with pytest.raises(RuntimeError):
         scan_module.run_scan(scanner, [inp], out, batch_size=3, commit_rows=4)
     assert not out.exists()
-    monkeypatch.setattr(Scanner, "score", REAL_SCORE)
+    monkeypatch.setattr(Scanner, "submit", REAL_SUBMIT)
     summary = scan_module.run_scan(scanner, [inp], out, batch_size=3, commit_rows=4)
     assert summary.resumed > 0 and summary.rows == len(PROMPTS) + 1 and summary.rejected == 1
     rows = _read_output(out)
@@ -263,10 +263,10 @@ def test_commits_every_30_seconds_whatever_the_row_count(tmp_path, scanner, monk
 
     # Only scan.py's clock: the real one keeps running for threads and pytest.
     monkeypatch.setattr(scan_module, "time", SimpleNamespace(monotonic=monotonic, perf_counter=time.perf_counter))
-    monkeypatch.setattr(Scanner, "score", _crashing_on_batch(4))
+    monkeypatch.setattr(Scanner, "submit", _crashing_on_batch(4))
     with pytest.raises(RuntimeError):
         scan_module.run_scan(scanner, [inp], out, batch_size=3, commit_rows=10**6)
-    monkeypatch.setattr(Scanner, "score", REAL_SCORE)
+    monkeypatch.setattr(Scanner, "submit", REAL_SUBMIT)
     summary = scan_module.run_scan(scanner, [inp], out, batch_size=3, commit_rows=10**6)
     # Far from --checkpoint-rows, only the clock commits: each of the 3 scored batches when 30 s pass, else none.
     assert summary.resumed == (9 if seconds_per_batch > 30 else 0)

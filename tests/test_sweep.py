@@ -76,13 +76,13 @@ def test_only_new_prompts_are_scored(tmp_path, scanner, monkeypatch):
     b = tmp_path / "b.jsonl"
     b.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in second))
     scored: list[str] = []
-    real_score = Scanner.score
+    real_score = Scanner.submit
 
     def counting_score(self, prompts, indices=None, tokens=None):
         scored.extend(prompts)
         return real_score(self, prompts, indices, tokens)
 
-    monkeypatch.setattr(Scanner, "score", counting_score)
+    monkeypatch.setattr(Scanner, "submit", counting_score)
     db = tmp_path / "store.db"
     with SweepStore(db) as store:
         one = run_sweep(scanner, store, *usable_inputs([a]), batch_size=3, commit_rows=4)
@@ -93,7 +93,7 @@ def test_only_new_prompts_are_scored(tmp_path, scanner, monkeypatch):
         two = run_sweep(scanner, store, *usable_inputs([a, b]), batch_size=3, commit_rows=4)
     assert sorted(scored) == sorted(prompts[20:])
     assert (two.rows, two.new, two.known, two.rejected, two.sweep) == (23 + 15, 10, 23 + 5 - 2, 2, 2)
-    monkeypatch.setattr(Scanner, "score", real_score)
+    monkeypatch.setattr(Scanner, "submit", real_score)
     rows = _stored(db)
     assert sorted(p for p, *_ in rows) == sorted(prompts) and {t for *_, t in rows} == {1}
     by_prompt = {p: (s, sweep) for p, s, sweep, _ in rows}

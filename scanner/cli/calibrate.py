@@ -14,14 +14,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     from ..calibration import check_target_fpr, fit_calibration
     from ..evaluate import read_labelled_prompts, score_prompts
-    from ..scan import scanner_settings, score_batch
+    from ..scan import scanner_settings, submit_batch
 
     check_target_fpr(args.target_fpr)  # option, label and output errors before the slow model load
     rows = read_labelled_prompts(args.labels)
     out = output_file(args.out)
     scanner, detector = scanner_and_detector(args, args.detector)
     with bar("scoring", total=len(rows)) as progress:
-        scores = score_prompts(lambda batch: score_batch(scanner, detector, batch).score, [row["prompt"] for row in rows],
+        scores = score_prompts(lambda batch: submit_batch(scanner, detector, batch).result().score, [row["prompt"] for row in rows],
                                args.batch_size, progress.update)
     calibration = fit_calibration(
         np.array([row["label"] for row in rows]),

@@ -252,7 +252,7 @@ class Family(ABC):
             if encoder is None:
                 continue
             tokenizer = "tokenizer" + name.removeprefix("text_encoder")
-            ids = tokens.ids[tokenizer].to(self.device)
+            ids = tokens.ids[tokenizer].to(self.device, non_blocking=True)  # pinned in a scan: no sync
             inputs[name] = {"input_ids": ids}
             if self.uses_attention_mask(name):
                 inputs[name]["attention_mask"] = self.tokenizers[tokenizer].attention_mask(ids)

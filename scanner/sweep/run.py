@@ -19,7 +19,7 @@ from ..detectors import Detector
 from ..errors import MemscanError, one_line
 from ..io import InputRow, check_inputs, read_prompts
 from ..prefetch import prefetch
-from ..scan import batch_rows, score_batch, settings_record, tokenized_batches
+from ..scan import batch_rows, settings_record, submit_batch, tokenized_batches
 from .store import ScoredPrompt, SweepStore, normalize_prompt, prompt_key
 
 
@@ -132,7 +132,7 @@ def run_sweep(
         if progress is not None:
             progress(len(chunk) - len(new))
         for group, tokens in prefetch(tokenized_batches(scanner, batch_rows(new, batch_size))):
-            result = score_batch(scanner, detector, [row.prompt for row in group], tokens=tokens)
+            result = submit_batch(scanner, detector, [row.prompt for row in group], tokens=tokens).result()
             scores = result.score  # a property computing the mean: once per batch
             store.add(
                 config,
