@@ -17,10 +17,16 @@ if "MEMSCAN_CACHE" not in os.environ:
     os.environ["MEMSCAN_CACHE"] = tempfile.mkdtemp(prefix="memscan-test-cache-")
     atexit.register(shutil.rmtree, os.environ["MEMSCAN_CACHE"], ignore_errors=True)
 
+import inspect  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from tiny_families_diffusion import build_tiny_pixart, build_tiny_sdxl  # noqa: E402
+from tiny_families_flow import build_tiny_flux, build_tiny_sd3  # noqa: E402
 from tiny_pipeline import build_tiny_pipeline  # noqa: E402
+
+TINY_FAMILY_BUILDERS = {"sdxl": build_tiny_sdxl, "pixart": build_tiny_pixart, "sd3": build_tiny_sd3, "flux": build_tiny_flux}
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +58,24 @@ def tiny_sd1(tmp_path_factory) -> Path:
 def tiny_sd2(tmp_path_factory) -> Path:
     """A saved SD 2.x-style (v-prediction) pipeline with random weights."""
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd2", "sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory) -> Callable[..., Path]:
+    """`tiny_family(name, **options)`: the folder of that family's tiny random pipeline (`TINY_FAMILY_BUILDERS`),
+    saved once per session (a worker's) for each name and options, shared by every file: tests copy it to change it."""
+    built: dict[tuple, Path] = {}
+
+    def folder(name: str, **options) -> Path:
+        builder = TINY_FAMILY_BUILDERS[name]
+        bound = inspect.signature(builder).bind(None, **options)
+        bound.apply_defaults()  # sd3 and sd3 with_t5=True are one folder
+        key = (name, tuple(bound.arguments.items())[1:])
+        if key not in built:
+            built[key] = builder(tmp_path_factory.mktemp(f"tiny-{name}") / "model", **options)
+        return built[key]
+
+    return folder
 
 
 @pytest.fixture(scope="session")

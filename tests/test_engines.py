@@ -11,8 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_families_diffusion import build_tiny_pixart, build_tiny_sdxl
-from tiny_families_flow import build_tiny_flux, build_tiny_sd3
 
 from scanner.detect import DetectSettings, Scanner
 from scanner.engines import ENGINES, EngineUnavailable, create_engine
@@ -24,7 +22,7 @@ from scanner.testbed import default_model_path
 
 SETTINGS = {"first step": {}, "2-step window, 2 generations": {"end_step": 2, "generations": 2}}
 # The tiny pipeline builders of the families besides SD 1.x/2.x (tests/tiny_families_*.py).
-FAMILY_BUILDERS = {"sdxl": build_tiny_sdxl, "pixart": build_tiny_pixart, "sd3": build_tiny_sd3, "flux": build_tiny_flux}
+FAMILIES = ("sdxl", "pixart", "sd3", "flux")  # tiny random pipelines (conftest `tiny_family`; SD3 with T5)
 
 
 def _prompts(rng: np.random.Generator, count: int) -> list[str]:
@@ -38,10 +36,10 @@ def model(request, tiny_sd1, tiny_sd2):
     return load_model({"sd1": tiny_sd1, "sd2": tiny_sd2, "testbed": default_model_path()}[request.param], device="cpu")
 
 
-@pytest.fixture(scope="module", params=FAMILY_BUILDERS)
-def family_path(request, tmp_path_factory) -> tuple[str, Path]:
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_path(request, tiny_family) -> tuple[str, Path]:
     """A family's name and its saved tiny random pipeline (SDXL, PixArt-α, SD3 with T5, Flux)."""
-    return request.param, FAMILY_BUILDERS[request.param](tmp_path_factory.mktemp("models") / f"tiny-{request.param}")
+    return request.param, tiny_family(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +105,12 @@ def test_onnx_engine_runs_the_text_encoder(model, onnx_engine, monkeypatch):
 FAMILY_CASES = [
     pytest.param(family, settings, id=f"{family}-{name}",
                  marks=[pytest.mark.slow] if family == "flux" and settings else [])
-    for family in FAMILY_BUILDERS for name, settings in SETTINGS.items()
+    for family in FAMILIES for name, settings in SETTINGS.items()
 ]
 
 
-@pytest.mark.parametrize(("family_path", "settings"), FAMILY_CASES, indirect=["family_path"])
+# Module scope: each family is built and exported once for all its cases (a direct argument would make it per test).
+@pytest.mark.parametrize(("family_path", "settings"), FAMILY_CASES, indirect=["family_path"], scope="module")
 def test_onnx_scores_match_torch_on_every_family(family_onnx, settings):
     """The denoiser module of each family exports with its own conditioning (PixArt's: an int64 attention mask)."""
     model, engine = family_onnx

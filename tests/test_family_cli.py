@@ -16,22 +16,20 @@ from dataclasses import replace
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from tiny_families_diffusion import build_tiny_pixart, build_tiny_sdxl
-from tiny_families_flow import build_tiny_flux, build_tiny_sd3
 
 from scanner.cli import main
 from scanner.detect import DetectSettings, Scanner
 from scanner.families import FAMILIES
 from scanner.model import load_model
 
-BUILDERS = {"sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux, "pixart": build_tiny_pixart}
+FAMILY_NAMES = ("flux", "pixart", "sd3", "sdxl")  # tiny random pipelines (conftest `tiny_family`)
 WORDS = ["a", "photo", "of", "red", "cat", "castle", "at", "night", "oil", "painting", "Portrait", "1914"]
 
 
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
-def family_model(request, tmp_path_factory):
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def family_model(request, tiny_family):
     """A tiny random pipeline of each family, saved and loaded as a user's folder would be."""
-    path = BUILDERS[request.param](tmp_path_factory.mktemp("models") / f"tiny-{request.param}")
+    path = tiny_family(request.param)
     return request.param, path, load_model(path, device="cpu")
 
 
@@ -133,6 +131,12 @@ def test_guidance_scale_defaults_to_the_familys_and_an_explicit_one_wins(family_
     assert not np.allclose(scores[default], scores[explicit]), name  # the scale reaches the walked step
 
 
+# Flux's case is slow (its 4,096 image tokens at the default resolution, on every command); its scores and
+# its other commands are checked by default (test_family_flux.py, the cases above and below).
+@pytest.mark.parametrize(
+    "family_model", [pytest.param(n, marks=[pytest.mark.slow] if n == "flux" else []) for n in FAMILY_NAMES],
+    indirect=True, scope="module",
+)
 def test_sweep_eval_and_the_service_on_the_family(family_model, tmp_path, capsys):
     from fastapi.testclient import TestClient
     from sklearn.metrics import roc_auc_score

@@ -17,7 +17,6 @@ from tiny_families import one_thread  # noqa: F401 (an autouse fixture)
 from tiny_families_flow import (
     PROMPTS,
     TinyPipeline,
-    build_tiny_flux,
     check_epsilon_space,
     check_mitigation,
     check_parity,
@@ -57,10 +56,10 @@ class TinyFlux(TinyPipeline):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> TinyFlux:
+def tiny(tiny_family) -> TinyFlux:
     from diffusers import FluxPipeline
 
-    path = build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux")
+    path = tiny_family("flux")
     pipe = FluxPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     return TinyFlux(load_model(path, device="cpu"), pipe, SEED, GUIDANCE, "flux")

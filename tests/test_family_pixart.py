@@ -43,8 +43,8 @@ def _pipeline(path, dtype: torch.dtype = torch.float32):
 
 
 @pytest.fixture(scope="module")
-def alpha_dir(tmp_path_factory):
-    return build_tiny_pixart(tmp_path_factory.mktemp("models") / "tiny-pixart-alpha")
+def alpha_dir(tiny_family):
+    return tiny_family("pixart")
 
 
 @pytest.fixture(scope="module")

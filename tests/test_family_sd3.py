@@ -16,7 +16,6 @@ from tiny_families import one_thread, split_call  # noqa: F401 (one_thread: an a
 from tiny_families_flow import (
     PROMPTS,
     TinyPipeline,
-    build_tiny_sd3,
     check_epsilon_space,
     check_mitigation,
     check_parity,
@@ -44,10 +43,10 @@ class TinySD3(TinyPipeline):
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["t5", "no-t5"])
-def tiny(request, tmp_path_factory) -> TinySD3:
+def tiny(request, tiny_family) -> TinySD3:
     from diffusers import StableDiffusion3Pipeline
 
-    path = build_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3", with_t5=request.param)
+    path = tiny_family("sd3", with_t5=request.param)
     # Without T5 as SD3 is run to save memory: the pipeline then zero-fills T5's part.
     absent = {} if request.param else {"text_encoder_3": None, "tokenizer_3": None}
     pipe = StableDiffusion3Pipeline.from_pretrained(path, **absent)

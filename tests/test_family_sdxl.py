@@ -21,7 +21,6 @@ from tiny_families_diffusion import (
     assert_gradient_matches,
     assert_mitigation_lowers_score,
     assert_scores_match,
-    build_tiny_sdxl,
     load_pipeline,
 )
 
@@ -34,8 +33,8 @@ def _epsilon(out: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory) -> Path:
-    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+def sdxl_dir(tiny_family) -> Path:
+    return tiny_family("sdxl")
 
 
 def _sdxl_norms(path: Path, seed: int, steps: int | None = None) -> PipelineNorms:
