@@ -6,6 +6,7 @@ joins them and runs its text encoders on the ids (`scanner.families`).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,15 +53,12 @@ class TokenizedPrompts:
         return TokenizedPrompts(ids, [self.n_tokens[i] for i in rows], [self.truncated[i] for i in rows])
 
 
-def _private_backend(tokenizer):
-    """A copy of a fast tokenizer's Rust tokenizer, without truncation, padding or post-processing, or None.
+def _private_copy(backend):
+    """A copy of a fast tokenizer's Rust tokenizer, without truncation, padding or post-processing.
 
     Its `encode_batch` releases the GIL, so tokenizing in a background thread overlaps with
-    the model's thread; a private copy is never reconfigured by calls through `tokenizer`.
+    the model's thread; a private copy is never reconfigured by calls through the tokenizer.
     """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
     from tokenizers import Tokenizer
 
     copy = Tokenizer.from_str(backend.to_str())
@@ -73,33 +71,37 @@ def _private_backend(tokenizer):
 _CLIP_NORMALIZER = {"type": "Sequence", "normalizers": [
     {"type": "NFC"}, {"type": "Replace", "pattern": {"Regex": r"\s+"}, "content": " "}, {"type": "Lowercase"},
 ]}
-_CLIP_SPLIT = {
-    "type": "Split",
-    "pattern": {"Regex": r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"},
-    "behavior": "Removed",
-    "invert": True,
-}
-_CLIP_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_CLIP_SPLIT = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+_CLIP_PRE_TOKENIZER = {"type": "Sequence", "pretokenizers": [
+    {"type": "Split", "pattern": {"Regex": _CLIP_SPLIT}, "behavior": "Removed", "invert": True},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+]}
 
 
-def _clip_without_gpt2_regex(backend):
-    """A copy of `backend` whose ByteLevel step skips GPT-2's regex when `backend` is CLIP's, else None.
+def _is_clip(backend) -> bool:
+    """Whether a Rust tokenizer normalizes and pre-tokenizes as CLIP's (those two parts read alone, not the vocabulary)."""
+    def state(part) -> dict | None:
+        return None if part is None else json.loads(part.__getstate__())
+
+    return state(backend.normalizer) == _CLIP_NORMALIZER and state(backend.pre_tokenizer) == _CLIP_PRE_TOKENIZER
+
+
+def _skip_gpt2_regex(clip) -> None:
+    """Make a copy of CLIP's Rust tokenizer skip GPT-2's regex in its ByteLevel step.
 
     Each piece CLIP's Split keeps is a contraction, a run of letters, one digit or a run of other
     non-space characters, and GPT-2's regex matches each of these whole: skipping it changes no id
     and saves a third of the Rust call. The exception is the special-token text among the Split's
     alternatives (`<|endoftext|>` in another case, which the added tokens do not take out first):
     GPT-2's regex splits it in three. It needs a `|`, which CLIP's normalizer creates from no other
-    character, so prompts with one are tokenized by the exact copy (`PromptTokenizer._encode`).
+    character, so prompts with one are tokenized by an exact copy (`PromptTokenizer._encode`).
     """
-    from tokenizers import Tokenizer
+    from tokenizers import Regex, pre_tokenizers
 
-    config = json.loads(backend.to_str())
-    clip = {"type": "Sequence", "pretokenizers": [_CLIP_SPLIT, _CLIP_BYTE_LEVEL]}
-    if config.get("normalizer") != _CLIP_NORMALIZER or config.get("pre_tokenizer") != clip:
-        return None
-    config["pre_tokenizer"]["pretokenizers"][1] = {**_CLIP_BYTE_LEVEL, "use_regex": False}
-    return Tokenizer.from_str(json.dumps(config))
+    clip.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
 
 
 def _ids(backend, prompts: list[str]) -> list[list[int]]:
@@ -123,8 +125,11 @@ class PromptTokenizer:
         self.max_length = max_length or tokenizer.model_max_length
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         self.keep = self.max_length - len(self.bos) - 1
-        self._backend = _private_backend(tokenizer)
-        self._unsplit = None if self._backend is None else _clip_without_gpt2_regex(self._backend)
+        backend = getattr(tokenizer, "backend_tokenizer", None)  # None: a slow tokenizer, through transformers
+        self._rust = None if backend is None else _private_copy(backend)
+        self._unsplit = backend is not None and _is_clip(backend)
+        if self._unsplit:
+            _skip_gpt2_regex(self._rust)
 
     def tokenize(self, prompts: Sequence[str]) -> TokenizedPrompts:
         """Padded ids `[B, max_length]` (under this tokenizer's name), untruncated counts, truncation flags."""
@@ -135,16 +140,19 @@ class PromptTokenizer:
 
     def _encode(self, prompts: list[str]) -> list[list[int]]:
         """Each prompt's ids without special tokens: the Rust tokenizer's, without transformers' per-row Python work."""
-        if self._backend is None:
+        if self._rust is None:
             return self.tokenizer(prompts, add_special_tokens=False, verbose=False).input_ids
-        if self._unsplit is None:
-            return _ids(self._backend, prompts)
-        content = _ids(self._unsplit, prompts)
-        exact = [i for i, prompt in enumerate(prompts) if "|" in prompt]  # see _clip_without_gpt2_regex
+        content = _ids(self._rust, prompts)
+        exact = [i for i, prompt in enumerate(prompts) if "|" in prompt] if self._unsplit else []  # see _skip_gpt2_regex
         if exact:
-            for i, ids in zip(exact, _ids(self._backend, [prompts[i] for i in exact])):
+            for i, ids in zip(exact, _ids(self._exact, [prompts[i] for i in exact])):
                 content[i] = ids
         return content
+
+    @functools.cached_property
+    def _exact(self):
+        """The Rust tokenizer as it is, for the prompts GPT-2's regex matters to: made on first use (rare)."""
+        return _private_copy(self.tokenizer.backend_tokenizer)
 
     def _padded(self, content: list[list[int]], counts: np.ndarray) -> np.ndarray:
         """`[B, max_length]`: BOS, each row's first `keep` ids, EOS, then padding, filled in whole-array steps

@@ -23,9 +23,9 @@ def test_private_backend_matches_transformers(variant, tiny_sd1, tiny_sd2):
     tokenizer = load_model({"sd1": tiny_sd1, "sd2": tiny_sd2}[variant], device="cpu").tokenizer
     prompts = sample_prompts(200, offset=int(np.random.default_rng().integers(0, 10_000))) + EDGE_CASES
     fast = PromptTokenizer(tokenizer)
-    assert fast._backend is not None and fast._unsplit is not None  # CLIP's: GPT-2's regex skipped
+    assert fast._rust is not None and fast._unsplit  # CLIP's: GPT-2's regex skipped
     slow = PromptTokenizer(tokenizer)
-    slow._backend = None  # the transformers path
+    slow._rust = None  # the transformers path
     got, expected = fast.tokenize(prompts), slow.tokenize(prompts)
     assert torch.equal(got.input_ids, expected.input_ids)
     assert (got.n_tokens, got.truncated) == (expected.n_tokens, expected.truncated)
@@ -77,7 +77,7 @@ def test_random_prompts_as_transformers_pads_counts_and_truncates(variant, tiny_
     length = tokenizer.model_max_length
     prompts = random_prompts(np.random.default_rng(), 300, longest=3 * length) + EDGE_CASES
     encoder = PromptTokenizer(tokenizer)
-    assert (encoder._unsplit is None) == (variant == "t5")  # T5's Metaspace tokenizer: the copy as it is
+    assert encoder._unsplit == (variant != "t5")  # T5's Metaspace tokenizer: the copy as it is
     got = encoder.tokenize(prompts)
     expected = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
     assert torch.equal(got.input_ids, expected.input_ids)
