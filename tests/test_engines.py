@@ -43,11 +43,21 @@ def family_path(request, tiny_family) -> tuple[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def family_onnx(family_path, tmp_path_factory):
+def onnx_by_family(tmp_path_factory) -> dict:
+    """Each family's (model, ONNX engine), kept for the module once made: pytest interleaves the cases of the
+    family fixture's own parameters and of the indirect ones, and would otherwise export a family again."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def family_onnx(family_path, onnx_by_family, tmp_path_factory):
     """The family's model and its ONNX engine, denoiser and text encoders exported once for every case (the exports are the cost)."""
-    model = load_model(family_path[1], device="cpu")
-    cache = tmp_path_factory.mktemp("onnx-cache")
-    return model, create_engine("onnx", model.family.denoiser_module(), cache_dir=cache, cache_key=model.fingerprint)
+    name, path = family_path
+    if name not in onnx_by_family:
+        model = load_model(path, device="cpu")
+        cache = tmp_path_factory.mktemp("onnx-cache")
+        onnx_by_family[name] = model, create_engine("onnx", model.family.denoiser_module(), cache_dir=cache, cache_key=model.fingerprint)
+    return onnx_by_family[name]
 
 
 def _assert_same_scores(model, engine, **settings) -> None:
@@ -109,8 +119,7 @@ FAMILY_CASES = [
 ]
 
 
-# Module scope: each family is built and exported once for all its cases (a direct argument would make it per test).
-@pytest.mark.parametrize(("family_path", "settings"), FAMILY_CASES, indirect=["family_path"], scope="module")
+@pytest.mark.parametrize(("family_path", "settings"), FAMILY_CASES, indirect=["family_path"])
 def test_onnx_scores_match_torch_on_every_family(family_onnx, settings):
     """The denoiser module of each family exports with its own conditioning (PixArt's: an int64 attention mask)."""
     model, engine = family_onnx

@@ -115,7 +115,7 @@ def test_guidance_scale_defaults_to_the_familys_and_an_explicit_one_wins(family_
     name, path, model = family_model
     default = model.family.default_guidance_scale
     explicit = default + random.choice([-1, 1]) * round(random.uniform(0.5, 2.5), 2)
-    prompts = _prompts(3)
+    prompts = _prompts(2)
     (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
     window = DetectSettings(num_inference_steps=3, end_step=2)
     scores = {}
@@ -131,10 +131,11 @@ def test_guidance_scale_defaults_to_the_familys_and_an_explicit_one_wins(family_
     assert not np.allclose(scores[default], scores[explicit]), name  # the scale reaches the walked step
 
 
-# Flux's case is slow (its 4,096 image tokens at the default resolution, on every command); its scores and
-# its other commands are checked by default (test_family_flux.py, the cases above and below).
+# By default on one flow family (SD3) and one diffusion family (PixArt): these commands reach the adapter only
+# through `Scanner` and `explain`, as scan does, whose cases above run on every family. Flux (its 4,096 image
+# tokens at the default resolution) and SDXL are in the slow set.
 @pytest.mark.parametrize(
-    "family_model", [pytest.param(n, marks=[pytest.mark.slow] if n == "flux" else []) for n in FAMILY_NAMES],
+    "family_model", [pytest.param(n, marks=[pytest.mark.slow] if n in ("flux", "sdxl") else []) for n in FAMILY_NAMES],
     indirect=True, scope="module",
 )
 def test_sweep_eval_and_the_service_on_the_family(family_model, tmp_path, capsys):

@@ -166,12 +166,15 @@ def test_mitigate_command_takes_its_budget_from_the_model_folder(tmp_path, tiny_
     lr = float(torch.empty(()).uniform_(0.02, 0.2))
     (folder / BUDGET_FILE).write_text(json.dumps({"learning_rate": lr, "max_iterations": 3}))
     seeds = _random_seeds(1)
-    args = [PROMPT, "--model", str(folder), "--out", str(tmp_path / "m"), "--target", "0", "--seeds", str(seeds[0]), "--format", "json"]
+    steps = 5  # a short trajectory: the budget is what is checked
+    args = [PROMPT, "--model", str(folder), "--out", str(tmp_path / "m"), "--target", "0", "--seeds", str(seeds[0]),
+            "--inference-steps", str(steps), "--format", "json"]
     assert main(["mitigate", *args]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["learning_rate"], report["max_iterations"], report["iterations"]) == (lr, 3, 3)
-    scanner = Scanner(load_model(folder, device="cpu"), DetectSettings())
-    expected = mitigate_and_generate(scanner, build_pipeline(scanner.model), PROMPT, "embed", seeds, MitigationSettings(0, lr, 3))
+    scanner = Scanner(load_model(folder, device="cpu"), DetectSettings(num_inference_steps=steps))
+    expected = mitigate_and_generate(scanner, build_pipeline(scanner.model), PROMPT, "embed", seeds, MitigationSettings(0, lr, 3),
+                                     steps)
     assert report["score_after"] == pytest.approx(expected.result.score_after, rel=1e-5), f"seeds {seeds}"
     # The options override the folder's budget.
     assert main(["mitigate", *args, "--lr", "0.05", "--iterations", "1"]) == 0

@@ -78,7 +78,7 @@ def test_a_prompt_in_flight_is_taken_from_its_batch(model, monkeypatch):
 def test_submitting_batches_on_cuda_never_syncs(tiny_sd1):
     seed = random.randrange(2**31)
     settings = DetectSettings(generations=2, seed=seed)
-    cuda = Scanner(load_model(tiny_sd1, device="cuda", dtype="float32"), settings)
+    cuda = Scanner(load_model(tiny_sd1, device="cuda", dtype="fp32"), settings)
     cuda.family.unconditional()
     cuda.score(["warm-up"])  # the shared latents' unconditional row, cuBLAS handles
     batches = [PROMPTS[i : i + 4] for i in range(0, len(PROMPTS), 4)]
