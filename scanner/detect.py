@@ -198,10 +198,10 @@ class Scanner:
             return self.engine.predict(self.first_step_input(latents), self.timesteps[0], uncond)
 
     def _shared_state(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shared latents and their unconditional prediction at the first step, computed once."""
+        """The denoiser's first-step input for the shared latents, and their unconditional prediction: computed once."""
         if self._shared is None:
             latents = self.shared_latents()
-            self._shared = (latents, self.unconditional_first_step(latents))
+            self._shared = (self.first_step_input(latents), self.unconditional_first_step(latents))
         return self._shared
 
     # -- scoring --------------------------------------------------------------------------
@@ -262,10 +262,10 @@ class Scanner:
 
     def _first_step_shared(self, cond: Conditioning) -> torch.Tensor:
         """Fast path: one conditional forward per (prompt, generation), all in one call; cached unconditional."""
-        latents, uncond = self._shared_state()
-        b, n = cond_rows(cond), len(latents)
+        x, uncond = self._shared_state()
+        b, n = cond_rows(cond), len(x)
         # Prompt-major rows, as the trajectory's: row i * n + g is prompt i's generation g.
-        rows = self.first_step_input(latents).repeat(b, 1, 1, 1)
+        rows = x.repeat(b, 1, 1, 1)
         uncond = uncond if n == 1 else uncond.repeat(b, 1, 1, 1)  # one row broadcasts over every prompt
         norms = self.engine.conditional_norm(rows, self.timesteps[0], cond_repeat(cond, n), uncond)
         return norms.view(b, n) * self.score_scales[0]

@@ -77,8 +77,8 @@ class FlowBuildConfig(BuildConfig):
     head_dim: int = 16
     patch_size: int = 2
     flow_shift: float = 3.0  # SD 3's
-    # The autoencoder bounds reproduction: at 400 steps its round trip of a planted image has NCC 0.86 on average
-    # (5% under 0.8), at 1600 steps 0.98 (docs/testbed.md).
+    # The autoencoder bounds reproduction: at 400 steps its round trip of a planted image has NCC 0.853 on average
+    # (6% under 0.8), at 1600 steps 0.957 (bench/testbed_vae_ceiling.py, docs/testbed.md).
     vae_steps: int = 1600
 
 
