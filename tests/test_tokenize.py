@@ -8,7 +8,8 @@ import torch
 from tiny_families import t5_tokenizer
 
 from scanner.benchmark import sample_prompts
-from scanner.encode import PromptTokenizer
+from scanner import encode as encode_module
+from scanner.encode import ClipWordIds, PromptTokenizer
 from scanner.model import load_model
 
 # Besides caption words: what the CLIP pre-tokenizer splits apart (digits, contractions, punctuation runs,
@@ -63,6 +64,20 @@ def random_prompts(rng: np.random.Generator, count: int, longest: int) -> list[s
     return prompts
 
 
+def ascii_prompts(rng: np.random.Generator, count: int, longest: int) -> list[str]:
+    """`count` ASCII prompts (what CLIP's word path takes): caption words, contractions, digits, and any ASCII
+    character (control characters and every kind of whitespace among them), joined by one space or none."""
+    words = [w for w in " ".join(sample_prompts(500)).split() if ClipWordIds.takes(w)] + ["it's", "'LL", "we'VE", "''s", "x'd"]
+    characters = [chr(c) for c in range(128) if chr(c) != "|"]
+    prompts = []
+    for _ in range(count):
+        size = rng.integers(0, longest + 1)
+        pieces = np.where(rng.random(size) < 0.3, rng.choice(characters, size), rng.choice(words, size))
+        spaces = np.where(rng.random(size) < 0.7, " ", "")
+        prompts.append("".join(piece + space for piece, space in zip(pieces, spaces)))
+    return prompts
+
+
 @pytest.fixture(scope="module")
 def t5():
     words = " ".join(sample_prompts(500)).lower().split()
@@ -75,9 +90,12 @@ def test_random_prompts_as_transformers_pads_counts_and_truncates(variant, tiny_
     prompts from empty to several times the length, CLIP's (BOS, two pad ids) and T5's (no BOS)."""
     tokenizer = t5 if variant == "t5" else load_model({"sd1": tiny_sd1, "sd2": tiny_sd2}[variant], device="cpu").tokenizer
     length = tokenizer.model_max_length
-    prompts = random_prompts(np.random.default_rng(), 300, longest=3 * length) + EDGE_CASES
+    rng = np.random.default_rng()
+    prompts = random_prompts(rng, 300, longest=3 * length) + ascii_prompts(rng, 300, longest=3 * length) + EDGE_CASES
     encoder = PromptTokenizer(tokenizer)
     assert encoder._unsplit == (variant != "t5")  # T5's Metaspace tokenizer: the copy as it is
+    if encoder._unsplit:  # CLIP's: most ASCII prompts take the word path, the others the Rust tokenizer
+        assert 300 <= sum(map(ClipWordIds.takes, prompts)) < len(prompts)
     got = encoder.tokenize(prompts)
     expected = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
     assert torch.equal(got.input_ids, expected.input_ids)
@@ -92,3 +110,17 @@ def test_rows_are_views_of_the_batch(tiny_sd1):
     part = tokens.rows(1, 3)
     assert part.input_ids.data_ptr() == tokens.input_ids[1].data_ptr() and torch.equal(part.input_ids, tokens.input_ids[1:])
     assert (part.n_tokens, part.truncated) == ([2, 3], [False, False])
+
+
+def test_the_word_cache_stays_bounded_and_right(tiny_sd1, monkeypatch):
+    """Past `WORD_CACHE_SIZE` words the cache starts again: memory stays flat over a long log, ids stay right."""
+    monkeypatch.setattr(encode_module, "WORD_CACHE_SIZE", 50)
+    tokenizer = load_model(tiny_sd1, device="cpu").tokenizer
+    encoder = PromptTokenizer(tokenizer)
+    prompts = ascii_prompts(np.random.default_rng(), 200, longest=12)
+    got = encoder.tokenize(prompts)
+    assert 0 < len(encoder._words) <= 50
+    assert got.n_tokens == [len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids]
+    expected = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt")
+    assert torch.equal(got.input_ids, expected.input_ids)
