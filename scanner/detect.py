@@ -133,8 +133,12 @@ class PendingScores:
 
     def result(self) -> PromptScores:
         """The batch's scores (waits for the device where they are not on the host yet)."""
-        return PromptScores(np.stack([copy.numpy()[i] for copy, i, _, _ in self.rows]),
-                            [r[2] for r in self.rows], [r[3] for r in self.rows])
+        copies = {id(r[0]): r[0] for r in self.rows}
+        if len(copies) == 1:  # the usual case, one computed batch: one gather, not a row at a time
+            values = next(iter(copies.values())).numpy()[[r[1] for r in self.rows]]
+        else:
+            values = np.stack([copy.numpy()[i] for copy, i, _, _ in self.rows]).reshape(len(self.rows), -1)
+        return PromptScores(values, [r[2] for r in self.rows], [r[3] for r in self.rows])
 
 
 class Scanner:
@@ -240,15 +244,10 @@ class Scanner:
             computed = tokens.select(todo.values())
             fresh = dict(zip(todo, PendingScores.of(HostCopy(self._compute(computed)), computed).rows))
         rows = [fresh.get(p) or self._cache[p] for p in prompts]
-        for prompt, row in fresh.items():
-            self._remember(prompt, row)
-        return PendingScores(rows)
-
-    def _remember(self, prompt: str, row: ScoreRow) -> None:
-        self._cache[prompt] = row
-        self._cache.move_to_end(prompt)
+        self._cache.update(fresh)  # new keys: they go in last, as the most recently used
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
+        return PendingScores(rows)
 
     def _compute(self, tokens: TokenizedPrompts, latents: torch.Tensor | None = None) -> torch.Tensor:
         """Per-generation scores `[B, n]` of tokenized prompts, fp32 on the model's device."""

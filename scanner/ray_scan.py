@@ -115,7 +115,7 @@ def _read_files(tasks: pa.Table, field: str | None, base: str) -> Iterator[pa.Ta
     for task in tasks.to_pylist():
         rows = islice(read_prompts([Path(task["path"])], field, task["first_index"], Path(base)), task["skip"], None)
         while chunk := list(islice(rows, READ_CHUNK_ROWS)):
-            yield pa.Table.from_pylist([asdict(row) for row in chunk], schema=INPUT_SCHEMA)
+            yield pa.Table.from_pylist([row._asdict() for row in chunk], schema=INPUT_SCHEMA)
 
 
 class ScoreBatches:

@@ -8,7 +8,6 @@ instead of refusing to start, since one bad log must not stop a nightly run.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -83,7 +82,7 @@ def _readable_rows(paths: Sequence[Path], field: str | None) -> Iterator[InputRo
 
 def _new_prompts(store: SweepStore, config: int, chunk: list[InputRow]) -> list[InputRow]:
     """The chunk's prompts that the store does not hold, normalized, each once (at its first row)."""
-    valid = [dataclasses.replace(row, prompt=normalize_prompt(row.prompt)) for row in chunk if row.error is None]
+    valid = [row._replace(prompt=normalize_prompt(row.prompt)) for row in chunk if row.error is None]
     known = store.known(config, [prompt_key(row.prompt) for row in valid])
     first: dict[str, InputRow] = {}
     for row in valid:
