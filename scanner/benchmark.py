@@ -274,8 +274,9 @@ class NoOpScanner(Scanner):
 
 @dataclass
 class OrchestratorResult:
-    """Prompts/s of a no-op scan, the CPU seconds it took (every thread) and its memory: RSS after a tenth
-    of the input, at the end, peak."""
+    """Prompts/s of a no-op scan, the CPU seconds it took (every thread, the reading process's included) and its
+    memory: RSS after a tenth of the input, at the end, peak; the reading process's peak (its pages shared with
+    the scan's, forked, counted again)."""
 
     prompts: int
     prompts_per_s: float
@@ -283,11 +284,17 @@ class OrchestratorResult:
     rss_tenth_mb: float
     rss_end_mb: float
     peak_rss_mb: float
+    reader_peak_rss_mb: float
 
     @property
     def prompts_per_cpu_s(self) -> float:
         """Prompts per CPU second: what the scan costs, whatever share of the cores other jobs left it."""
         return self.prompts / self.cpu_s if self.cpu_s > 0 else 0.0
+
+
+def _cpu_s(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _rss_mb() -> float:
@@ -317,12 +324,12 @@ def orchestrator_throughput(model: ScanModel, count: int, batch_size: int, folde
         if not rss_tenth and done >= count // 10:
             rss_tenth.append(_rss_mb())
 
-    cpu = time.process_time()
+    cpu = _cpu_s(resource.RUSAGE_SELF) + _cpu_s(resource.RUSAGE_CHILDREN)
     summary = run_scan(scanner, [inputs], folder / "scan.parquet", batch_size=batch_size, overwrite=True, progress=progress)
-    cpu = time.process_time() - cpu
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    cpu = _cpu_s(resource.RUSAGE_SELF) + _cpu_s(resource.RUSAGE_CHILDREN) - cpu  # the reader is reaped by now
+    peak_mb, reader_mb = (resource.getrusage(who).ru_maxrss / 1024 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     return OrchestratorResult(summary.scored, summary.prompts_per_s, cpu, rss_tenth[0] if rss_tenth else 0.0, _rss_mb(),
-                              peak_mb)
+                              peak_mb, reader_mb)  # Linux reports KiB
 
 
 def tokenize_throughput(tokenizer: PromptTokenizer, prompts: Sequence[str], batch_size: int) -> tuple[float, float]:

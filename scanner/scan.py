@@ -15,7 +15,7 @@ import torch
 from .detect import DetectSettings, HostCopy, PendingScores, PromptScores, Scanner
 from .encode import TokenizedPrompts
 from .io import MAX_PROMPT_CHARS, InputRow, ScanJournal, check_inputs, read_prompts, rejects_path
-from .prefetch import prefetch
+from .prefetch import produced_ahead
 
 if TYPE_CHECKING:
     from .detectors import Detector
@@ -59,35 +59,51 @@ def batch_rows(rows: Iterable[InputRow], batch_size: int) -> Iterator[list[Input
 TOKENIZE_CHUNK = 1024
 
 
-def tokenized_batches(
-    scanner: Scanner, groups: Iterable[list[InputRow]], chunk: int = TOKENIZE_CHUNK
-) -> Iterator[tuple[list[InputRow], TokenizedPrompts | None]]:
-    """Each group with its prompts tokenized: run in the prefetch thread, off the model's path.
+# A block: consecutive groups of rows, with the ids of their prompts (None when all were rejected).
+Block = tuple[list[list[InputRow]], "TokenizedPrompts | None"]
 
-    Groups are tokenized together, at least `chunk` prompts at a time (or what is left), and handed on one by one."""
+
+def tokenized_blocks(scanner: Scanner, groups: Iterable[list[InputRow]], chunk: int = TOKENIZE_CHUNK) -> Iterator[Block]:
+    """Groups tokenized together, at least `chunk` prompts at a time (or what is left): what a scan's reading
+    process produces, and what crosses to the model's process (one item per block, not per batch)."""
     block: list[list[InputRow]] = []
     prompts: list[str] = []
     for group in groups:
         block.append(group)
         prompts.extend(r.prompt for r in group if r.error is None)
         if len(prompts) >= chunk:
-            yield from _split(scanner, block, prompts)
+            yield block, scanner.family.tokenize(prompts)
             block, prompts = [], []
-    yield from _split(scanner, block, prompts)
+    if block:
+        yield block, scanner.family.tokenize(prompts) if prompts else None
 
 
-def _split(
-    scanner: Scanner, block: list[list[InputRow]], prompts: list[str]
+def pinned_for(scanner: Scanner, blocks: Iterable[Block]) -> Iterator[Block]:
+    """`blocks` with their ids in pinned memory when the model is on CUDA (a pageable copy to the device
+    would wait for the batch before it); as they are elsewhere."""
+    if scanner.model.device.type != "cuda":
+        yield from blocks
+        return
+    for block, tokens in blocks:
+        yield block, None if tokens is None else tokens.pinned()
+
+
+def split_blocks(blocks: Iterable[Block]) -> Iterator[tuple[list[InputRow], TokenizedPrompts | None]]:
+    """Each block's groups one by one, each with its rows of the block's ids (views, nothing copied)."""
+    for block, tokens in blocks:
+        start = 0
+        for group in block:
+            count = sum(r.error is None for r in group)
+            yield group, tokens.rows(start, start + count) if count else None
+            start += count
+
+
+def tokenized_batches(
+    scanner: Scanner, groups: Iterable[list[InputRow]], chunk: int = TOKENIZE_CHUNK
 ) -> Iterator[tuple[list[InputRow], TokenizedPrompts | None]]:
-    """`block`'s groups, each with its rows of `prompts` (the block's prompts) tokenized in one call."""
-    tokens = scanner.family.tokenize(prompts) if prompts else None
-    if tokens is not None and scanner.model.device.type == "cuda":
-        tokens = tokens.pinned()  # a pageable copy to the device would wait for the batch before it
-    start = 0
-    for group in block:
-        count = sum(r.error is None for r in group)
-        yield group, tokens.rows(start, start + count) if count else None
-        start += count
+    """Each group with its prompts tokenized (`tokenized_blocks`, then split), ids pinned on CUDA: read ahead
+    of the model in one process (a sweep's, in a thread)."""
+    return split_blocks(pinned_for(scanner, tokenized_blocks(scanner, groups, chunk)))
 
 
 def own_score(detector: Detector | None) -> bool:
@@ -142,14 +158,15 @@ def result_rows(
     rows: Sequence[InputRow], scores: PromptScores, model: str, settings: str, threshold: float | None
 ) -> list[dict]:
     """The output rows (`RESULT_SCHEMA`) of the scored prompts `rows`."""
-    means = scores.score  # a property computing the mean: once per batch, not per row
+    # Python floats of the whole batch at once: per row and element, numpy's scalars cost a third of the rows' time.
+    means, per_generation = scores.score.tolist(), scores.per_generation.tolist()
     return [
         {
             "id": row.id,
             "prompt": row.prompt,
-            "score": float(means[i]),
-            "scores": [float(s) for s in scores.per_generation[i]],
-            "flagged": None if threshold is None else float(means[i]) >= threshold,
+            "score": means[i],
+            "scores": per_generation[i],
+            "flagged": None if threshold is None else means[i] >= threshold,
             "n_tokens": scores.n_tokens[i],
             "truncated": scores.truncated[i],
             "model": model,
@@ -264,12 +281,13 @@ def run_scan(
 
     try:
         rows = islice(read_prompts(paths, field, max_chars=max_prompt_chars), output.resumed, None)
-        # The empty prompt's embedding first: from here on only the prefetch thread tokenizes
-        # (a fast tokenizer must not be entered from two threads at once).
+        # The empty prompt's embedding first: from here on only the reading process tokenizes.
         scanner.family.unconditional()
+        # Read and tokenized ahead by a child process: its Python does not take turns with the model's.
+        blocks = produced_ahead(tokenized_blocks(scanner, batch_rows(rows, batch_size)))
         # Each batch is submitted before the one before it is read back: the device never waits on the host.
         previous: tuple[list[InputRow], list[InputRow], PendingScores | None] | None = None
-        for group, tokens in prefetch(tokenized_batches(scanner, batch_rows(rows, batch_size))):
+        for group, tokens in split_blocks(pinned_for(scanner, blocks)):
             prompts = [r for r in group if r.error is None]
             pending = None
             try:

@@ -51,12 +51,15 @@ def test_prompts_over_the_shared_limit_are_rejected_before_tokenizing(tmp_path, 
     assert MAX_CHARS == MAX_PROMPT_CHARS == 10_000
     txt = tmp_path / "p.txt"
     txt.write_text("\n".join(["a" * MAX_PROMPT_CHARS, "b" * (MAX_PROMPT_CHARS + 1), "a cat"]) + "\n")
-    tokenized: list[int] = []
     real = scanner.family.tokenize
-    monkeypatch.setattr(scanner.family, "tokenize", lambda prompts: tokenized.extend(map(len, prompts)) or real(prompts))
+
+    def tokenize(prompts):  # runs in the scan's reading process: a prompt over the limit fails the scan
+        assert max(map(len, prompts)) <= MAX_PROMPT_CHARS
+        return real(prompts)
+
+    monkeypatch.setattr(scanner.family, "tokenize", tokenize)
     summary = scan_module.run_scan(scanner, [txt], tmp_path / "o.jsonl")
-    assert (summary.rows, summary.rejected) == (2, 1)
-    assert max(tokenized) == MAX_PROMPT_CHARS
+    assert (summary.rows, summary.rejected) == (2, 1)  # the prompt at the limit scored
     (reject,) = [json.loads(line) for line in (tmp_path / "o.rejects.jsonl").read_text().splitlines()]
     assert reject == {"id": f"{txt}:2", "reason": f"prompt of {MAX_PROMPT_CHARS + 1} characters, over the limit of 10000"}
 

@@ -54,7 +54,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"orchestrator, {model.source}, scoring a no-op: {result.prompts} prompts, batch {args.batch_size}: "
             f"{result.prompts_per_s:,.0f} prompts/s, {result.prompts_per_cpu_s:,.0f} prompts per CPU second "
             f"({current_threads().describe()}); RSS {result.rss_tenth_mb:.0f} MB at 10%, {result.rss_end_mb:.0f} MB "
-            f"at the end, peak {result.peak_rss_mb:.0f} MB"
+            f"at the end, peak {result.peak_rss_mb:.0f} MB (the reading process: {result.reader_peak_rss_mb:.0f} MB)"
         )
         if json_out:
             with writing(json_out):

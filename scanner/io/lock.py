@@ -5,10 +5,28 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+import weakref
 from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import MemscanError
+
+# The locks this process holds. An flock lives as long as any copy of its descriptor does, so a forked child
+# (a scan's reading process) must let go of its copies: else a parent killed mid-scan stays locked until the
+# child notices, and a resume waits.
+_HELD: weakref.WeakSet = weakref.WeakSet()
+
+
+def _release_in_child() -> None:
+    """In a forked child: point each held lock's descriptor at /dev/null (its file object stays valid)."""
+    for lock in list(_HELD):
+        if not lock.closed:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, lock.fileno())
+            os.close(null)
+
+
+os.register_at_fork(after_in_child=_release_in_child)
 
 
 def lock_file(path: Path, wait_s: float, busy: str) -> BinaryIO:
@@ -33,6 +51,7 @@ def lock_file(path: Path, wait_s: float, busy: str) -> BinaryIO:
         # we waited: the lock then sits on a file no one else can find, so take the new one.
         try:
             if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                _HELD.add(lock)
                 return lock
         except FileNotFoundError:
             pass
