@@ -27,6 +27,10 @@ POLICIES: dict[str, tuple[dict[str, str], list[str]]] = {
     "1 thread, active wait": ({"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE"}, []),
     "all cores, active wait": ({"OMP_NUM_THREADS": str(os.cpu_count()), "OMP_WAIT_POLICY": "ACTIVE"}, []),
     "all cores, passive wait": ({"OMP_NUM_THREADS": str(os.cpu_count()), "OMP_WAIT_POLICY": "PASSIVE"}, []),
+    # A bounded spin (libgomp's GOMP_SPINCOUNT; about 100,000 spins a millisecond): spin, then sleep.
+    "all cores, spin 10k then sleep": ({"OMP_NUM_THREADS": str(os.cpu_count()), "GOMP_SPINCOUNT": "10000"}, []),
+    "all cores, spin 1k then sleep": ({"OMP_NUM_THREADS": str(os.cpu_count()), "GOMP_SPINCOUNT": "1000"}, []),
+    "all cores, spin 3k then sleep": ({"OMP_NUM_THREADS": str(os.cpu_count()), "GOMP_SPINCOUNT": "3000"}, []),
     "memscan default": ({}, []),
 }
 
@@ -38,7 +42,7 @@ def _spin() -> None:
 
 def run_scan(prompts: Path, env: dict[str, str], options: list[str]) -> tuple[float, float]:
     """One `memscan scan` process: (wall seconds, the prompts/s it reports)."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
     with tempfile.TemporaryDirectory() as folder:
         began = time.perf_counter()
         done = subprocess.run(
@@ -81,7 +85,7 @@ def main() -> None:
         wall = statistics.median(w for w, _ in runs)
         rate = statistics.median(r for _, r in runs)
         spread = max(w for w, _ in runs) - min(w for w, _ in runs)
-        print(f"  {name:26s} wall {wall:6.1f} s (spread {spread:4.1f} s), scoring {rate:6.1f} prompts/s")
+        print(f"  {name:32s} wall {wall:6.1f} s (spread {spread:4.1f} s), scoring {rate:6.1f} prompts/s")
         result[name] = {"wall_s": wall, "prompts_per_s": rate, "runs": runs}
     if args.json:
         Path(args.json).write_text(json.dumps({"loads": loads, "busy": args.busy, "policies": result}, indent=2) + "\n")
