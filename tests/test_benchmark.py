@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import numpy as np
 import pytest
@@ -50,6 +51,23 @@ def test_a_mode_reports_its_median_batch_and_the_spread():
     row = result.to_dict()
     assert (row["prompts_per_s_min"], row["prompts_per_s_max"], row["batches"]) == (rates.min(), rates.max(), 5)
     assert "spread" in benchmark.format_table([result]).splitlines()[0]
+
+
+def test_a_fast_mode_scores_its_batch_again_until_its_turn_is_long_enough():
+    calls = {"fast": 0, "slow": 0}
+
+    def mode(name, seconds):
+        def score(batch):
+            calls[name] += 1
+            time.sleep(seconds)
+            return np.ones(len(batch))
+        return score
+
+    results = benchmark.interleaved_throughput({"slow": mode("slow", 0.03), "fast": mode("fast", 0.0)},
+                                               [str(i) for i in range(6)], ["w"], batch_size=3, min_turn_s=0.02)
+    assert calls["slow"] == 1 + 2  # the warm-up, then once a batch: its turn is long enough
+    assert calls["fast"] > 1 + 2 * 2  # repeated within each of its turns
+    assert [len(r.scores) for r in results] == [6, 6]  # one batch's scores per turn, however many repeats
 
 
 def test_reference_loop_is_the_pipeline_batch_of_two(model):
