@@ -60,7 +60,7 @@ TOKENIZE_CHUNK = 1024
 
 
 # A block: consecutive groups of rows, with the ids of their prompts (None when all were rejected).
-Block = tuple[list[list[InputRow]], "TokenizedPrompts | None"]
+Block = tuple[list[list[InputRow]], TokenizedPrompts | None]
 
 
 def tokenized_blocks(scanner: Scanner, groups: Iterable[list[InputRow]], chunk: int = TOKENIZE_CHUNK) -> Iterator[Block]:
@@ -281,7 +281,8 @@ def run_scan(
 
     try:
         rows = islice(read_prompts(paths, field, max_chars=max_prompt_chars), output.resumed, None)
-        # The empty prompt's embedding first: from here on only the reading process tokenizes.
+        # The empty prompt's embedding first: from here on only the reading process (or thread) tokenizes
+        # (a fast tokenizer must not be entered from two threads at once).
         scanner.family.unconditional()
         # Read and tokenized ahead by a child process: its Python does not take turns with the model's.
         blocks = produced_ahead(tokenized_blocks(scanner, batch_rows(rows, batch_size)))
