@@ -116,8 +116,12 @@ def _skip_gpt2_regex(clip) -> None:
 # `_CLIP_SPLIT` on lowercased ASCII text. Its `\s` is Unicode's White_Space, which in ASCII is these
 # six characters (Python's `\s` adds \x1c-\x1f); the normalizer's `\s+` -> " " only joins what the
 # split drops, so it needs no step here.
-_CLIP_ASCII_SPLIT = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\t\n\x0b\x0c\r a-z0-9]+")
-WORD_CACHE_SIZE = 1 << 16  # words kept by `ClipWordIds`: the vocabulary of a prompt log, and memory stays flat
+_CLIP_ASCII_SPACE = r"\t\n\x0b\x0c\r "
+_CLIP_ASCII_PIECES = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "[a-z]+", "[0-9]"]
+# What `ClipWordIds` keeps before it starts again: the vocabulary of a prompt log, in words and in their
+# characters (a log of long random "words" must not grow it without bound; a prompt may be 10,000 characters).
+WORD_CACHE_SIZE = 1 << 16
+WORD_CACHE_CHARS = 1 << 20
 
 
 class ClipWordIds(dict):
@@ -127,17 +131,43 @@ class ClipWordIds(dict):
     BPE works on each piece of the split alone, so a prompt's ids are its pieces' ids joined. On ASCII,
     CLIP's NFC step changes nothing and its lowercasing is `str.lower`. A `|` can start special-token text,
     which the Rust tokenizer matches before splitting: those prompts, like non-ASCII ones, stay with it.
-    A caption costs 8-12 us here against 58-70 us of CPU in the Rust call (bench/RESULTS.md).
+    Added tokens are matched whole before the split too: a single punctuation character (SD 2's pad token
+    `!`) becomes a piece of its own with its id; any other (a textual inversion's `<cat-toy>`) leaves the
+    tokenizer to Rust (`for_tokenizer`). A caption costs 8-12 us here against 58-70 us of CPU in the Rust
+    call (bench/RESULTS.md).
     """
 
-    def __init__(self, rust):
+    def __init__(self, rust, singles: dict[str, int]):
         super().__init__()
         self.rust = rust
+        self.singles = {c: [i] for c, i in singles.items()}  # added one-character tokens and their ids
+        own = "".join(re.escape(c) for c in singles)
+        self.split = re.compile("|".join([*map(re.escape, singles), *_CLIP_ASCII_PIECES,
+                                          f"[^{_CLIP_ASCII_SPACE}a-z0-9{own}]+"]))
+        self.chars = 0
+        self.update(self.singles)
+
+    @classmethod
+    def for_tokenizer(cls, rust) -> ClipWordIds | None:
+        """The word path of a CLIP Rust tokenizer, or None where an added token could occur in a prompt it
+        takes other than as a punctuation character of its own."""
+        singles = {}
+        for i, token in rust.get_added_tokens_decoder().items():
+            content = token.content
+            if not cls.takes(content):
+                continue  # never inside a prompt this takes
+            if len(content) != 1 or content.isalnum() or content.isspace() or content == "'" or not token.special:
+                return None
+            singles[content] = i
+        return cls(rust, singles)
 
     def __missing__(self, word: str) -> list[int]:
-        if len(self) >= WORD_CACHE_SIZE:
+        if len(self) >= WORD_CACHE_SIZE or self.chars + len(word) > WORD_CACHE_CHARS:
             self.clear()
+            self.update(self.singles)
+            self.chars = 0
         ids = self[word] = self.rust.encode(word, add_special_tokens=False).ids
+        self.chars += len(word)
         return ids
 
     @staticmethod
@@ -147,7 +177,7 @@ class ClipWordIds(dict):
 
     def ids(self, prompt: str) -> list[int]:
         """`prompt`'s ids without special tokens (`takes(prompt)` must hold)."""
-        return list(chain.from_iterable(map(self.__getitem__, _CLIP_ASCII_SPLIT.findall(prompt.lower()))))
+        return list(chain.from_iterable(map(self.__getitem__, self.split.findall(prompt.lower()))))
 
 
 def _ids(backend, prompts: list[str]) -> list[list[int]]:
@@ -174,10 +204,10 @@ class PromptTokenizer:
         backend = getattr(tokenizer, "backend_tokenizer", None)  # None: a slow tokenizer, through transformers
         self._rust = None if backend is None else _private_copy(backend)
         self._unsplit = backend is not None and _is_clip(backend)
-        self._words = None
+        self._words: ClipWordIds | None = None
         if self._unsplit:
             _skip_gpt2_regex(self._rust)
-            self._words = ClipWordIds(self._rust)
+            self._words = ClipWordIds.for_tokenizer(self._rust)
 
     def tokenize(self, prompts: Sequence[str]) -> TokenizedPrompts:
         """Padded ids `[B, max_length]` (under this tokenizer's name), untruncated counts, truncation flags."""
@@ -190,10 +220,10 @@ class PromptTokenizer:
         """Each prompt's ids without special tokens: the Rust tokenizer's, without transformers' per-row Python work."""
         if self._rust is None:
             return self.tokenizer(prompts, add_special_tokens=False, verbose=False).input_ids
-        if self._words is None:
+        if not self._unsplit:
             return _ids(self._rust, prompts)
         words = self._words
-        content = [words.ids(p) if words.takes(p) else None for p in prompts]
+        content = [words.ids(p) if words is not None and words.takes(p) else None for p in prompts]
         rest = [i for i, ids in enumerate(content) if ids is None]
         # GPT-2's regex matters only to prompts with a `|` (see _skip_gpt2_regex): those take the exact copy.
         for exact in (False, True):

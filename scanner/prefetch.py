@@ -3,6 +3,9 @@ child process, whose Python does not take turns with the model's for one interpr
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import gc
 import multiprocessing
 import os
 import pickle
@@ -18,8 +21,8 @@ from .errors import MemscanError
 
 T = TypeVar("T")
 _DONE = object()
-# How often a waiting side checks that the other one is still there (seconds).
-_POLL_S = 0.5
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux's command to size a pipe
+PIPE_BYTES = 1 << 20  # Linux's default largest pipe for an unprivileged process; a block of 1,024 CLIP prompts is 0.7 MB
 
 
 def prefetch(items: Iterable[T], depth: int = 4) -> Iterator[T]:
@@ -61,30 +64,40 @@ def can_fork() -> bool:
     return sys.platform == "linux" and not multiprocessing.current_process().daemon
 
 
-def produced_ahead(items: Iterable[T], depth: int = 4) -> Iterator[T]:
-    """Yield `items` in order while a forked child process iterates them, up to `depth` ahead (items are
-    pickled across); re-raises its errors. Where `can_fork()` is false, a thread produces them (`prefetch`).
+def produced_ahead(items: Iterable[T]) -> Iterator[T]:
+    """Yield `items` in order while a forked child process iterates them, about one item ahead (each item is
+    pickled through a pipe); re-raises its errors. Where `can_fork()` is false, a thread produces them (`prefetch`).
 
-    The child only reads files and tokenizes: it must not touch a CUDA context or torch's thread pool,
-    which do not survive a fork. It ignores Ctrl-C (the parent ends it) and exits when the parent does.
+    The child only reads files and tokenizes: it must not touch a CUDA context or a thread pool, which do
+    not survive a fork, nor free what it inherited (an ONNX Runtime session's destructor, run by the child's
+    garbage collector, hung on its dead threads' condition variable). It ignores Ctrl-C (the parent ends
+    it) and leaves when the parent does (its next write finds the pipe broken).
     """
     if not can_fork():
-        yield from prefetch(items, depth)
+        yield from prefetch(items)
         return
     context = multiprocessing.get_context("fork")
-    channel = context.Queue(maxsize=depth)
+    reader, writer = context.Pipe(duplex=False)
+    with contextlib.suppress(OSError):  # a pipe that holds a whole block: the child starts the next one at once
+        fcntl.fcntl(writer.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
     for stream in (sys.stdout, sys.stderr):  # nothing buffered here may be written twice
         stream.flush()
-    child = context.Process(target=_produce, args=(items, channel, os.getpid()), name="memscan-reader", daemon=True)
-    child.start()
+    collecting = gc.isenabled()
+    gc.disable()  # no collection in the child before it has set its inheritance aside (`_produce`)
+    try:
+        child = context.Process(target=_produce, args=(items, reader, writer), name="memscan-reader", daemon=True)
+        child.start()
+    finally:
+        if collecting:
+            gc.enable()
+    writer.close()  # the child's death must end the pipe: then a half-sent item reads as end of file
     try:
         while True:
             try:
-                kind, value = channel.get(timeout=_POLL_S)
-            except queue.Empty:
-                if not child.is_alive():
-                    raise MemscanError(f"the prompt-reading process stopped unexpectedly (exit code {child.exitcode})")
-                continue
+                kind, value = reader.recv()
+            except (EOFError, OSError):  # OSError: the pipe ended part way through an item
+                child.join()
+                raise MemscanError(f"the prompt-reading process stopped unexpectedly (exit code {child.exitcode})") from None
             if kind == "done":
                 return
             if kind == "error":
@@ -94,34 +107,26 @@ def produced_ahead(items: Iterable[T], depth: int = 4) -> Iterator[T]:
         if child.is_alive():
             child.kill()
         child.join()
-        channel.close()
-        channel.cancel_join_thread()
+        reader.close()
 
 
-def _produce(items: Iterable, channel, parent: int) -> None:
+def _produce(items: Iterable, reader, writer) -> None:
     """The child's loop: each item, then ("done", None) or ("error", exception)."""
+    gc.freeze()  # what was inherited is never collected here (see `produced_ahead`); the child's own garbage is
+    gc.enable()
+    reader.close()  # the parent's death must break the pipe
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The parent may have used the Rust tokenizers' thread pool, which a forked child cannot.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-
-    def send(message: tuple) -> bool:
-        while True:
-            try:
-                channel.put(message, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                if os.getppid() != parent:  # the parent is gone: nobody reads
-                    return False
-
     try:
         for item in items:
-            if not send(("item", item)):
-                return
-        send(("done", None))
+            writer.send(("item", item))
+        writer.send(("done", None))
+    except BrokenPipeError:  # the parent is gone: nobody reads
+        return
     except BaseException as exc:  # noqa: BLE001 - every error goes to the parent, which raises it
-        send(("error", _picklable(exc)))
-    channel.close()
-    channel.join_thread()
+        with contextlib.suppress(BrokenPipeError):
+            writer.send(("error", _picklable(exc)))
 
 
 def _picklable(exc: BaseException) -> BaseException:

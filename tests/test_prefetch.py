@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -29,7 +33,7 @@ def numbered(arrays: list[np.ndarray], then=None):
 
 def test_items_come_back_in_order_from_another_process():
     arrays = [np.random.default_rng().standard_normal(int(n)) for n in np.random.default_rng().integers(1, 5000, 50)]
-    got = list(produced_ahead(numbered(arrays), depth=2))
+    got = list(produced_ahead(numbered(arrays)))
     assert len(got) == len(arrays) and all(np.array_equal(a, b) for (_, a), b in zip(got, arrays))
     assert {pid for pid, _ in got} != {os.getpid()} and len({pid for pid, _ in got}) == 1
     assert multiprocessing.active_children() == []
@@ -65,7 +69,7 @@ def test_stopping_early_ends_the_child():
         while True:
             yield np.ones(1000)
 
-    items = produced_ahead(endless(), depth=2)
+    items = produced_ahead(endless())
     next(items)
     assert len(multiprocessing.active_children()) == 1
     items.close()
@@ -105,3 +109,85 @@ def test_the_reading_process_holds_none_of_the_scans_locks(tmp_path):
     lock.close()
     lock_file(tmp_path / "out.lock", 0.0, "still held by the reading process").close()
     items.close()
+
+
+@pytest.fixture
+def no_hang():
+    """Fail, instead of hanging the suite, when the code under test blocks for good."""
+    def timed_out(signum, frame):
+        raise TimeoutError("blocked for 60 s")
+
+    previous = signal.signal(signal.SIGALRM, timed_out)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_child_killed_while_sending_is_an_error_not_a_hang(no_hang):
+    """An item far larger than the pipe's buffer: the child is killed while it is half written."""
+    items = produced_ahead(np.random.default_rng().standard_normal(1 << 18) for _ in range(3))  # 2 MB each
+    next(items)
+    time.sleep(0.5)  # the child is now blocked part way through the second item
+    (child,) = multiprocessing.active_children()
+    os.kill(child.pid, signal.SIGKILL)
+    with pytest.raises(MemscanError, match="stopped unexpectedly \\(exit code -9\\)"):
+        list(items)
+
+
+def test_the_child_leaves_when_its_parent_is_killed(tmp_path, no_hang):
+    script = """
+import os, sys, time
+from scanner.prefetch import produced_ahead
+
+def endless():
+    sys.stdout.write(f"{os.getpid()}\\n"); sys.stdout.flush()
+    while True:
+        yield bytes(1 << 20)  # more than the pipe holds: the child waits on its write
+
+items = produced_ahead(endless())
+next(items)
+time.sleep(60)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    for _ in range(100):  # it notices at its next write
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the reading process outlived its parent by 10 s")
+
+
+class Finalized:
+    """Garbage in a reference cycle whose finalizer records the process that ran it."""
+
+    def __init__(self, marks: str):
+        self.marks, self.cycle = marks, self
+
+    def __del__(self):
+        with open(self.marks, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def test_the_child_never_collects_what_it_inherited(tmp_path):
+    """Inherited garbage freed in the child ran its native destructor there (an ONNX Runtime session's hung)."""
+    marks = tmp_path / "finalized"
+    gc.disable()
+    try:
+        Finalized(str(marks))  # unreachable, left for the collector
+
+        def collect():
+            gc.collect()
+            yield os.getpid()
+
+        (child,) = produced_ahead(collect())
+    finally:
+        gc.enable()
+    gc.collect()
+    assert marks.read_text().split() == [str(os.getpid())]  # freed here, never in the child
+    assert child != os.getpid()

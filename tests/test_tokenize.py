@@ -94,7 +94,8 @@ def test_random_prompts_as_transformers_pads_counts_and_truncates(variant, tiny_
     prompts = random_prompts(rng, 300, longest=3 * length) + ascii_prompts(rng, 300, longest=3 * length) + EDGE_CASES
     encoder = PromptTokenizer(tokenizer)
     assert encoder._unsplit == (variant != "t5")  # T5's Metaspace tokenizer: the copy as it is
-    if encoder._unsplit:  # CLIP's: most ASCII prompts take the word path, the others the Rust tokenizer
+    if encoder._unsplit:  # CLIP's: most ASCII prompts take the word path (SD 2's too, its `!` an added token)
+        assert encoder._words is not None and encoder._words.singles == ({"!": [0]} if variant == "sd2" else {})
         assert 300 <= sum(map(ClipWordIds.takes, prompts)) < len(prompts)
     got = encoder.tokenize(prompts)
     expected = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
@@ -112,15 +113,33 @@ def test_rows_are_views_of_the_batch(tiny_sd1):
     assert (part.n_tokens, part.truncated) == ([2, 3], [False, False])
 
 
-def test_the_word_cache_stays_bounded_and_right(tiny_sd1, monkeypatch):
-    """Past `WORD_CACHE_SIZE` words the cache starts again: memory stays flat over a long log, ids stay right."""
-    monkeypatch.setattr(encode_module, "WORD_CACHE_SIZE", 50)
+@pytest.mark.parametrize("bound", ["WORD_CACHE_SIZE", "WORD_CACHE_CHARS"])
+def test_the_word_cache_stays_bounded_and_right(tiny_sd1, monkeypatch, bound):
+    """Past `WORD_CACHE_SIZE` words or `WORD_CACHE_CHARS` characters the cache starts again: memory stays flat
+    over a long log, ids stay right."""
+    monkeypatch.setattr(encode_module, bound, 50)
     tokenizer = load_model(tiny_sd1, device="cpu").tokenizer
     encoder = PromptTokenizer(tokenizer)
     prompts = ascii_prompts(np.random.default_rng(), 200, longest=12)
     got = encoder.tokenize(prompts)
-    assert 0 < len(encoder._words) <= 50
+    words = encoder._words
+    assert 0 < len(words) <= 50 and words.chars == sum(map(len, words))
+    assert bound == "WORD_CACHE_SIZE" or words.chars <= 50
     assert got.n_tokens == [len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids]
     expected = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                          return_tensors="pt")
     assert torch.equal(got.input_ids, expected.input_ids)
+
+
+def test_added_tokens_keep_their_ids(tiny_sd1):
+    """A textual inversion's tokens are matched whole before CLIP's split: such a tokenizer skips the word path."""
+    tokenizer = load_model(tiny_sd1, device="cpu").tokenizer
+    tokenizer.add_tokens(["<cat-toy>", "sks dog"])
+    encoder = PromptTokenizer(tokenizer)
+    assert encoder._unsplit and encoder._words is None
+    prompts = ["a photo of <cat-toy>", "sks dog on a beach", "<CAT-TOY> and sks  dog"] + ascii_prompts(
+        np.random.default_rng(), 50, longest=20)
+    expected = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt")
+    assert torch.equal(encoder.tokenize(prompts).input_ids, expected.input_ids)
+    assert len(set(tokenizer.convert_tokens_to_ids(["<cat-toy>", "sks dog"])) & set(expected.input_ids.flatten().tolist())) == 2
