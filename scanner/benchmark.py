@@ -344,9 +344,10 @@ def orchestrator_throughput(model: ScanModel, count: int, batch_size: int, folde
     cpu = _cpu_s(resource.RUSAGE_SELF) + _cpu_s(resource.RUSAGE_CHILDREN)
     summary = run_scan(scanner, [inputs], folder / "scan.parquet", batch_size=batch_size, overwrite=True, progress=progress)
     cpu = _cpu_s(resource.RUSAGE_SELF) + _cpu_s(resource.RUSAGE_CHILDREN) - cpu  # the reader is reaped by now
+    # Linux reports KiB; the children's figure is the reading process's.
     peak_mb, reader_mb = (resource.getrusage(who).ru_maxrss / 1024 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     return OrchestratorResult(summary.scored, summary.prompts_per_s, cpu, rss_tenth[0] if rss_tenth else 0.0, _rss_mb(),
-                              peak_mb, reader_mb)  # Linux reports KiB
+                              peak_mb, reader_mb)
 
 
 def tokenize_throughput(tokenizer: PromptTokenizer, prompts: Sequence[str], batch_size: int) -> tuple[float, float]:

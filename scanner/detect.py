@@ -137,7 +137,7 @@ class PendingScores:
         if len(copies) == 1:  # the usual case, one computed batch: one gather, not a row at a time
             values = next(iter(copies.values())).numpy()[[r[1] for r in self.rows]]
         else:
-            values = np.stack([copy.numpy()[i] for copy, i, _, _ in self.rows]).reshape(len(self.rows), -1)
+            values = np.stack([copy.numpy()[i] for copy, i, _, _ in self.rows])
         return PromptScores(values, [r[2] for r in self.rows], [r[3] for r in self.rows])
 
 

@@ -21,7 +21,6 @@ from .errors import MemscanError
 
 T = TypeVar("T")
 _DONE = object()
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux's command to size a pipe
 PIPE_BYTES = 1 << 20  # Linux's default largest pipe for an unprivileged process; a block of 1,024 CLIP prompts is 0.7 MB
 
 
@@ -79,7 +78,7 @@ def produced_ahead(items: Iterable[T]) -> Iterator[T]:
     context = multiprocessing.get_context("fork")
     reader, writer = context.Pipe(duplex=False)
     with contextlib.suppress(OSError):  # a pipe that holds a whole block: the child starts the next one at once
-        fcntl.fcntl(writer.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
+        fcntl.fcntl(writer.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)  # Linux's (as is every fork here)
     for stream in (sys.stdout, sys.stderr):  # nothing buffered here may be written twice
         stream.flush()
     collecting = gc.isenabled()
