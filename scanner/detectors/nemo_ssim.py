@@ -20,7 +20,7 @@ import torch
 from ..errors import MemscanError
 from ..encode import TokenizedPrompts
 from ..families import cond_repeat
-from .base import Detector, check_steps, in_space, prompt_rows, wide
+from .base import Detector, check_steps, in_space, prompt_rows
 from .ssim import check_size, ms_ssim
 
 REDUCTIONS = ("max", "mean")
@@ -80,7 +80,8 @@ class NemoSsimDetector(Detector):
             cond = cond_repeat(self.encode(prompts, tokens), n)
             x = prompt_rows(self.x, b)
             eps = in_space(self.conditional(self.trajectory, self.step, x, cond), x, self.trajectory, self.step, "epsilon")
-            maps = noise_maps(wide(eps), wide(x)).unflatten(0, (b, n))
+            # MS-SSIM in float64: its moments `E[xy] - mu_x mu_y` cancel, and in fp32 a low score lost 1.5%.
+            maps = noise_maps(eps.double(), x.double()).unflatten(0, (b, n))
             ssim = ms_ssim(maps[:, self.pairs[:, 0]], maps[:, self.pairs[:, 1]], self.settings.betas, self.settings.sigma)
             reduced = ssim.amax(dim=1) if self.settings.reduction == "max" else ssim.mean(dim=1)
         return reduced.double().cpu().numpy()
