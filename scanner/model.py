@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,9 +64,22 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def default_batch_size(device: torch.device | str) -> int:
-    """Prompts per denoiser batch on `device`: 64 on CUDA, where small batches leave the GPU idle; 16 elsewhere."""
-    return 64 if torch.device(device).type == "cuda" else 16
+# On the CPU a batch holds about this many latent elements (rows x C x H x W), so that a small model's
+# calls are not all per-operator overhead: 16 rows of SD 1.x's 4 x 64 x 64, 256 of the testbed's 4 x 8 x 8
+# (its scoring rate at batch 256 against 16: bench/batch_size.py, bench/RESULTS.md).
+CPU_BATCH_ELEMENTS = 2**18
+CPU_BATCH_RANGE = (16, 256)
+
+
+def default_batch_size(device: torch.device | str, latent_shape: tuple[int, ...] | None = None) -> int:
+    """Prompts per denoiser batch: 64 on CUDA, where small batches leave the GPU idle; on the CPU 16, or up to
+    256 for small latents (`CPU_BATCH_ELEMENTS`)."""
+    if torch.device(device).type == "cuda":
+        return 64
+    low, high = CPU_BATCH_RANGE
+    if latent_shape is None:
+        return low
+    return max(low, min(high, CPU_BATCH_ELEMENTS // math.prod(latent_shape)))
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

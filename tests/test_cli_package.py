@@ -281,9 +281,14 @@ def test_batch_size_defaults_to_the_devices_and_an_explicit_one_stays(tmp_path, 
     from scanner.model import default_batch_size
 
     assert [default_batch_size(d) for d in ("cpu", "cuda", torch.device("cuda", 1), "mps")] == [16, 64, 64, 16]
-    for given, expected in ((None, 16), (7, 7)):
+    # On the CPU about 2**18 latent elements a batch, within [16, 256]; CUDA's stays 64.
+    sizes = {(4, 128, 128): 16, (4, 64, 64): 16, (4, 32, 32): 64, (16, 16, 16): 64, (4, 8, 8): 256, (1, 2, 2): 256}
+    assert {shape: default_batch_size("cpu", shape) for shape in sizes} == sizes
+    assert default_batch_size("cuda", (4, 8, 8)) == 64
+    for given, expected in ((None, 256), (7, 7)):  # the tiny model's latents are 4 x 8 x 8
         argv = ["scan", "p.txt", "--model", str(tiny_sd1), "--out", str(tmp_path / "s.jsonl"), "--device", "cpu"]
         args = build_parser().parse_args(argv + (["--batch-size", str(given)] if given else []))
         assert args.batch_size == given
-        load_scanner(args)
+        scanner = load_scanner(args)
+        assert scanner.model.latent_shape == (4, 8, 8)
         assert args.batch_size == expected

@@ -195,7 +195,10 @@ def add_detect_options(parser: argparse.ArgumentParser, detector: bool = False) 
         help="where the difference is measured: epsilon (noise), model (the raw output: the velocity for flow models); "
         "auto (default): epsilon for diffusion families, model for flow families (SD3, Flux)",
     )
-    group.add_argument("--batch-size", type=int, help="prompts per denoiser batch (default: 64 on CUDA, 16 on the CPU)")
+    group.add_argument(
+        "--batch-size", type=int,
+        help="prompts per denoiser batch (default: 64 on CUDA; on the CPU 16, up to 256 for small latents)",
+    )
 
 
 def add_detector_option(group: argparse._ActionsContainer) -> None:
@@ -288,7 +291,7 @@ def load_scanner(args: argparse.Namespace, settings: DetectSettings | None = Non
     if "batch_size" in vars(args) and args.batch_size is None:
         from ..model import default_batch_size
 
-        args.batch_size = default_batch_size(scanner.model.device)
+        args.batch_size = default_batch_size(scanner.model.device, scanner.model.latent_shape)
     if "guidance_scale" in vars(args) and args.guidance_scale is None:
         # The generating commands read the option itself once the scanner is loaded: the family's default.
         args.guidance_scale = scanner.family.default_guidance_scale

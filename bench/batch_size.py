@@ -1,0 +1,73 @@
+"""The scoring rate against the batch size, per engine, in one process, on the bundled testbed (CPU).
+
+    python bench/batch_size.py --prompts 1024 --rounds 3 [--engines torch onnx] [--sizes 16 64 128 256 512]
+
+Each (engine, batch size) scores the same prompts with a scanner that keeps no score cache; rounds
+take every setting in turn, so that load from other processes falls on all of them alike. Prints
+the median prompts/s and each setting's median ratio to the first batch size of its engine, over
+rounds (each round's ratio is of two timings made one after the other).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--engines", nargs="+", default=["torch", "onnx"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[16, 64, 128, 256, 512])
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+
+    from scanner.threads import apply_threads, prefer_passive_wait
+
+    prefer_passive_wait()  # memscan's own policy, set before torch loads
+    from scanner.cache import cache_dir
+    from scanner.detect import DetectSettings, Scanner
+    from scanner.engines import create_engine
+    from scanner.model import load_model
+    from scanner.testbed import default_labels_path, default_model_path
+
+    threads = apply_threads().describe()
+    model = load_model(default_model_path(), device="cpu")
+    rows = default_labels_path().read_text().splitlines()
+    prompts = [json.loads(row)["prompt"] for row in rows[: args.prompts]]
+    scanners = {}
+    for name in args.engines:
+        engine = create_engine(name, model.family.denoiser_module(), cache_dir=cache_dir(), cache_key=model.fingerprint)
+        scanner = Scanner(model, DetectSettings(), engine=engine, cache_size=0)
+        for size in args.sizes:  # warm-up: exports, sessions and allocations for every shape
+            scanner.score(prompts[:size])
+        scanners[name] = scanner
+    rates: dict[tuple[str, int], list[float]] = {(e, s): [] for e in args.engines for s in args.sizes}
+    loads = []
+    for _ in range(args.rounds):
+        loads.append(os.getloadavg()[0])
+        for (name, size), runs in rates.items():
+            began = time.perf_counter()
+            for i in range(0, len(prompts), size):
+                scanners[name].score(prompts[i : i + size])
+            runs.append(len(prompts) / (time.perf_counter() - began))
+    print(f"{len(prompts)} testbed prompts, {args.rounds} rounds, {threads}, load before each round: "
+          f"{', '.join(f'{load:.2f}' for load in loads)}")
+    result = {}
+    for (name, size), runs in rates.items():
+        base = rates[(name, args.sizes[0])]
+        ratio = statistics.median(r / b for r, b in zip(runs, base))
+        print(f"  {name:6s} batch {size:4d}: {statistics.median(runs):7.1f} prompts/s "
+              f"(spread {max(runs) / min(runs):.2f}), {ratio:.2f}x batch {args.sizes[0]}")
+        result[f"{name}/{size}"] = {"prompts_per_s": runs, "ratio": ratio}
+    if args.json:
+        Path(args.json).write_text(json.dumps({"loads": loads, "threads": threads, "settings": result}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
