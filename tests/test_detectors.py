@@ -138,8 +138,17 @@ def test_anisotropy_matches_float64(model, reference):
     cosine = (u * d).sum(1) / (u.norm(dim=1).clamp_min(1e-8) * d.norm(dim=1).clamp_min(1e-8))
     per_generation = 1.0 * norm + 2.0 * cosine.mean(dim=(1, 2))
     expected = per_generation.view(b, n).mean(dim=1).numpy()
-    # The score adds terms of size ~1, so rounding is absolute: fp32 against float64.
-    np.testing.assert_allclose(detector.score(PROMPTS), expected, rtol=1e-4, atol=2e-5, err_msg=f"anisotropy (seed {seed})")
+    # The score adds terms of size ~1, so rounding is absolute: fp32 against float64. The cosine term needs more
+    # where the text barely moves the prediction: d = c - u is a difference of fp32 predictions, each off by
+    # ~1.5e-6 |u| (measured), so a position's cosine is off by ~1.5e-6 kappa, kappa = |u| / |d| (up to ~400 for
+    # "x" at t_cos); independent over the P positions, their mean is off by ~1.5e-6 rms(kappa) / sqrt(P), times
+    # gamma_2. Observed: at most 1.9e-6 of gamma_2 rms(kappa) / sqrt(P) over 40 seeds; allowed 1e-5. The fixed
+    # atol alone failed 1 seed in 40 (an error of 1.1x it).
+    kappa = u.norm(dim=1) / d.norm(dim=1)
+    cosine_noise = (2.0 * kappa.flatten(1).pow(2).mean(dim=1).sqrt() / kappa[0].numel() ** 0.5).view(b, n).mean(dim=1).numpy()
+    tolerance = 2e-5 + 1e-4 * np.abs(expected) + 1e-5 * cosine_noise
+    error = np.abs(detector.score(PROMPTS) - expected)
+    assert (error <= tolerance).all(), f"anisotropy (seed {seed}): errors {error.tolist()}, allowed {tolerance.tolist()}"
     assert detector.forwards_per_prompt() == 4
 
 
