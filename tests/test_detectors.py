@@ -342,5 +342,27 @@ def test_batch_invariance(model, name):
     batched = detector.score(PROMPTS)
     single = np.array([detector.score([p])[0] for p in PROMPTS])
     assert batched.shape == (len(PROMPTS),)
-    np.testing.assert_allclose(batched, single, rtol=5e-5, atol=2e-5,
-                               err_msg=f"{name}: batch of {len(PROMPTS)} vs batches of 1 (seed {seed})")
+    # anisotropy's cosine term carries fp32 noise ~1.5e-6 gamma_2 rms(|u|/|d|) / sqrt(P) (see
+    # test_anisotropy_matches_float64); batched and single runs round differently (seen: up to 1.0e-6 of it).
+    noise = anisotropy_cosine_noise(detector, PROMPTS) if name == "anisotropy" else 0.0
+    error, tolerance = np.abs(batched - single), 2e-5 + 5e-5 * np.abs(single) + 1e-5 * noise
+    assert (error <= tolerance).all(), (f"{name}: batch of {len(PROMPTS)} vs batches of 1 (seed {seed}): "
+                                        f"errors {error.tolist()}, allowed {tolerance.tolist()}")
+
+
+def anisotropy_cosine_noise(detector, prompts) -> np.ndarray:
+    """Per prompt, `gamma_2 rms(|u| / |d|) / sqrt(P)` over the cosine's positions (mean over generations), from
+    the detector's own fp32 predictions at `t_cos`: the scale of the cosine term's rounding error."""
+    from scanner.detectors.base import in_space, prompt_rows
+    from scanner.families import cond_repeat
+
+    s, space, step = detector.settings, detector.scanner.settings.score_space, detector.cosine_step
+    with torch.no_grad():
+        x = prompt_rows(detector.x, len(prompts))
+        u = in_space(prompt_rows(detector.unconditional(detector.trajectory, step, detector.x), len(prompts)).double(), x.double(),
+                     detector.trajectory, step, space)
+        c = in_space(detector.conditional(detector.trajectory, step, x, cond_repeat(detector.encode(prompts), s.generations)).double(),
+                     x.double(), detector.trajectory, step, space)
+    kappa = u.norm(dim=1) / (c - u).norm(dim=1)
+    rms = kappa.flatten(1).pow(2).mean(dim=1).sqrt() / kappa[0].numel() ** 0.5
+    return (s.cosine_weight * rms).view(len(prompts), s.generations).mean(dim=1).numpy()
