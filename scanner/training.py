@@ -120,7 +120,9 @@ class TimestepQuantileThreshold:
         counts = torch.bincount(bins, minlength=self.bins)
         if bool((counts == 0).any()):
             raise ValueError(f"every timestep bin needs magnitudes; counts per bin {counts.tolist()}")
-        self.values = torch.stack([torch.quantile(magnitudes[bins == b], self.quantile) for b in range(self.bins)])
+        # In float64: torch.quantile takes the quantile's rank q * (n - 1) in its input's dtype, and in float32 a
+        # rank off by ~n * 6e-8 lands between two far-apart order statistics in a heavy tail (q near 1): 2e-5 off.
+        self.values = torch.stack([torch.quantile(magnitudes[bins == b].double(), self.quantile) for b in range(self.bins)]).float()
         return self
 
     def __call__(self, timesteps: torch.Tensor) -> torch.Tensor:
