@@ -144,9 +144,7 @@ def test_anisotropy_matches_float64(model, reference):
     # "x" at t_cos); independent over the P positions, their mean is off by ~1.5e-6 rms(kappa) / sqrt(P), times
     # gamma_2. Observed: at most 1.9e-6 of gamma_2 rms(kappa) / sqrt(P) over 40 seeds; allowed 1e-5. The fixed
     # atol alone failed 1 seed in 40 (an error of 1.1x it).
-    kappa = u.norm(dim=1) / d.norm(dim=1)
-    cosine_noise = (2.0 * kappa.flatten(1).pow(2).mean(dim=1).sqrt() / kappa[0].numel() ** 0.5).view(b, n).mean(dim=1).numpy()
-    tolerance = 2e-5 + 1e-4 * np.abs(expected) + 1e-5 * cosine_noise
+    tolerance = 2e-5 + 1e-4 * np.abs(expected) + 1e-5 * cosine_noise(u, d, 2.0, b)
     error = np.abs(detector.score(PROMPTS) - expected)
     assert (error <= tolerance).all(), f"anisotropy (seed {seed}): errors {error.tolist()}, allowed {tolerance.tolist()}"
     assert detector.forwards_per_prompt() == 4
@@ -352,8 +350,7 @@ def test_batch_invariance(model, name):
 
 
 def anisotropy_cosine_noise(detector, prompts) -> np.ndarray:
-    """Per prompt, `gamma_2 rms(|u| / |d|) / sqrt(P)` over the cosine's positions (mean over generations), from
-    the detector's own fp32 predictions at `t_cos`: the scale of the cosine term's rounding error."""
+    """`cosine_noise` of the detector's own fp32 predictions at `t_cos`."""
     from scanner.detectors.base import in_space, prompt_rows
     from scanner.families import cond_repeat
 
@@ -364,6 +361,12 @@ def anisotropy_cosine_noise(detector, prompts) -> np.ndarray:
                      detector.trajectory, step, space)
         c = in_space(detector.conditional(detector.trajectory, step, x, cond_repeat(detector.encode(prompts), s.generations)).double(),
                      x.double(), detector.trajectory, step, space)
-    kappa = u.norm(dim=1) / (c - u).norm(dim=1)
+    return cosine_noise(u, c - u, s.cosine_weight, len(prompts))
+
+
+def cosine_noise(u: torch.Tensor, d: torch.Tensor, weight: float, prompts: int) -> np.ndarray:
+    """`weight rms(|u| / |d|) / sqrt(P)` per prompt (mean over its generations) of prompt-major rows `[R, C, H, W]`:
+    the scale of the anisotropy cosine term's fp32 rounding, P positions of d = c - u."""
+    kappa = u.norm(dim=1) / d.norm(dim=1)
     rms = kappa.flatten(1).pow(2).mean(dim=1).sqrt() / kappa[0].numel() ** 0.5
-    return (s.cosine_weight * rms).view(len(prompts), s.generations).mean(dim=1).numpy()
+    return (weight * rms).view(prompts, -1).mean(dim=1).numpy()
