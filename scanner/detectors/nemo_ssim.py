@@ -84,4 +84,4 @@ class NemoSsimDetector(Detector):
             maps = noise_maps(eps.double(), x.double()).unflatten(0, (b, n))
             ssim = ms_ssim(maps[:, self.pairs[:, 0]], maps[:, self.pairs[:, 1]], self.settings.betas, self.settings.sigma)
             reduced = ssim.amax(dim=1) if self.settings.reduction == "max" else ssim.mean(dim=1)
-        return reduced.double().cpu().numpy()
+        return reduced.cpu().numpy()
