@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..onnx_session import open_session
 from .base import Conditioning, DenoiserEngine, EngineUnavailable, TextEncoder
 from .onnx_export import cached_export, cached_text_encoder_export, cond_spec
 
@@ -40,7 +41,6 @@ class OnnxEngine(DenoiserEngine):
         if param.dtype not in (torch.float32, torch.float16):
             raise EngineUnavailable(f"the onnx engine runs fp32 or fp16 models, not {param.dtype}")
         self.providers = self._providers(onnxruntime, param.device)
-        self.ort = onnxruntime
         self.denoiser = denoiser
         self.device = param.device
         self.dtype = param.dtype
@@ -65,12 +65,7 @@ class OnnxEngine(DenoiserEngine):
 
     def open(self, path: Path):
         """An ONNX Runtime session of the exported graph at `path` on this engine's provider."""
-        options = self.ort.SessionOptions()
-        options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle ORT threads spin by default, holding cores that other work (tokenizing, the
-        # scan's other threads, another session) needs between calls.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return self.ort.InferenceSession(str(path), options, providers=self.providers)
+        return open_session(path, self.providers)
 
     def _session(self, latents: torch.Tensor, conditioning: Conditioning):
         spec = cond_spec(conditioning)

@@ -14,17 +14,14 @@ A text encoder module (`forward(**inputs) -> tuple`, with `output_names`: a fami
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from ..cache import artefact_folder, build_artefact
 from .onnx_symbolics import register_symbolics
 
 OPSET = 17
@@ -138,8 +135,13 @@ def text_encoder_settings(module: torch.nn.Module, spec: CondSpec) -> dict:
 
 def export_text_encoder(module: torch.nn.Module, spec: CondSpec, folder: Path) -> Path:
     """Export the text encoder `module` for inputs `spec` into `folder` (weights as external data when over 2 GB)."""
+    return export_named(module, spec, module.output_names, folder / TEXT_ENCODER_FILE)
+
+
+def export_named(module: torch.nn.Module, spec: CondSpec, output_names: tuple[str, ...], path: Path) -> Path:
+    """Export `module(**inputs) -> tuple` for keyword inputs `spec` to `path`, inputs and outputs named, every one
+    batched on a dynamic dim 0 (a text encoder; a scan plan's scorer)."""
     param = next(module.parameters())
-    path = folder / TEXT_ENCODER_FILE
     batch = {0: "batch"}
     register_symbolics(OPSET)
     with warnings.catch_warnings(), torch.no_grad():
@@ -151,8 +153,8 @@ def export_text_encoder(module: torch.nn.Module, spec: CondSpec, folder: Path) -
             dynamo=False,
             opset_version=OPSET,
             input_names=list(spec),
-            output_names=list(module.output_names),
-            dynamic_axes={name: batch for name in (*spec, *module.output_names)},
+            output_names=list(output_names),
+            dynamic_axes={name: batch for name in (*spec, *output_names)},
         )
     return path
 
@@ -177,22 +179,9 @@ def cached_text_encoder_export(module: torch.nn.Module, spec: CondSpec, cache_di
 
 def _cached(settings: dict, filename: str, export: Callable[[Path], Path], cache_dir: Path, cache_key: str) -> Path:
     """`cache_dir/onnx/<key>-<settings hash>/<filename>`, made by `export(folder)` unless it exists."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    safe_key = "".join(c if c.isalnum() or c in "-_." else "_" for c in cache_key)
-    target = Path(cache_dir) / "onnx" / f"{safe_key}-{digest}"
-    if (target / filename).is_file():
-        return target / filename
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Export into a private folder, then rename: readers never see a half-written export.
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        export(staging)
-        (staging / "settings.json").write_text(json.dumps({**settings, "cache_key": cache_key}, indent=2))
-        try:
-            os.rename(staging, target)
-        except OSError:  # another process finished the same export first; use theirs
-            if not (target / filename).is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target / filename
+
+    def build(folder: Path) -> None:
+        export(folder)
+        (folder / "settings.json").write_text(json.dumps({**settings, "cache_key": cache_key}, indent=2))
+
+    return build_artefact(artefact_folder(cache_dir, "onnx", cache_key, settings), filename, build) / filename

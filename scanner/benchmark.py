@@ -173,7 +173,7 @@ class ReferenceLoop:
         text_encoder = self.model.family.text_encoders["text_encoder"]
         for prompt in prompts:
             ids = tok(["", prompt], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-            text = text_encoder(ids.input_ids.to(self.model.device))[0]
+            text = text_encoder(torch.as_tensor(ids.input_ids).to(self.model.device))[0]
             out = self.model.denoiser(torch.cat([self.latent, self.latent]), self.timestep, encoder_hidden_states=text).sample
             uncond, cond = out.float().chunk(2)
             scores.append(float((cond - uncond).flatten(1).norm(dim=1)[0]) * self.eps_scale)

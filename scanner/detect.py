@@ -12,9 +12,8 @@ with the family's eager modules.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,71 +22,14 @@ from .cache import cache_dir
 from .encode import TokenizedPrompts
 from .engines import ENGINES, DenoiserEngine, TorchEngine, create_engine
 from .errors import MemscanError
-from .families import SCORE_SPACES, Conditioning, Family, cond_cat, cond_expand, cond_repeat, cond_rows
+from .families import Conditioning, cond_cat, cond_expand, cond_repeat, cond_rows
 from .kernels import guidance_norm, guided_prediction
 from .model import ScanModel, load_model
+from .scores import NOISE_MODES, DetectSettings, PendingScores, PromptScores, ScoreCache, ScoreRow, cached_scores
 
-NOISE_MODES = ("shared", "reference")
-
-
-@dataclass(frozen=True)
-class DetectSettings:
-    """How prompts are scored; the defaults are the paper's first-step, one-generation detector."""
-
-    num_inference_steps: int = 50
-    start_step: int = 0
-    end_step: int = 1
-    generations: int = 1
-    guidance_scale: float | None = None  # None: the family's (`Family.default_guidance_scale`)
-    seed: int = 0
-    noise: str = "shared"
-    score_space: str = "auto"  # "auto": the family's own (epsilon for diffusion, the velocity for flows)
-
-    def __post_init__(self) -> None:
-        if self.num_inference_steps < 1:
-            raise MemscanError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
-        if not 0 <= self.start_step < self.end_step <= self.num_inference_steps:
-            raise MemscanError(
-                f"step window [{self.start_step}, {self.end_step}) must satisfy "
-                f"0 <= start < end <= num_inference_steps ({self.num_inference_steps})"
-            )
-        if self.generations < 1:
-            raise MemscanError(f"generations must be >= 1, got {self.generations}")
-        if self.noise not in NOISE_MODES:
-            raise MemscanError(f"noise must be one of {', '.join(NOISE_MODES)}, got {self.noise!r}")
-        if self.score_space not in ("auto", *SCORE_SPACES):
-            raise MemscanError(f"score space must be one of auto, {', '.join(SCORE_SPACES)}, got {self.score_space!r}")
-
-    def for_family(self, family: type[Family]) -> DetectSettings:
-        """These settings with what was left to the family resolved: its score space and guidance scale (what results record)."""
-        return replace(
-            self,
-            score_space=family.default_score_space() if self.score_space == "auto" else self.score_space,
-            guidance_scale=family.default_guidance_scale if self.guidance_scale is None else self.guidance_scale,
-        )
-
-    @property
-    def first_step_only(self) -> bool:
-        """True when only `x_T` at the first timestep is scored (no trajectory needed)."""
-        return self.start_step == 0 and self.end_step == 1
-
-    def to_dict(self) -> dict:
-        """Plain-data form, recorded with every result."""
-        return asdict(self)
-
-
-@dataclass
-class PromptScores:
-    """Scores of a batch: per generation `[B, n]` (mean over the window's steps)."""
-
-    per_generation: np.ndarray
-    n_tokens: list[int]
-    truncated: list[bool]
-
-    @property
-    def score(self) -> np.ndarray:
-        """Each prompt's score: the mean over generations, `[B]`."""
-        return self.per_generation.mean(axis=1)
+__all__ = [
+    "NOISE_MODES", "DetectSettings", "HostCopy", "PendingScores", "PromptScores", "ScoreRow", "Scanner", "ScannerSpec",
+]
 
 
 class HostCopy:
@@ -116,30 +58,6 @@ class HostCopy:
         return self._values
 
 
-# One prompt's scores: (the batch computed with it, its row there, its token count, truncated).
-ScoreRow = tuple[HostCopy, int, int, bool]
-
-
-@dataclass
-class PendingScores:
-    """A submitted batch: each prompt's row of scores in the `HostCopy` of the batch that computed it."""
-
-    rows: list[ScoreRow]
-
-    @classmethod
-    def of(cls, copy: HostCopy, tokens: TokenizedPrompts) -> PendingScores:
-        """Every row of `copy`, computed for `tokens`."""
-        return cls([(copy, i, n, t) for i, (n, t) in enumerate(zip(tokens.n_tokens, tokens.truncated))])
-
-    def result(self) -> PromptScores:
-        """The batch's scores (waits for the device where they are not on the host yet)."""
-        copies = {id(r[0]): r[0] for r in self.rows}
-        if len(copies) == 1:  # the usual case, one computed batch: one gather, not a row at a time
-            values = next(iter(copies.values())).numpy()[[r[1] for r in self.rows]]
-        else:
-            values = np.stack([copy.numpy()[i] for copy, i, _, _ in self.rows])
-        return PromptScores(values, [r[2] for r in self.rows], [r[3] for r in self.rows])
-
 
 class Scanner:
     """Scores batches of prompts for one model and one `DetectSettings`; holds the caches."""
@@ -164,7 +82,7 @@ class Scanner:
         self.score_scales = [self.schedule.score_scale(self.settings.score_space, s) for s in range(len(self.timesteps))]
         self.cache_size = cache_size
         self.reuse_uncond = reuse_uncond
-        self._cache: OrderedDict[str, ScoreRow] = OrderedDict()
+        self._cache = ScoreCache(cache_size)
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def autograd_engine(self) -> DenoiserEngine:
@@ -233,21 +151,7 @@ class Scanner:
             return PendingScores.of(HostCopy(self._compute(tokens, latents)), tokens)
         # Shared noise: a prompt's score depends on the prompt alone, so score each once; prompts of a batch
         # still in flight take their rows from it.
-        todo: dict[str, int] = {}  # prompt -> its first row
-        for row, prompt in enumerate(prompts):
-            if prompt in self._cache:
-                self._cache.move_to_end(prompt)
-            else:
-                todo.setdefault(prompt, row)
-        fresh: dict[str, ScoreRow] = {}
-        if todo:
-            computed = tokens.select(todo.values())
-            fresh = dict(zip(todo, PendingScores.of(HostCopy(self._compute(computed)), computed).rows))
-        rows = [fresh.get(p) or self._cache[p] for p in prompts]
-        self._cache.update(fresh)  # new keys: they go in last, as the most recently used
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return PendingScores(rows)
+        return cached_scores(self._cache, prompts, tokens, lambda computed: HostCopy(self._compute(computed)))
 
     def _compute(self, tokens: TokenizedPrompts, latents: torch.Tensor | None = None) -> torch.Tensor:
         """Per-generation scores `[B, n]` of tokenized prompts, fp32 on the model's device."""

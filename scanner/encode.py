@@ -9,12 +9,12 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
+from typing import Any
 
 import numpy as np
-import torch
 
 
 @dataclass
@@ -22,16 +22,14 @@ class TokenizedPrompts:
     """Padded ids `[B, L]` per tokenizer (by folder name), the untruncated token counts, truncation flags.
 
     Counts and flags are the primary tokenizer's: the one whose positions make up the sequence
-    that explain and mitigation work on.
+    that explain and mitigation work on. The ids are int64 numpy arrays (torch tensors once `pinned`):
+    tokenizing, and a scan served by a plan, need no torch; the families take them with `torch.as_tensor`
+    (no copy).
     """
 
-    ids: dict[str, torch.Tensor]
+    ids: dict[str, Any]  # np.ndarray, or a pinned torch.Tensor
     n_tokens: list[int]
     truncated: list[bool]
-
-    def __reduce__(self):
-        # Pickled (to another process) as numpy arrays: torch's own reduction would move each into shared memory.
-        return _from_numpy, ({name: t.numpy() for name, t in self.ids.items()}, self.n_tokens, self.truncated)
 
     def rows(self, start: int, stop: int) -> TokenizedPrompts:
         """The prompts at positions `[start, stop)`: views of the ids, nothing copied."""
@@ -40,10 +38,13 @@ class TokenizedPrompts:
 
     def pinned(self) -> TokenizedPrompts:
         """These prompts with their ids in pinned host memory: copied to a CUDA device without a sync."""
-        return TokenizedPrompts({name: t.pin_memory() for name, t in self.ids.items()}, self.n_tokens, self.truncated)
+        import torch
+
+        ids = {name: torch.as_tensor(t).pin_memory() for name, t in self.ids.items()}
+        return TokenizedPrompts(ids, self.n_tokens, self.truncated)
 
     @property
-    def input_ids(self) -> torch.Tensor:
+    def input_ids(self) -> Any:
         """The primary tokenizer's ids `[B, L]`."""
         return next(iter(self.ids.values()))
 
@@ -52,14 +53,26 @@ class TokenizedPrompts:
         rows = list(rows)
         if rows == list(range(len(self.n_tokens))):
             return self
-        # index_select: indexing with a Python list takes milliseconds in torch 2.13.
-        index = torch.tensor(rows, dtype=torch.long)
-        ids = {name: t.index_select(0, index) for name, t in self.ids.items()}
+        index = np.asarray(rows, dtype=np.int64)
+        ids = {name: _take(t, index) for name, t in self.ids.items()}
         return TokenizedPrompts(ids, [self.n_tokens[i] for i in rows], [self.truncated[i] for i in rows])
 
 
-def _from_numpy(ids: dict[str, np.ndarray], n_tokens: list[int], truncated: list[bool]) -> TokenizedPrompts:
-    return TokenizedPrompts({name: torch.from_numpy(a) for name, a in ids.items()}, n_tokens, truncated)
+def _take(ids: Any, index: np.ndarray) -> Any:
+    """Rows `index` of a numpy array or a torch tensor."""
+    if isinstance(ids, np.ndarray):
+        return ids[index]
+    import torch
+
+    # index_select: indexing with a Python list takes milliseconds in torch 2.13.
+    return ids.index_select(0, torch.from_numpy(index))
+
+
+def tokenize_with(tokenizers: Mapping[str, PromptTokenizer], prompts: Sequence[str]) -> TokenizedPrompts:
+    """Every tokenizer's padded ids of `prompts`; token counts and truncation from the primary (first) one."""
+    each = [tokenizer.tokenize(prompts) for tokenizer in tokenizers.values()]
+    ids = {name: t for tokens in each for name, t in tokens.ids.items()}
+    return TokenizedPrompts(ids, each[0].n_tokens, each[0].truncated)
 
 
 def _private_copy(backend):
@@ -214,7 +227,7 @@ class PromptTokenizer:
         content = self._encode(list(prompts))
         counts = np.fromiter(map(len, content), dtype=np.int64, count=len(content))
         ids = self._padded(content, counts)
-        return TokenizedPrompts({self.name: torch.from_numpy(ids)}, counts.tolist(), (counts > self.keep).tolist())
+        return TokenizedPrompts({self.name: ids}, counts.tolist(), (counts > self.keep).tolist())
 
     def _encode(self, prompts: list[str]) -> list[list[int]]:
         """Each prompt's ids without special tokens: the Rust tokenizer's, without transformers' per-row Python work."""
@@ -254,8 +267,9 @@ class PromptTokenizer:
         ids[np.arange(len(content)), len(self.bos) + kept] = tok.eos_token_id
         return ids
 
-    def attention_mask(self, ids: torch.Tensor) -> torch.Tensor:
-        """`[B, L]`: 1 up to and including the first EOS, 0 on the padding after it (the tokenizer's own mask).
+    def attention_mask(self, ids: Any) -> Any:
+        """`[B, L]` long tensor (of a torch tensor of ids): 1 up to and including the first EOS, 0 on the padding
+        after it (the tokenizer's own mask).
 
         Found from the EOS rather than the pad id, since CLIP tokenizers may pad with EOS itself.
         """

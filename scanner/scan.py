@@ -8,17 +8,17 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .detect import DetectSettings, HostCopy, PendingScores, PromptScores, Scanner
 from .encode import TokenizedPrompts
 from .io import MAX_PROMPT_CHARS, InputRow, ScanJournal, check_inputs, read_prompts, rejects_path
 from .prefetch import produced_ahead
+from .scores import DetectSettings, PendingScores, PromptScores, ReadyScores
 
 if TYPE_CHECKING:
+    from .detect import Scanner
     from .detectors import Detector
+    from .plan import PlanScanner
 
 
 @dataclass
@@ -121,8 +121,9 @@ def detector_fields(detector: Detector | None) -> dict:
     return json.loads(json.dumps({"detector": described["detector"], "detector_settings": described["settings"]}))
 
 
-def settings_fields(settings: DetectSettings, dtype: torch.dtype, engine: str, detector: Detector | None = None) -> dict:
-    """What makes a score what it is: the detection settings, the dtype, the engine and the detector."""
+def settings_fields(settings: DetectSettings, dtype: Any, engine: str, detector: Detector | None = None) -> dict:
+    """What makes a score what it is: the detection settings, the dtype (a torch dtype or its name), the engine and
+    the detector."""
     return {**settings.to_dict(), "dtype": str(dtype).removeprefix("torch."), "engine": engine, **detector_fields(detector)}
 
 
@@ -131,7 +132,7 @@ def scanner_settings(scanner: Scanner, detector: Detector | None = None) -> dict
     return settings_fields(scanner.settings, scanner.model.dtype, scanner.engine.name, detector)
 
 
-def settings_record(settings: DetectSettings, dtype: torch.dtype, engine: str, detector: Detector | None = None) -> str:
+def settings_record(settings: DetectSettings, dtype: Any, engine: str, detector: Detector | None = None) -> str:
     """The settings string stored in every result row."""
     return json.dumps(settings_fields(settings, dtype, engine, detector), sort_keys=True)
 
@@ -146,7 +147,7 @@ def submit_batch(
         return scanner.submit(prompts, indices, tokens)
     if tokens is None:
         tokens = scanner.family.tokenize(prompts)
-    return PendingScores.of(HostCopy(torch.from_numpy(detector.score(prompts, tokens)[:, None])), tokens)
+    return PendingScores.of(ReadyScores(detector.score(prompts, tokens)[:, None]), tokens)
 
 
 def run_key(paths: Sequence[Path], field: str | None, model: str, settings: str, threshold: float | None) -> dict:

@@ -55,7 +55,7 @@ def test_refuses_other_pipelines_naming_class_and_reason(tmp_path, tiny_sd1, pip
 
 
 def test_fingerprint_is_cached_by_path_size_and_mtime(tmp_path, tiny_sd1, monkeypatch):
-    import scanner.model as model_module
+    import scanner.checkpoint as model_module
 
     monkeypatch.setenv("MEMSCAN_CACHE", str(tmp_path / "cache"))
     copy = tmp_path / "copy"

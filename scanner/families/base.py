@@ -29,11 +29,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..encode import PromptTokenizer, TokenizedPrompts
+from ..encode import PromptTokenizer, TokenizedPrompts, tokenize_with
 from ..engines.base import Conditioning, TextEncoder
+from ..checkpoint import read_json
 from ..errors import MemscanError
+from ..scores import SCORE_SPACES
 
-SCORE_SPACES = ("epsilon", "model")
 # The text encoder output that is `hidden_states[-2]` (SDXL's and SD3's CLIP layers); the
 # others are named as in transformers' model outputs (`last_hidden_state`, `text_embeds`, ...).
 PENULTIMATE = "penultimate_hidden_state"
@@ -227,10 +228,7 @@ class Family(ABC):
 
     def tokenize(self, prompts: Sequence[str]) -> TokenizedPrompts:
         """Every tokenizer's padded ids; token counts and truncation from the primary (first) one."""
-        prompts = [self.preprocess(p) for p in prompts]
-        each = [tokenizer.tokenize(prompts) for tokenizer in self.tokenizers.values()]
-        ids = {name: t for tokens in each for name, t in tokens.ids.items()}
-        return TokenizedPrompts(ids, each[0].n_tokens, each[0].truncated)
+        return tokenize_with(self.tokenizers, [self.preprocess(p) for p in prompts])
 
     def text_encoder_modules(self) -> dict[str, TextEncoderModule]:
         """Each loaded text encoder as `encode_tokens` calls it (what engines run), by folder name."""
@@ -252,7 +250,7 @@ class Family(ABC):
             if encoder is None:
                 continue
             tokenizer = "tokenizer" + name.removeprefix("text_encoder")
-            ids = tokens.ids[tokenizer].to(self.device, non_blocking=True)  # pinned in a scan: no sync
+            ids = torch.as_tensor(tokens.ids[tokenizer]).to(self.device, non_blocking=True)  # pinned on CUDA: no sync
             inputs[name] = {"input_ids": ids}
             if self.uses_attention_mask(name):
                 inputs[name]["attention_mask"] = self.tokenizers[tokenizer].attention_mask(ids)
@@ -330,16 +328,6 @@ def check_width(path: Path, encoder: str, width: int, denoiser: str, expected: i
     """Refuse a text encoder whose output width is not the one the denoiser takes."""
     if width != expected:
         raise MemscanError(f"{path}: the {encoder} width {width} does not match the denoiser's {denoiser} {expected}")
-
-
-def read_json(path: Path) -> dict:
-    """A JSON file's content; a missing or malformed file is a one-line `MemscanError`."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise MemscanError(f"{path} is missing") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MemscanError(f"{path} is not valid JSON: {exc}") from exc
 
 
 def _one_line(folder: Path, what: str, exc: Exception) -> MemscanError:
