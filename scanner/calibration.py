@@ -2,7 +2,10 @@
 
 A prompt is flagged when `score >= threshold` (the rule of `--threshold` everywhere). The
 threshold is only meaningful for the model and detection settings it was fitted with, so
-a calibration records both and refuses to be applied to anything else.
+a calibration records both and refuses to be applied to anything else. The engine is not one of
+them: every engine computes the same score within fp32 rounding (tests/test_engines.py, the plans'
+tests), far inside any threshold's resolution, so that a calibration made with the torch engine
+applies to a scan plan's scores (engine `onnx`) and back.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ if TYPE_CHECKING:
 
 FLAG_RULE = "flagged when score >= threshold"
 MODEL_CALIBRATION = "calibration.json"  # a model folder's own calibration, applied by default
+# Settings record fields that say how a score was computed, not what it is: not compared.
+NOT_COMPARED = ("engine",)
 
 
 @dataclass(frozen=True)
@@ -51,8 +56,10 @@ class Calibration:
         """Why this calibration does not apply to `model` and `settings`; None when it does."""
         if model != self.model:
             return f"calibration is for model {self.model}, not {model}; run memscan calibrate with this model"
-        if settings != self.settings:
-            differing = sorted(k for k in self.settings.keys() | settings.keys() if self.settings.get(k) != settings.get(k))
+        differing = sorted(
+            k for k in self.settings.keys() | settings.keys() if k not in NOT_COMPARED and self.settings.get(k) != settings.get(k)
+        )
+        if differing:
             detail = ", ".join(f"{k} {self.settings.get(k)!r} vs {settings.get(k)!r}" for k in differing)
             return f"calibration was made with other detection settings ({detail}); use those or recalibrate"
         return None

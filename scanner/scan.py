@@ -1,4 +1,4 @@
-"""The scan job: stream prompts from files through a `Scanner` into a resumable output."""
+"""The scan job: stream prompts from files through a `Scanner` (or a scan plan's `PlanScanner`) into a resumable output."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ TOKENIZE_CHUNK = 1024
 Block = tuple[list[list[InputRow]], TokenizedPrompts | None]
 
 
-def tokenized_blocks(scanner: Scanner, groups: Iterable[list[InputRow]], chunk: int = TOKENIZE_CHUNK) -> Iterator[Block]:
+def tokenized_blocks(scanner: Scanner | PlanScanner, groups: Iterable[list[InputRow]], chunk: int = TOKENIZE_CHUNK) -> Iterator[Block]:
     """Groups tokenized together, at least `chunk` prompts at a time (or what is left): what a scan's reading
     process produces, and what crosses to the model's process (one item per block, not per batch)."""
     block: list[list[InputRow]] = []
@@ -78,10 +78,10 @@ def tokenized_blocks(scanner: Scanner, groups: Iterable[list[InputRow]], chunk: 
         yield block, scanner.family.tokenize(prompts) if prompts else None
 
 
-def pinned_for(scanner: Scanner, blocks: Iterable[Block]) -> Iterator[Block]:
+def pinned_for(scanner: Scanner | PlanScanner, blocks: Iterable[Block]) -> Iterator[Block]:
     """`blocks` with their ids in pinned memory when the model is on CUDA (a pageable copy to the device
     would wait for the batch before it); as they are elsewhere."""
-    if scanner.model.device.type != "cuda":
+    if not str(scanner.model.device).startswith("cuda"):
         yield from blocks
         return
     for block, tokens in blocks:
@@ -99,7 +99,7 @@ def split_blocks(blocks: Iterable[Block]) -> Iterator[tuple[list[InputRow], Toke
 
 
 def tokenized_batches(
-    scanner: Scanner, groups: Iterable[list[InputRow]], chunk: int = TOKENIZE_CHUNK
+    scanner: Scanner | PlanScanner, groups: Iterable[list[InputRow]], chunk: int = TOKENIZE_CHUNK
 ) -> Iterator[tuple[list[InputRow], TokenizedPrompts | None]]:
     """Each group with its prompts tokenized (`tokenized_blocks`, then split), ids pinned on CUDA: read ahead
     of the model in one process (a sweep's, in a thread)."""
@@ -127,7 +127,7 @@ def settings_fields(settings: DetectSettings, dtype: Any, engine: str, detector:
     return {**settings.to_dict(), "dtype": str(dtype).removeprefix("torch."), "engine": engine, **detector_fields(detector)}
 
 
-def scanner_settings(scanner: Scanner, detector: Detector | None = None) -> dict:
+def scanner_settings(scanner: Scanner | PlanScanner, detector: Detector | None = None) -> dict:
     """`settings_fields` of a loaded scanner (scoring with `detector`, default Wen's)."""
     return settings_fields(scanner.settings, scanner.model.dtype, scanner.engine.name, detector)
 
@@ -138,7 +138,7 @@ def settings_record(settings: DetectSettings, dtype: Any, engine: str, detector:
 
 
 def submit_batch(
-    scanner: Scanner, detector: Detector | None, prompts: list[str], indices: Sequence[int] | None = None,
+    scanner: Scanner | PlanScanner, detector: Detector | None, prompts: list[str], indices: Sequence[int] | None = None,
     tokens: TokenizedPrompts | None = None,
 ) -> PendingScores:
     """The prompts' scores by the scanner (Wen's: per generation, `Scanner.submit`) or by `detector` (one value
@@ -240,7 +240,7 @@ class ScanOutput:
 
 
 def run_scan(
-    scanner: Scanner,
+    scanner: Scanner | PlanScanner,
     inputs: Sequence[str | Path],
     out: str | Path,
     *,

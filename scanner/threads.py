@@ -64,14 +64,20 @@ def choose_threads(requested: int | None = None) -> ThreadPolicy:
 _applied: ThreadPolicy | None = None  # torch's thread count is process-wide, and so is its record
 
 
-def apply_threads(requested: int | None = None) -> ThreadPolicy:
-    """Choose the thread count and set torch's intra-op threads to it."""
+def record_threads(requested: int | None = None) -> ThreadPolicy:
+    """Choose the thread count and record it as the process's (for a process that runs no torch: a scan plan's)."""
     global _applied
+    _applied = choose_threads(requested)
+    return _applied
+
+
+def apply_threads(requested: int | None = None) -> ThreadPolicy:
+    """Choose the thread count, record it, and set torch's intra-op threads to it."""
     import torch
 
-    _applied = choose_threads(requested)
-    torch.set_num_threads(_applied.threads)
-    return _applied
+    policy = record_threads(requested)
+    torch.set_num_threads(policy.threads)
+    return policy
 
 
 def current_threads() -> ThreadPolicy:

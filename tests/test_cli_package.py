@@ -277,7 +277,7 @@ def test_eval_with_a_named_detector_writes_its_metrics_and_scores(tmp_path, tiny
 def test_batch_size_defaults_to_the_devices_and_an_explicit_one_stays(tmp_path, tiny_sd1):
     import torch
 
-    from scanner.cli.common import load_scanner
+    from scanner.cli.scan import scan_scanner
     from scanner.model import default_batch_size
 
     assert [default_batch_size(d) for d in ("cpu", "cuda", torch.device("cuda", 1), "mps")] == [16, 64, 64, 16]
@@ -289,6 +289,6 @@ def test_batch_size_defaults_to_the_devices_and_an_explicit_one_stays(tmp_path, 
         argv = ["scan", "p.txt", "--model", str(tiny_sd1), "--out", str(tmp_path / "s.jsonl"), "--device", "cpu"]
         args = build_parser().parse_args(argv + (["--batch-size", str(given)] if given else []))
         assert args.batch_size == given
-        scanner = load_scanner(args)
+        scanner = scan_scanner(args)[0]  # its scan plan's scanner (tests/test_plan.py)
         assert scanner.model.latent_shape == (4, 8, 8)
         assert args.batch_size == expected

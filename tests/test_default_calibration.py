@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from cli_output import LOADING
+from cli_output import STATUS
 
 from scanner.calibration import Calibration, Threshold, choose_threshold, fit_calibration
 from scanner.cli import main
@@ -48,7 +48,7 @@ def _scan(model, prompts, out, *options) -> list:
 
 
 def _messages(capsys) -> list[str]:
-    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("memscan:") and not line.startswith(LOADING)]
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("memscan:") and not line.startswith(STATUS)]
 
 
 def test_scan_applies_the_model_calibration_and_says_so(calibrated, tmp_path, capsys):

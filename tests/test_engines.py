@@ -261,7 +261,9 @@ def test_scan_command_with_the_onnx_engine_matches_torch(tiny_sd1, tmp_path, mon
     scores = {}
     for engine in ("torch", "onnx"):
         out = tmp_path / f"{engine}.parquet"
-        assert main(["scan", str(inputs), "--model", str(tiny_sd1), "--out", str(out), "--engine", engine, "--batch-size", "2"]) == 0
+        # Reference noise: no scan plan serves it (tests/test_plan.py), so the onnx engine scores.
+        assert main(["scan", str(inputs), "--model", str(tiny_sd1), "--out", str(out), "--engine", engine, "--batch-size", "2",
+                     "--noise", "reference"]) == 0
         scores[engine] = pq.read_table(out).column("score").to_numpy()
     np.testing.assert_allclose(scores["onnx"], scores["torch"], rtol=1e-4)
     # Exported into the user's cache, the text encoder beside the denoiser under its own key.

@@ -229,20 +229,25 @@ def test_field_and_recursive_globs_pick_the_prompts(tmp_path, tiny_sd1, scanner)
     assert [r["score"] for r in rows] == pytest.approx(scanner.score([r["prompt"] for r in rows]).score.tolist(), rel=1e-5)
 
 
-def test_identical_prompts_are_scored_once(tmp_path, tiny_sd1, monkeypatch):
+@pytest.mark.parametrize("engine", ["torch", "auto"])  # auto: the scan plan's scanner (tests/test_plan.py)
+def test_identical_prompts_are_scored_once(tmp_path, tiny_sd1, monkeypatch, engine):
+    from scanner.plan import PlanEngine
+
     computed: list[int] = []
-    original = Scanner._compute
+    owner, method = (Scanner, "_compute") if engine == "torch" else (PlanEngine, "scores")
+    original = getattr(owner, method)
 
     def counting(self, tokens, *args, **kwargs):
         computed.append(len(tokens.n_tokens))
         return original(self, tokens, *args, **kwargs)
 
-    monkeypatch.setattr(Scanner, "_compute", counting)
+    monkeypatch.setattr(owner, method, counting)
     prompts = [f"a photo of item {i % 5}" for i in range(17)]  # 5 distinct prompts, repeated across batches
     inp = tmp_path / "p.txt"
     inp.write_text("\n".join(prompts) + "\n")
     out = tmp_path / "o.jsonl"
-    assert main(["scan", str(inp), "--model", str(tiny_sd1), "--out", str(out), "--batch-size", "4"]) == 0
+    argv = ["scan", str(inp), "--model", str(tiny_sd1), "--out", str(out), "--batch-size", "4", "--engine", engine]
+    assert main(argv) == 0
     assert sum(computed) == 5
     scores = {}
     for row in _read_output(out):

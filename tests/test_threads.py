@@ -55,11 +55,15 @@ def test_scan_and_eval_use_and_report_the_threads(tmp_path, tiny_sd1, capsys):
     threads = random.choice([1, 2])
     inputs = tmp_path / "p.txt"
     inputs.write_text("a red fox\nthe city at night\n")
-    code = main(["scan", str(inputs), "--model", str(tiny_sd1), "--out", str(tmp_path / "s.jsonl"), "--threads", str(threads)])
-    assert code == 0 and torch.get_num_threads() == threads
-    captured = capsys.readouterr()
     said = f"{threads} thread{'s' * (threads > 1)} (--threads), load "
-    assert said in captured.out and said in captured.err  # the summary line, and the loading line
+    # auto: a scan plan, whose session takes the threads (tests/test_plan.py); torch: torch's threads.
+    for engine in ("auto", "torch"):
+        out = tmp_path / f"{engine}.jsonl"
+        code = main(["scan", str(inputs), "--model", str(tiny_sd1), "--out", str(out), "--threads", str(threads), "--engine", engine])
+        assert code == 0
+        captured = capsys.readouterr()
+        assert said in captured.out and said in captured.err  # the summary line, and the loading line
+    assert torch.get_num_threads() == threads
     labels = tmp_path / "labels.jsonl"
     labels.write_text("".join(json.dumps({"prompt": p, "label": i}) + "\n" for i, p in enumerate(["a cat", "a dog"])))
     assert main(["eval", "--labels", str(labels), "--model", str(tiny_sd1), "--json", str(tmp_path / "m.json"),

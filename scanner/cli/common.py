@@ -18,8 +18,9 @@ from ..errors import MemscanError
 
 if TYPE_CHECKING:
     from ..calibration import Threshold
-    from ..detect import DetectSettings, Scanner, ScannerSpec
+    from ..detect import Scanner, ScannerSpec
     from ..detectors import Detector
+    from ..scores import DetectSettings
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FLAGGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -62,11 +63,11 @@ def command_parser(
 
 def model_command(
     commands: argparse._SubParsersAction, name: str, handler: Handler, *, engine_help: str = ENGINE_HELP,
-    flagged: bool = False, resumable: bool = False, detector: bool = False, **kwargs: str,
+    engine: str = "torch", flagged: bool = False, resumable: bool = False, detector: bool = False, **kwargs: str,
 ) -> argparse.ArgumentParser:
     """A subcommand that scores prompts: the model and detection options (with `detector`, --detector) come with it."""
     command = command_parser(commands, name, handler, flagged=flagged, resumable=resumable, **kwargs)
-    add_model_options(command, engine_help)
+    add_model_options(command, engine_help, engine)
     add_detect_options(command, detector)
     return command
 
@@ -143,9 +144,9 @@ def default_model() -> str:
     return str(default_model_path())
 
 
-def add_model_options(parser: argparse.ArgumentParser, engine_help: str | None = ENGINE_HELP) -> None:
+def add_model_options(parser: argparse.ArgumentParser, engine_help: str | None = ENGINE_HELP, engine: str = "torch") -> None:
     """--model, --device, --dtype and (unless `engine_help` is None: commands that need autograd, which run
-    the torch UNet) --engine."""
+    the torch UNet) --engine, default `engine`."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model", default=default_model(), help="diffusers pipeline folder, or a hub id in the local HF cache (default: the bundled testbed)"
@@ -159,7 +160,7 @@ def add_model_options(parser: argparse.ArgumentParser, engine_help: str | None =
     if engine_help is None:
         parser.set_defaults(engine="torch")
     else:
-        group.add_argument("--engine", default="torch", help=engine_help)
+        group.add_argument("--engine", default=engine, help=engine_help)
 
 
 def add_trajectory_options(group: argparse._ActionsContainer) -> None:
@@ -240,7 +241,7 @@ def add_threshold_options(parser: argparse.ArgumentParser, flagged: str = "") ->
 
 def detect_settings(args: argparse.Namespace) -> DetectSettings:
     """`DetectSettings` from the detection options."""
-    from ..detect import DetectSettings
+    from ..scores import DetectSettings
 
     if args.batch_size is not None and args.batch_size < 1:
         raise MemscanError(f"--batch-size must be >= 1, got {args.batch_size}")

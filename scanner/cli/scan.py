@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MemscanError
 from .common import (
-    ENGINE_HELP,
     ENGINE_NAMES,
     EXIT_FLAGGED,
     EXIT_OK,
     add_threshold_options,
+    detect_settings,
+    load_scanner,
     model_command,
     output_file,
+    positive,
     quiet_libraries,
     scanner_detector_and_threshold,
     scanner_spec,
@@ -24,6 +27,9 @@ from .common import (
 
 if TYPE_CHECKING:
     from ..calibration import Threshold
+    from ..detect import Scanner
+    from ..detectors import Detector
+    from ..plan import PlanScanner
     from ..scan import ScanSummary
 
 RAY_OPTIONS = ("ray_address", "workers", "gpus_per_worker", "worker_engine")
@@ -71,6 +77,60 @@ def scan_on_ray(args: argparse.Namespace, **options: Any) -> ScanSummary:
         )
 
 
+def plan_refusal(args: argparse.Namespace) -> str | None:
+    """Why no scan plan serves these options (known before any model is loaded); None when one can."""
+    from ..plan import auto_device, settings_refusal
+
+    if args.engine not in ("auto", "onnx"):
+        return f"--engine {args.engine}"
+    if args.detector != "wen":
+        return f"--detector {args.detector}"
+    device = auto_device() if args.device == "auto" else args.device
+    dtype = "float32" if args.dtype in ("auto", "fp32") else args.dtype
+    return settings_refusal(detect_settings(args), device, dtype)
+
+
+def planned_scanner(args: argparse.Namespace) -> PlanScanner | Scanner:
+    """The scanner of the options' scan plan; on the first scan of a model and settings the model is loaded and
+    the plan built. A family that cannot be planned keeps the loaded model's scanner (`--engine auto`: torch)."""
+    from ..checkpoint import resolve_model_path
+    from ..model import default_batch_size
+    from ..plan import PlanRequest, PlanScanner, ScanPlan, build_plan, family_refusal
+    from ..threads import record_threads
+
+    request = PlanRequest(resolve_model_path(args.model), detect_settings(args))
+    plan = ScanPlan.find(request)
+    if plan is None:
+        if args.engine == "auto":
+            args.engine = "torch"
+        loaded = load_scanner(args)
+        if family_refusal(loaded.family) is not None:
+            return loaded
+        print(f"memscan: compiling the scan plan (once per model and settings) into {request.folder()} ...",
+              file=sys.stderr, flush=True)
+        plan = build_plan(loaded.model, request)
+    threads = record_threads(positive(args.threads, "--threads"))
+    scanner = PlanScanner(plan, threads.threads)
+    print(f"memscan: loading model {args.model} from its scan plan ({threads.describe()})", file=sys.stderr, flush=True)
+    if args.batch_size is None:
+        args.batch_size = default_batch_size("cpu", scanner.model.latent_shape)
+    return scanner
+
+
+def scan_scanner(args: argparse.Namespace) -> tuple[Scanner | PlanScanner, Detector | None, Threshold]:
+    """The scanner, detector and flagging threshold of `memscan scan`: its scan plan where one serves the options,
+    else the options' `Scanner` (`--engine auto`: torch)."""
+    from ..scan import scanner_settings
+
+    if plan_refusal(args) is not None:
+        if args.engine == "auto":
+            args.engine = "torch"
+        return scanner_detector_and_threshold(args, args.detector)
+    resolve = threshold_resolver(args)
+    scanner = planned_scanner(args)
+    return scanner, None, resolve(str(scanner.model.source), scanner.model.fingerprint, scanner_settings(scanner))
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
     """Score prompt files into a Parquet/JSONL output."""
     from ..io import check_inputs, input_bytes
@@ -92,7 +152,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
         scanner = detector = None
     else:
-        scanner, detector, threshold = scanner_detector_and_threshold(args, args.detector)
+        scanner, detector, threshold = scan_scanner(args)
         chosen.append(threshold)
     # Bytes read of the inputs' size give the total and an ETA; Ray workers report rows only.
     with ScanBar(None if scanner is None else input_bytes(args.inputs)) as bar:
@@ -143,7 +203,9 @@ def add_scan_command(commands: argparse._SubParsersAction) -> None:
         detector=True,
         help="score prompt files for memorization",
         description="Score every prompt of the inputs; resumable: re-run the same command after a crash.",
-        engine_help=f"{ENGINE_HELP}; or ray: score on a Ray cluster, each worker running --worker-engine",
+        engine="auto",
+        engine_help=f"UNet backend: auto (default: a scan plan where one serves the options, see README; else torch), "
+        f"{', '.join(ENGINE_NAMES)}; or ray: score on a Ray cluster, each worker running --worker-engine",
     )
     scan.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt (a prompt a line), .jsonl, .csv or .parquet; or a quoted glob")
     scan.add_argument("--out", required=True, help="output file, .parquet or .jsonl (rejects go to STEM.rejects.jsonl beside it)")

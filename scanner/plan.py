@@ -1,0 +1,290 @@
+"""Scan plans: a model's first-step score compiled to one ONNX graph, so that a scan starts without torch.
+
+The paper's detector at its defaults (the first step, shared noise) scores a prompt as
+`scale * ||denoiser(x, t, c(prompt)) - u||_2`, where the latents `x`, the timestep `t`, the
+unconditional prediction `u` and `scale` depend on the model and the settings alone. A plan is that
+function of the token ids, exported once with the text encoders and the family's conditioning
+inside (x, t, u and scale are constants of the graph), and the tokenizers beside it. A scan that
+finds its plan imports ONNX Runtime and tokenizers, not torch, diffusers or transformers, and
+starts in about a second (bench/RESULTS.md). Its scores are ONNX Runtime's: the settings record
+names the engine `onnx`.
+
+Plans live in `cache_dir()/plans/`, keyed by the model folder, the settings and the dtype. One is
+used only while every file of the model's components has the size and mtime it had when the plan
+was built (as the fingerprint cache, `scanner.checkpoint`); otherwise the next scan builds it anew.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .cache import artefact_folder, build_artefact, cache_dir
+from .checkpoint import components_key
+from .encode import PromptTokenizer, TokenizedPrompts, tokenize_with
+from .errors import MemscanError
+from .onnx_session import open_session
+from .scores import DetectSettings, PendingScores, PromptScores, ReadyScores, ScoreCache, cached_scores
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import torch
+
+    from .detect import Scanner
+    from .families import Family
+    from .model import ScanModel
+
+PLAN_FORMAT = 1  # bump when what a plan holds changes: older plans are then rebuilt
+PLAN_FILE = "plan.json"
+GRAPH_FILE = "scorer.onnx"
+OUTPUT = "scores"  # the graph's one output, `[B, generations]` fp32
+ENGINE = "onnx"  # the engine the settings record names: the plan's scores are ONNX Runtime's
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What a scan asks of a plan, known before any model is loaded: the model folder, the settings as given, the dtype."""
+
+    model: Path
+    settings: DetectSettings
+    dtype: str = "float32"
+
+    def folder(self) -> Path:
+        """Where this request's plan is kept."""
+        key = {"format": PLAN_FORMAT, "model": str(self.model.resolve()), "settings": self.settings.to_dict(),
+               "dtype": self.dtype}
+        return artefact_folder(cache_dir(), "plans", self.model.name, key)
+
+
+def auto_device() -> str:
+    """What `--device auto` is, known without torch where it can be: `cpu` on a machine with no NVIDIA device node
+    (`/dev/nvidia0`, ...); else `auto`, for torch to decide."""
+    return "auto" if any(Path("/dev").glob("nvidia[0-9]*")) else "cpu"
+
+
+def settings_refusal(settings: DetectSettings, device: str, dtype: str) -> str | None:
+    """Why no plan can score with these settings on `device` in `dtype` (resolved names); None when one can."""
+    if not settings.first_step_only:
+        return "a plan scores the first step only"
+    if settings.noise != "shared":
+        return "a plan scores shared noise only"
+    if device != "cpu":
+        return "plans run on the CPU"
+    if dtype != "float32":
+        return "plans run in fp32"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "plans need onnxruntime: pip install onnxruntime"
+    return None
+
+
+def family_refusal(family: Family) -> str | None:
+    """Why the loaded model's family cannot be planned (its prompts changed in Python, a slow tokenizer); None when it can."""
+    from .families import Family
+
+    if type(family).preprocess is not Family.preprocess:
+        return f"the {family.name} family rewrites prompts before tokenizing them"
+    slow = [name for name, tokenizer in family.tokenizers.items() if tokenizer._rust is None]
+    if slow:
+        return f"{slow[0]} is a slow (Python) tokenizer"
+    return None
+
+
+# -- building (torch) ----------------------------------------------------------------------------
+
+
+def scorer_module(scanner: Scanner) -> torch.nn.Module:
+    """`forward(**ids by tokenizer name) -> [B, n]`: the scanner's first-step scores, with its latents, timestep,
+    unconditional prediction and score scale held as constants."""
+    import torch
+
+    from .families import cond_repeat
+
+    family = scanner.family
+    x, uncond = scanner._shared_state()
+
+    class FirstStepScorer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoders = torch.nn.ModuleDict(family.text_encoder_modules())
+            self.denoiser = family.denoiser_module()
+            self.register_buffer("x", x)
+            self.register_buffer("uncond", uncond.float())
+            self.register_buffer("timestep", torch.as_tensor(scanner.timesteps[0], dtype=torch.float32))
+
+        def forward(self, **ids: torch.Tensor) -> torch.Tensor:
+            cond = family.encode_tokens(TokenizedPrompts(ids, [], []), self.encoders)
+            # The batch as a traced size (`len` would be a constant of the export), the generations as a constant.
+            b, n = next(iter(cond.values())).size(0), len(self.x)
+            out = self.denoiser(self.x.repeat(b, 1, 1, 1), self.timestep, **cond_repeat(cond, n)).float()
+            # Prompt-major rows (row i * n + g is prompt i's generation g), as `Scanner._first_step_shared`.
+            return (out.view(b, n, -1) - self.uncond.view(1, n, -1)).norm(dim=2) * scanner.score_scales[0]
+
+    return FirstStepScorer().eval()
+
+
+def build_plan(model: ScanModel, request: PlanRequest) -> ScanPlan:
+    """Export the loaded model's first-step score for `request`'s settings as its plan (unless another process just
+    did), and read it back."""
+    from .detect import Scanner
+    from .engines.onnx_export import export_named
+
+    dtype = str(model.dtype).removeprefix("torch.")
+    refusal = settings_refusal(request.settings, model.device.type, dtype) or family_refusal(model.family)
+    if refusal is not None:
+        raise MemscanError(f"no scan plan for {request.model}: {refusal}")
+    scanner = Scanner(model, request.settings)  # the eager modules: the export traces them, uncond is theirs
+    family = scanner.family
+
+    def build(folder: Path) -> None:
+        tokens = family.tokenize(["a plan"])
+        spec = {name: (tuple(ids.shape[1:]), "int64") for name, ids in tokens.ids.items()}
+        export_named(scorer_module(scanner), spec, (OUTPUT,), folder / GRAPH_FILE)
+        tokenizers = {}
+        for name, tokenizer in family.tokenizers.items():
+            (folder / f"{name}.json").write_text(tokenizer.tokenizer.backend_tokenizer.to_str())
+            hf = tokenizer.tokenizer
+            tokenizers[name] = {"max_length": tokenizer.max_length, "bos_token_id": hf.bos_token_id,
+                                "eos_token_id": hf.eos_token_id, "pad_token_id": hf.pad_token_id}
+        manifest = {
+            "format": PLAN_FORMAT,
+            "model": str(request.model),
+            "components": list(family.components),
+            "files_key": components_key(request.model, family.components),
+            "fingerprint": scanner.model.fingerprint,
+            "family": family.name,
+            "settings": scanner.settings.to_dict(),  # resolved for the family, as results record them
+            "latent_shape": list(scanner.model.latent_shape),
+            "tokenizers": tokenizers,
+        }
+        (folder / PLAN_FILE).write_text(json.dumps(manifest, indent=2))
+
+    folder = request.folder()
+    if folder.exists() and ScanPlan.find(request) is None:  # stale: the model's files changed since it was built
+        shutil.rmtree(folder, ignore_errors=True)
+    build_artefact(folder, PLAN_FILE, build)
+    plan = ScanPlan.find(request)
+    if plan is None:
+        raise MemscanError(f"{request.model} changed while its scan plan was built; run the scan again")
+    return plan
+
+
+# -- scanning (no torch) ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SavedTokenizer:
+    """What `PromptTokenizer` reads of a transformers tokenizer, as a plan keeps it."""
+
+    backend_tokenizer: Any  # tokenizers.Tokenizer
+    bos_token_id: int | None
+    eos_token_id: int
+    pad_token_id: int
+    model_max_length: int
+
+
+@dataclass(frozen=True)
+class ScanPlan:
+    """A built plan: its folder and its manifest (`plan.json`)."""
+
+    folder: Path
+    manifest: dict
+
+    @classmethod
+    def find(cls, request: PlanRequest) -> ScanPlan | None:
+        """The plan of `request` when one was built and the model's files are as they were then; else None."""
+        folder = request.folder()
+        try:
+            manifest = json.loads((folder / PLAN_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(manifest, dict) or manifest.get("format") != PLAN_FORMAT:
+            return None  # not one this memscan wrote
+        if manifest["files_key"] != components_key(request.model, tuple(manifest["components"])):
+            return None
+        return cls(folder, manifest)
+
+    def tokenizers(self) -> dict[str, PromptTokenizer]:
+        """The model's tokenizers, as its family tokenizes (primary first)."""
+        from tokenizers import Tokenizer
+
+        made = {}
+        for name, saved in self.manifest["tokenizers"].items():
+            backend = Tokenizer.from_file(str(self.folder / f"{name}.json"))
+            tokenizer = SavedTokenizer(backend, saved["bos_token_id"], saved["eos_token_id"], saved["pad_token_id"],
+                                       saved["max_length"])
+            made[name] = PromptTokenizer(tokenizer, name=name, max_length=saved["max_length"])
+        return made
+
+
+@dataclass(frozen=True)
+class PlanModel:
+    """What a scan reads of its model when a plan serves it (plans run in fp32 on the CPU)."""
+
+    fingerprint: str
+    source: str
+    latent_shape: tuple[int, int, int]
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+class PlanTokenizers:
+    """A plan's tokenizers, called as a family's (`tokenize`, `unconditional`)."""
+
+    def __init__(self, tokenizers: dict[str, PromptTokenizer]):
+        self.tokenizers = tokenizers
+
+    def tokenize(self, prompts: Sequence[str]) -> TokenizedPrompts:
+        """Every tokenizer's padded ids; counts and truncation from the primary one."""
+        return tokenize_with(self.tokenizers, prompts)
+
+    def unconditional(self) -> None:
+        """Nothing to do: the unconditional prediction is a constant of the graph."""
+
+
+class PlanEngine:
+    """The plan's graph in an ONNX Runtime session on the CPU."""
+
+    name = ENGINE
+
+    def __init__(self, path: Path, threads: int | None = None):
+        self.session = open_session(path, ["CPUExecutionProvider"], threads)
+
+    def scores(self, tokens: TokenizedPrompts) -> np.ndarray:
+        """Per-generation scores `[B, n]` fp32 of tokenized prompts."""
+        return self.session.run([OUTPUT], {name: np.ascontiguousarray(ids) for name, ids in tokens.ids.items()})[0]
+
+
+class PlanScanner:
+    """Scores prompts with a plan; what `run_scan` asks of a `Scanner` (`family.tokenize`, `submit`, `settings`,
+    `model`, `engine.name`)."""
+
+    def __init__(self, plan: ScanPlan, threads: int | None = None, cache_size: int = 65536):
+        manifest = plan.manifest
+        self.plan = plan
+        self.settings = DetectSettings(**manifest["settings"])
+        self.model = PlanModel(manifest["fingerprint"], manifest["model"], tuple(manifest["latent_shape"]))
+        self.family = PlanTokenizers(plan.tokenizers())
+        self.engine = PlanEngine(plan.folder / GRAPH_FILE, threads)
+        self._cache = ScoreCache(cache_size)
+
+    def submit(
+        self, prompts: Sequence[str], indices: Sequence[int] | None = None, tokens: TokenizedPrompts | None = None
+    ) -> PendingScores:
+        """The prompts' scores (each distinct prompt computed once; `indices` unused: shared noise)."""
+        if tokens is None:
+            tokens = self.family.tokenize(prompts)
+        return cached_scores(self._cache, prompts, tokens, lambda computed: ReadyScores(self.engine.scores(computed)))
+
+    def score(
+        self, prompts: Sequence[str], indices: Sequence[int] | None = None, tokens: TokenizedPrompts | None = None
+    ) -> PromptScores:
+        """`submit(...).result()`."""
+        return self.submit(prompts, indices, tokens).result()

@@ -1,0 +1,135 @@
+"""Scan plans (`scanner.plan`): the first-step score as one ONNX graph, scored without torch, rebuilt when the model changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from scanner.cli import build_parser, main
+from scanner.cli.scan import plan_refusal
+from scanner.detect import DetectSettings, Scanner
+from scanner.model import load_model
+from scanner.plan import PlanRequest, PlanScanner, ScanPlan, build_plan, family_refusal
+
+pytest.importorskip("onnxruntime")
+
+WORDS = "a photo of the cat dog city night red blue painting portrait by artist in style oil canvas".split()
+
+
+def _prompts(rng: np.random.Generator, count: int) -> list[str]:
+    """Random prompts, some past CLIP's 77 tokens (truncated), one repeated."""
+    prompts = [" ".join(rng.choice(WORDS, size=rng.integers(1, 12))) + f" {i}" for i in range(count)]
+    prompts[1] = " ".join(rng.choice(WORDS, size=90))
+    return prompts + prompts[:1]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMSCAN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _assert_plan_matches_scanner(path, settings: DetectSettings) -> list[bool]:
+    """The plan's scores of random prompts against the torch scanner's; the prompts' truncation flags."""
+    model = load_model(path, device="cpu")
+    plan = build_plan(model, PlanRequest(path, settings))
+    planned, scanner = PlanScanner(plan), Scanner(model, settings)
+    rng = np.random.default_rng()
+    prompts = _prompts(rng, int(rng.integers(3, 12)))  # batch sizes other than the export's 2
+    got, expected = planned.score(prompts), scanner.score(prompts)
+    assert got.per_generation.shape == expected.per_generation.shape == (len(prompts), settings.generations)
+    # One fp32 function computed twice (ONNX Runtime's kernels against torch's): rounding apart.
+    np.testing.assert_allclose(got.per_generation, expected.per_generation, rtol=1e-5, atol=1e-6)
+    assert (got.n_tokens, got.truncated) == (expected.n_tokens, expected.truncated)
+    assert planned.settings == scanner.settings
+    return got.truncated
+
+
+@pytest.mark.parametrize("generations", [1, 3])
+@pytest.mark.parametrize("variant", ["sd1", "sd2"])  # sd2: v-prediction, scores scaled into epsilon space
+def test_plan_scores_match_the_scanner(variant, generations, tiny_sd1, tiny_sd2, cache):
+    truncated = _assert_plan_matches_scanner({"sd1": tiny_sd1, "sd2": tiny_sd2}[variant], DetectSettings(generations=generations, seed=7))
+    assert any(truncated)  # CLIP's 77 tokens: the long prompt is cut where the pipeline cuts it
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_plan_scores_match_the_scanner_on_every_family(family, tiny_family, cache):
+    """Two or three tokenizers and text encoders, pooled embeddings, flow models' velocity: all inside one graph."""
+    _assert_plan_matches_scanner(tiny_family(family), DetectSettings())
+
+
+def test_a_family_that_rewrites_prompts_is_not_planned(tiny_family):
+    assert "rewrites prompts" in family_refusal(load_model(tiny_family("pixart"), device="cpu").family)
+
+
+def test_plan_sessions_take_the_thread_count(tiny_sd1, cache):
+    plan = build_plan(load_model(tiny_sd1, device="cpu"), PlanRequest(tiny_sd1, DetectSettings()))
+    assert PlanScanner(plan, threads=1).engine.session.get_session_options().intra_op_num_threads == 1
+
+
+def _scan(argv: list[str]) -> subprocess.CompletedProcess:
+    """`memscan scan` in a fresh process that prints, last, which of torch, diffusers and transformers it imported."""
+    code = (
+        "import sys\nfrom scanner.cli import main\ncode = main(sys.argv[1:])\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\nsys.exit(code)"
+    )
+    return subprocess.run([sys.executable, "-c", code, "scan", *argv], capture_output=True, text=True, env=os.environ)
+
+
+def test_a_scan_served_by_its_plan_imports_no_torch_and_a_changed_model_rebuilds_it(tiny_sd1, tmp_path, cache):
+    model = tmp_path / "model"
+    subprocess.run(["cp", "-r", str(tiny_sd1), str(model)], check=True)
+    inputs = tmp_path / "p.txt"
+    inputs.write_text("\n".join(_prompts(np.random.default_rng(), 9)) + "\n")
+    rows, imported, compiled = [], [], []
+    for run in range(3):
+        if run == 2:  # a weight file rewritten (its mtime moves): the plan no longer describes the model
+            weights = next((model / "unet").glob("*.safetensors"))
+            os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+        out = tmp_path / f"s{run}.jsonl"
+        done = _scan([str(inputs), "--model", str(model), "--out", str(out), "--device", "cpu"])
+        assert done.returncode == 0, done.stderr
+        imported.append(done.stdout.splitlines()[-1])
+        compiled.append("memscan: compiling the scan plan" in done.stderr)
+        rows.append([json.loads(line) for line in out.read_text().splitlines()])
+    assert compiled == [True, False, True]
+    assert imported[1] == "[]" and imported[0] == imported[2] == "['diffusers', 'torch', 'transformers']"
+    assert rows[0] == rows[1] == rows[2] and json.loads(rows[0][0]["settings"])["engine"] == "onnx"
+    # The plan's scores are the torch scanner's, to rounding.
+    scanner = Scanner(load_model(model, device="cpu"), DetectSettings())
+    expected = scanner.score([r["prompt"] for r in rows[0]]).score
+    np.testing.assert_allclose([r["score"] for r in rows[0]], expected, rtol=1e-5, atol=1e-6)
+    assert [r["flagged"] for r in rows[0]] == [None] * len(rows[0])  # a random model: no calibration of its own
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        (["--engine", "torch"], "--engine torch"),
+        (["--detector", "anisotropy"], "--detector anisotropy"),
+        (["--steps", "2"], "first step only"),
+        (["--noise", "reference"], "shared noise only"),
+        (["--device", "cuda"], "on the CPU"),
+        (["--dtype", "bf16"], "in fp32"),
+        ([], None),
+        (["--engine", "onnx", "--generations", "4", "--seed", "3", "--device", "cpu"], None),
+    ],
+)
+def test_which_options_a_plan_serves(options, reason):
+    args = build_parser().parse_args(["scan", "p.txt", "--out", "o.jsonl", *options])
+    refusal = plan_refusal(args)
+    assert refusal is None if reason is None else reason in refusal
+
+
+def test_a_scan_no_plan_serves_runs_the_torch_scanner(tiny_sd1, tmp_path, cache):
+    inputs = tmp_path / "p.txt"
+    inputs.write_text("a red fox\nthe city at night\n")
+    out = tmp_path / "s.jsonl"
+    assert main(["scan", str(inputs), "--model", str(tiny_sd1), "--out", str(out), "--noise", "reference"]) == 0
+    assert {json.loads(json.loads(line)["settings"])["engine"] for line in out.read_text().splitlines()} == {"torch"}
+    assert not (cache / "plans").exists()
