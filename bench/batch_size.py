@@ -1,8 +1,9 @@
 """The scoring rate against the batch size, per engine, in one process, on the bundled testbed (CPU).
 
-    python bench/batch_size.py --prompts 1024 --rounds 3 [--engines torch onnx] [--sizes 16 64 128 256 512]
+    python bench/batch_size.py --prompts 1024 --rounds 3 [--engines torch onnx plan] [--sizes 16 64 128 256 512]
 
-Each (engine, batch size) scores the same prompts with a scanner that keeps no score cache; rounds
+`plan` is the testbed's scan plan (`scanner/plan.py`, built into the cache when missing), the
+scorer `memscan scan` runs by default. Each (engine, batch size) scores the same prompts with a scanner that keeps no score cache; rounds
 take every setting in turn, so that load from other processes falls on all of them alike. Prints
 the median prompts/s and each setting's median ratio to the first batch size of its engine, over
 rounds (each round's ratio is of two timings made one after the other).
@@ -22,7 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--engines", nargs="+", default=["torch", "onnx"])
+    parser.add_argument("--engines", nargs="+", default=["torch", "onnx", "plan"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[16, 64, 128, 256, 512])
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
@@ -34,16 +35,21 @@ def main() -> None:
     from scanner.detect import DetectSettings, Scanner
     from scanner.engines import create_engine
     from scanner.model import load_model
+    from scanner.plan import PlanRequest, PlanScanner, build_plan
     from scanner.testbed import default_labels_path, default_model_path
 
-    threads = apply_threads().describe()
+    threads = apply_threads()
     model = load_model(default_model_path(), device="cpu")
     rows = default_labels_path().read_text().splitlines()
     prompts = [json.loads(row)["prompt"] for row in rows[: args.prompts]]
     scanners = {}
     for name in args.engines:
-        engine = create_engine(name, model.family.denoiser_module(), cache_dir=cache_dir(), cache_key=model.fingerprint)
-        scanner = Scanner(model, DetectSettings(), engine=engine, cache_size=0)
+        if name == "plan":
+            plan = build_plan(model, PlanRequest(default_model_path(), DetectSettings()))
+            scanner = PlanScanner(plan, threads.threads, cache_size=0)
+        else:
+            engine = create_engine(name, model.family.denoiser_module(), cache_dir=cache_dir(), cache_key=model.fingerprint)
+            scanner = Scanner(model, DetectSettings(), engine=engine, cache_size=0)
         for size in args.sizes:  # warm-up: exports, sessions and allocations for every shape
             scanner.score(prompts[:size])
         scanners[name] = scanner
@@ -56,7 +62,7 @@ def main() -> None:
             for i in range(0, len(prompts), size):
                 scanners[name].score(prompts[i : i + size])
             runs.append(len(prompts) / (time.perf_counter() - began))
-    print(f"{len(prompts)} testbed prompts, {args.rounds} rounds, {threads}, load before each round: "
+    print(f"{len(prompts)} testbed prompts, {args.rounds} rounds, {threads.describe()}, load before each round: "
           f"{', '.join(f'{load:.2f}' for load in loads)}")
     result = {}
     for (name, size), runs in rates.items():
@@ -66,7 +72,7 @@ def main() -> None:
               f"(spread {max(runs) / min(runs):.2f}), {ratio:.2f}x batch {args.sizes[0]}")
         result[f"{name}/{size}"] = {"prompts_per_s": runs, "ratio": ratio}
     if args.json:
-        Path(args.json).write_text(json.dumps({"loads": loads, "threads": threads, "settings": result}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"loads": loads, "threads": threads.describe(), "settings": result}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
