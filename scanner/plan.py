@@ -207,9 +207,11 @@ class ScanPlan:
             return None
         if not isinstance(manifest, dict) or manifest.get("format") != PLAN_FORMAT:
             return None  # not one this memscan wrote
-        if manifest["files_key"] != components_key(request.model, tuple(manifest["components"])):
+        try:
+            current = components_key(request.model, tuple(manifest["components"]))
+        except (KeyError, TypeError, OSError):  # an edited manifest, or a model file gone as it was read
             return None
-        return cls(folder, manifest)
+        return cls(folder, manifest) if manifest.get("files_key") == current else None
 
     def tokenizers(self) -> dict[str, PromptTokenizer]:
         """The model's tokenizers, as its family tokenizes (primary first)."""

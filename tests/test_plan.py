@@ -81,25 +81,28 @@ def _scan(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, "scan", *argv], capture_output=True, text=True, env=os.environ)
 
 
-def test_a_scan_served_by_its_plan_imports_no_torch_and_a_changed_model_rebuilds_it(tiny_sd1, tmp_path, cache):
+def test_a_scan_served_by_its_plan_imports_no_torch_and_a_changed_model_or_damaged_plan_rebuilds_it(tiny_sd1, tmp_path, cache):
     model = tmp_path / "model"
     subprocess.run(["cp", "-r", str(tiny_sd1), str(model)], check=True)
     inputs = tmp_path / "p.txt"
     inputs.write_text("\n".join(_prompts(np.random.default_rng(), 9)) + "\n")
     rows, imported, compiled = [], [], []
-    for run in range(3):
+    for run in range(4):
         if run == 2:  # a weight file rewritten (its mtime moves): the plan no longer describes the model
             weights = next((model / "unet").glob("*.safetensors"))
             os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+        if run == 3:  # the plan's graph damaged (cut in half): it cannot be read, and is compiled again
+            [graph] = (cache / "plans").glob("*/scorer.onnx")
+            graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
         out = tmp_path / f"s{run}.jsonl"
         done = _scan([str(inputs), "--model", str(model), "--out", str(out), "--device", "cpu"])
         assert done.returncode == 0, done.stderr
         imported.append(done.stdout.splitlines()[-1])
         compiled.append("memscan: compiling the scan plan" in done.stderr)
         rows.append([json.loads(line) for line in out.read_text().splitlines()])
-    assert compiled == [True, False, True]
-    assert imported[1] == "[]" and imported[0] == imported[2] == "['diffusers', 'torch', 'transformers']"
-    assert rows[0] == rows[1] == rows[2] and json.loads(rows[0][0]["settings"])["engine"] == "onnx"
+    assert compiled == [True, False, True, True]
+    assert imported[1] == "[]" and imported[0] == imported[2] == imported[3] == "['diffusers', 'torch', 'transformers']"
+    assert rows[0] == rows[1] == rows[2] == rows[3] and json.loads(rows[0][0]["settings"])["engine"] == "onnx"
     # The plan's scores are the torch scanner's, to rounding.
     scanner = Scanner(load_model(model, device="cpu"), DetectSettings())
     expected = scanner.score([r["prompt"] for r in rows[0]]).score

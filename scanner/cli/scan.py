@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import MemscanError
+from ..errors import MemscanError, one_line
 from .common import (
     ENGINE_NAMES,
     EXIT_FLAGGED,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from ..detectors import Detector
     from ..plan import PlanScanner
     from ..scan import ScanSummary
+    from ..threads import ThreadPolicy
 
 RAY_OPTIONS = ("ray_address", "workers", "gpus_per_worker", "worker_engine")
 
@@ -94,23 +96,33 @@ def planned_scanner(args: argparse.Namespace) -> PlanScanner | Scanner:
     """The scanner of the options' scan plan; on the first scan of a model and settings the model is loaded and
     the plan built. A family that cannot be planned keeps the loaded model's scanner (`--engine auto`: torch)."""
     from ..checkpoint import resolve_model_path
-    from ..model import default_batch_size
     from ..plan import PlanRequest, PlanScanner, ScanPlan, build_plan, family_refusal
     from ..threads import record_threads
 
     request = PlanRequest(resolve_model_path(args.model), detect_settings(args))
-    plan = ScanPlan.find(request)
-    if plan is None:
-        if args.engine == "auto":
-            args.engine = "torch"
-        loaded = load_scanner(args)
-        if family_refusal(loaded.family) is not None:
-            return loaded
-        print(f"memscan: compiling the scan plan (once per model and settings) into {request.folder()} ...",
-              file=sys.stderr, flush=True)
-        plan = build_plan(loaded.model, request)
     threads = record_threads(positive(args.threads, "--threads"))
-    scanner = PlanScanner(plan, threads.threads)
+    plan = ScanPlan.find(request)
+    if plan is not None:
+        try:
+            return planned(PlanScanner(plan, threads.threads), args, threads)
+        except Exception as exc:  # ONNX Runtime and tokenizers raise types of their own for a damaged file
+            print(f"memscan: the scan plan in {plan.folder} cannot be read ({one_line(exc)[:200]}); compiling it again",
+                  file=sys.stderr, flush=True)
+            shutil.rmtree(plan.folder, ignore_errors=True)
+    if args.engine == "auto":
+        args.engine = "torch"
+    loaded = load_scanner(args)
+    if family_refusal(loaded.family) is not None:
+        return loaded
+    print(f"memscan: compiling the scan plan (once per model and settings) into {request.folder()} ...",
+          file=sys.stderr, flush=True)
+    return planned(PlanScanner(build_plan(loaded.model, request), threads.threads), args, threads)
+
+
+def planned(scanner: PlanScanner, args: argparse.Namespace, threads: ThreadPolicy) -> PlanScanner:
+    """`scanner`, said on stderr, with the default batch size for its latents."""
+    from ..model import default_batch_size
+
     print(f"memscan: loading model {args.model} from its scan plan ({threads.describe()})", file=sys.stderr, flush=True)
     if args.batch_size is None:
         args.batch_size = default_batch_size("cpu", scanner.model.latent_shape)
