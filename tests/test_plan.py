@@ -136,3 +136,12 @@ def test_a_scan_no_plan_serves_runs_the_torch_scanner(tiny_sd1, tmp_path, cache)
     assert main(["scan", str(inputs), "--model", str(tiny_sd1), "--out", str(out), "--noise", "reference"]) == 0
     assert {json.loads(json.loads(line)["settings"])["engine"] for line in out.read_text().splitlines()} == {"torch"}
     assert not (cache / "plans").exists()
+
+
+def test_an_unknown_engine_is_refused_before_the_load_naming_auto(tmp_path, capsys):
+    from cli_output import LOADING, one_line_error
+
+    inputs = tmp_path / "p.txt"
+    inputs.write_text("a cat\n")
+    error = one_line_error(capsys, main(["scan", str(inputs), "--out", str(tmp_path / "s.jsonl"), "--engine", "fast"]))
+    assert "unknown engine 'fast' (available: auto, torch," in error and LOADING not in error

@@ -154,6 +154,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     check_scan_output(args.out, args.overwrite)
     if args.checkpoint_rows < 1:
         raise MemscanError(f"--checkpoint-rows must be >= 1, got {args.checkpoint_rows}")
+    if args.engine not in ("auto", *ENGINE_NAMES, "ray"):
+        raise MemscanError(f"unknown engine {args.engine!r} (available: auto, {', '.join(ENGINE_NAMES)}, ray)")
     chosen: list[Threshold] = []
     if check_ray_options(args):  # the workers load the model; the threshold is resolved against their settings
         resolve = threshold_resolver(args)
