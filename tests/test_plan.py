@@ -139,9 +139,10 @@ def test_a_scan_no_plan_serves_runs_the_torch_scanner(tiny_sd1, tmp_path, cache)
 
 
 def test_an_unknown_engine_is_refused_before_the_load_naming_auto(tmp_path, capsys):
-    from cli_output import LOADING, one_line_error
+    from cli_output import LOADING
 
     inputs = tmp_path / "p.txt"
     inputs.write_text("a cat\n")
-    error = one_line_error(capsys, main(["scan", str(inputs), "--out", str(tmp_path / "s.jsonl"), "--engine", "fast"]))
-    assert "unknown engine 'fast' (available: auto, torch," in error and LOADING not in error
+    assert main(["scan", str(inputs), "--out", str(tmp_path / "s.jsonl"), "--engine", "fast"]) == 2
+    err = capsys.readouterr().err
+    assert "memscan: error: unknown engine 'fast' (available: auto, torch," in err and LOADING not in err
