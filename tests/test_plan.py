@@ -57,10 +57,11 @@ def test_plan_scores_match_the_scanner(variant, generations, tiny_sd1, tiny_sd2,
     assert any(truncated)  # CLIP's 77 tokens: the long prompt is cut where the pipeline cuts it
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
-def test_plan_scores_match_the_scanner_on_every_family(family, tiny_family, cache):
-    """Two or three tokenizers and text encoders, pooled embeddings, flow models' velocity: all inside one graph."""
-    _assert_plan_matches_scanner(tiny_family(family), DetectSettings())
+@pytest.mark.parametrize(("family", "options"), [("sdxl", {}), ("sd3", {}), ("sd3", {"with_t5": False}), ("flux", {})])
+def test_plan_scores_match_the_scanner_on_every_family(family, options, tiny_family, cache):
+    """Two or three tokenizers and text encoders, pooled embeddings, SD3's zeros for a missing T5, flow models' velocity:
+    all inside one graph, at batch sizes other than the export's."""
+    _assert_plan_matches_scanner(tiny_family(family, **options), DetectSettings())
 
 
 def test_a_family_that_rewrites_prompts_is_not_planned(tiny_family):

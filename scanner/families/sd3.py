@@ -143,8 +143,9 @@ class StableDiffusion3(Family):
         (hidden_l, pooled_l), (hidden_g, pooled_g) = outputs["text_encoder"], outputs["text_encoder_2"]
         hidden_l, hidden_g = hidden_l.to(clip_dtype), hidden_g.to(clip_dtype)
         if "text_encoder_3" not in outputs:
-            # The pipeline's stand-in for T5: zeros of T5's length and the transformer's text width.
-            shape = (len(hidden_l), T5_MAX_LENGTH, self.denoiser.config.joint_attention_dim)
+            # The pipeline's stand-in for T5: zeros of T5's length and the transformer's text width
+            # (shape[0], not len(): a scan plan's export keeps the batch axis of a size it can see).
+            shape = (hidden_l.shape[0], T5_MAX_LENGTH, self.denoiser.config.joint_attention_dim)
             t5_hidden = torch.zeros(shape, device=self.device, dtype=clip_dtype)
         else:
             t5_hidden = outputs["text_encoder_3"][0].to(self.text_encoders["text_encoder_3"].dtype)
