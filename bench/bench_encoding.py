@@ -37,5 +37,5 @@ def test_tokenize_and_encode(benchmark, tokenizer, text_encoder):
     benchmark.group = f"prompt encoding, {BATCH} prompts"
     prompts = sample_prompts(BATCH)
     with torch.inference_mode():
-        result = benchmark(lambda: text_encoder(tokenizer.tokenize(prompts).input_ids)[0])
+        result = benchmark(lambda: text_encoder(torch.as_tensor(tokenizer.tokenize(prompts).input_ids))[0])
     assert result.shape == (BATCH, 77, SD15_TEXT_ENCODER["hidden_size"])

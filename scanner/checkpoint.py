@@ -50,7 +50,8 @@ FINGERPRINT_CACHE = "fingerprints.json"  # in cache_dir(): {stat key: fingerprin
 FINGERPRINT_CACHE_ENTRIES = 256
 
 
-def _component_files(path: Path, components: tuple[str, ...]) -> list[Path]:
+def component_files(path: Path, components: tuple[str, ...]) -> list[Path]:
+    """Every file of the pipeline's `components` folders, in a fixed order."""
     return [
         file
         for component in components
@@ -80,11 +81,6 @@ def stat_key(path: Path, files: list[Path]) -> str:
     return hashlib.sha256(json.dumps([str(path.resolve()), stats]).encode()).hexdigest()
 
 
-def components_key(path: Path, components: tuple[str, ...]) -> str:
-    """`stat_key` of every file of the pipeline's `components` folders: what `fingerprint` is cached under."""
-    return stat_key(path, _component_files(path, components))
-
-
 def fingerprint(path: Path, components: tuple[str, ...]) -> str:
     """Hash of every file of the pipeline's `components` folders (configs canonicalised, weights by content).
 
@@ -92,7 +88,7 @@ def fingerprint(path: Path, components: tuple[str, ...]) -> str:
     `cache_dir()/fingerprints.json` under the folder's path and each file's name, size and
     mtime: any change to a file recomputes it.
     """
-    files = _component_files(path, components)
+    files = component_files(path, components)
     key = stat_key(path, files)
     cache_file = cache_dir() / FINGERPRINT_CACHE
     try:

@@ -9,14 +9,16 @@ finds its plan imports ONNX Runtime and tokenizers, not torch, diffusers or tran
 starts in about a second (bench/RESULTS.md). Its scores are ONNX Runtime's: the settings record
 names the engine `onnx`.
 
-Plans live in `cache_dir()/plans/`, keyed by the model folder, the settings and the dtype. One is
-used only while every file of the model's components has the size and mtime it had when the plan
-was built (as the fingerprint cache, `scanner.checkpoint`); otherwise the next scan builds it anew.
+Plans live in `cache_dir()/plans/`, keyed by the model folder, the settings, the dtype, the size and
+mtime of every file of the model's components and `model_index.json` (as the fingerprint cache,
+`scanner.checkpoint`), and the versions of memscan and the libraries that build and run them: a
+changed file or an upgrade keys a new plan, which the next scan builds, discarding the old one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .cache import artefact_folder, build_artefact, cache_dir
-from .checkpoint import components_key
+from .checkpoint import component_files, stat_key
 from .encode import PromptTokenizer, TokenizedPrompts, tokenize_with
 from .errors import MemscanError
 from .onnx_session import open_session
@@ -55,11 +57,48 @@ class PlanRequest:
     settings: DetectSettings
     dtype: str = "float32"
 
-    def folder(self) -> Path:
-        """Where this request's plan is kept."""
-        key = {"format": PLAN_FORMAT, "model": str(self.model.resolve()), "settings": self.settings.to_dict(),
-               "dtype": self.dtype}
+    def lineage(self) -> dict:
+        """What the plans of this request share, whatever the model's files or the libraries are."""
+        return {"format": PLAN_FORMAT, "model": str(self.model.resolve()), "settings": self.settings.to_dict(),
+                "dtype": self.dtype}
+
+    def folder(self) -> Path | None:
+        """Where this request's plan is kept: keyed by the lineage, the stat key of the model's files (a changed file
+        keys a new plan) and the libraries' versions (an upgrade may change what a graph computes); None when the
+        folder has no readable `model_index.json` (the model's load says why)."""
+        files = model_files_key(self.model)
+        if files is None:
+            return None
+        key = {**self.lineage(), "files": files, "libraries": library_versions()}
         return artefact_folder(cache_dir(), "plans", self.model.name, key)
+
+
+def library_versions() -> dict[str, str | None]:
+    """The installed versions of what builds and runs a plan, read from their metadata (nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("memscan", "torch", "diffusers", "transformers", "onnxruntime", "tokenizers"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def model_files_key(model: Path) -> str | None:
+    """The stat key (`scanner.checkpoint.stat_key`) of `model_index.json` and of every file of the components it
+    names (a superset of what the family reads: the pipeline options a plan's constants depend on, such as SDXL's
+    `force_zeros_for_empty_prompt`, included); None without a readable index."""
+    index_file = model / "model_index.json"
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(index, dict):
+        return None
+    components = tuple(name for name in index if not name.startswith("_") and (model / name).is_dir())
+    return stat_key(model, [index_file, *component_files(model, components)])
 
 
 def auto_device() -> str:
@@ -155,9 +194,7 @@ def build_plan(model: ScanModel, request: PlanRequest) -> ScanPlan:
                                 "eos_token_id": hf.eos_token_id, "pad_token_id": hf.pad_token_id}
         manifest = {
             "format": PLAN_FORMAT,
-            "model": str(request.model),
-            "components": list(family.components),
-            "files_key": components_key(request.model, family.components),
+            "lineage": request.lineage(),
             "fingerprint": scanner.model.fingerprint,
             "family": family.name,
             "settings": scanner.settings.to_dict(),  # resolved for the family, as results record them
@@ -167,13 +204,33 @@ def build_plan(model: ScanModel, request: PlanRequest) -> ScanPlan:
         (folder / PLAN_FILE).write_text(json.dumps(manifest, indent=2))
 
     folder = request.folder()
-    if folder.exists() and ScanPlan.find(request) is None:  # stale: the model's files changed since it was built
-        shutil.rmtree(folder, ignore_errors=True)
+    if folder is None:
+        raise MemscanError(f"{request.model}: model_index.json cannot be read")
     build_artefact(folder, PLAN_FILE, build)
+    for other in folder.parent.glob(f"{folder.name.rsplit('-', 1)[0]}-*"):  # plans of older files or libraries
+        if other != folder and other.is_dir() and _lineage(other) == request.lineage():
+            discard(other)
     plan = ScanPlan.find(request)
     if plan is None:
         raise MemscanError(f"{request.model} changed while its scan plan was built; run the scan again")
     return plan
+
+
+def _lineage(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / PLAN_FILE).read_text()).get("lineage")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def discard(folder: Path) -> None:
+    """Remove a plan folder: renamed away first (atomic), so that no scan ever finds half of one."""
+    grave = folder.with_name(f"{folder.name}.discarded.{os.getpid()}")
+    try:
+        os.rename(folder, grave)
+    except OSError:  # gone already, or replaced by another process's fresh plan
+        return
+    shutil.rmtree(grave, ignore_errors=True)
 
 
 # -- scanning (no torch) ---------------------------------------------------------------------------
@@ -187,31 +244,29 @@ class SavedTokenizer:
     bos_token_id: int | None
     eos_token_id: int
     pad_token_id: int
-    model_max_length: int
 
 
 @dataclass(frozen=True)
 class ScanPlan:
-    """A built plan: its folder and its manifest (`plan.json`)."""
+    """A built plan: its folder, its manifest (`plan.json`), and the model folder as this scan names it."""
 
     folder: Path
     manifest: dict
+    model: Path
 
     @classmethod
     def find(cls, request: PlanRequest) -> ScanPlan | None:
         """The plan of `request` when one was built and the model's files are as they were then; else None."""
         folder = request.folder()
+        if folder is None:
+            return None
         try:
             manifest = json.loads((folder / PLAN_FILE).read_text())
         except (OSError, ValueError):
             return None
         if not isinstance(manifest, dict) or manifest.get("format") != PLAN_FORMAT:
             return None  # not one this memscan wrote
-        try:
-            current = components_key(request.model, tuple(manifest["components"]))
-        except (KeyError, TypeError, OSError):  # an edited manifest, or a model file gone as it was read
-            return None
-        return cls(folder, manifest) if manifest.get("files_key") == current else None
+        return cls(folder, manifest, request.model)
 
     def tokenizers(self) -> dict[str, PromptTokenizer]:
         """The model's tokenizers, as its family tokenizes (primary first)."""
@@ -220,8 +275,7 @@ class ScanPlan:
         made = {}
         for name, saved in self.manifest["tokenizers"].items():
             backend = Tokenizer.from_file(str(self.folder / f"{name}.json"))
-            tokenizer = SavedTokenizer(backend, saved["bos_token_id"], saved["eos_token_id"], saved["pad_token_id"],
-                                       saved["max_length"])
+            tokenizer = SavedTokenizer(backend, saved["bos_token_id"], saved["eos_token_id"], saved["pad_token_id"])
             made[name] = PromptTokenizer(tokenizer, name=name, max_length=saved["max_length"])
         return made
 
@@ -272,7 +326,7 @@ class PlanScanner:
         manifest = plan.manifest
         self.plan = plan
         self.settings = DetectSettings(**manifest["settings"])
-        self.model = PlanModel(manifest["fingerprint"], manifest["model"], tuple(manifest["latent_shape"]))
+        self.model = PlanModel(manifest["fingerprint"], str(plan.model), tuple(manifest["latent_shape"]))
         self.family = PlanTokenizers(plan.tokenizers())
         self.engine = PlanEngine(plan.folder / GRAPH_FILE, threads)
         self._cache = ScoreCache(cache_size)

@@ -61,7 +61,7 @@ def choose_threads(requested: int | None = None) -> ThreadPolicy:
     return ThreadPolicy(threads, source, os.getloadavg()[0], cpus)
 
 
-_applied: ThreadPolicy | None = None  # torch's thread count is process-wide, and so is its record
+_applied: ThreadPolicy | None = None  # the process's thread count (torch's, or a scan plan's session's), recorded once chosen
 
 
 def record_threads(requested: int | None = None) -> ThreadPolicy:
@@ -81,7 +81,7 @@ def apply_threads(requested: int | None = None) -> ThreadPolicy:
 
 
 def current_threads() -> ThreadPolicy:
-    """The policy `apply_threads` set, else torch's own thread count with today's load."""
+    """The policy `record_threads` or `apply_threads` set, else torch's own thread count with today's load."""
     if _applied is not None:
         return _applied
     import torch

@@ -76,7 +76,7 @@ def test_fingerprint_is_cached_by_path_size_and_mtime(tmp_path, tiny_sd1, monkey
     (copy / "scheduler" / "extra.txt").write_text("x")  # a new file in a component
     fingerprint(copy)
     assert len(hashed) == 4
-    assert fingerprint(tiny_sd1) == real(tiny_sd1, model_module._component_files(tiny_sd1, StableDiffusion.components))
+    assert fingerprint(tiny_sd1) == real(tiny_sd1, model_module.component_files(tiny_sd1, StableDiffusion.components))
 
 
 def test_refuses_unsupported_pipelines(tmp_path, tiny_sd1):

@@ -68,6 +68,37 @@ def test_a_family_that_rewrites_prompts_is_not_planned(tiny_family):
     assert "rewrites prompts" in family_refusal(load_model(tiny_family("pixart"), device="cpu").family)
 
 
+def test_a_changed_model_index_keys_a_new_plan_and_the_old_one_goes(tiny_sd1, tmp_path, cache):
+    """`model_index.json` holds pipeline options the plan's constants depend on (SDXL's force_zeros_for_empty_prompt)."""
+    model = tmp_path / "model"
+    subprocess.run(["cp", "-r", str(tiny_sd1), str(model)], check=True)
+    request = PlanRequest(model, DetectSettings())
+    first = build_plan(load_model(model, device="cpu"), request)
+    index = model / "model_index.json"
+    os.utime(index, ns=(index.stat().st_atime_ns, index.stat().st_mtime_ns + 10**9))
+    assert ScanPlan.find(request) is None
+    second = build_plan(load_model(model, device="cpu"), request)
+    assert second.folder != first.folder and not first.folder.exists() and ScanPlan.find(request) == second
+
+
+def test_a_plan_names_the_model_as_the_scan_does(tmp_path, cache, monkeypatch, capsys):
+    """Built with a relative --model from one folder, used with an absolute one from another: the model folder's
+    own calibration is found (the bundled testbed's, made with the torch engine, applies to the plan's scores)."""
+    from scanner.testbed import default_model_path
+
+    testbed = default_model_path()
+    inputs = tmp_path / "p.txt"
+    inputs.write_text("a red fox\nthe city at night\n")
+    flagged = []
+    for run, (cwd, name) in enumerate([(testbed.parent, testbed.name), (tmp_path, str(testbed))]):
+        monkeypatch.chdir(cwd)
+        out = tmp_path / f"s{run}.jsonl"
+        assert main(["scan", str(inputs), "--model", name, "--out", str(out)]) == 0
+        flagged.append([json.loads(line)["flagged"] for line in out.read_text().splitlines()])
+        assert ("compiling the scan plan" in capsys.readouterr().err) == (run == 0)
+    assert flagged[0] == flagged[1] and None not in flagged[1]
+
+
 def test_plan_sessions_take_the_thread_count(tiny_sd1, cache):
     plan = build_plan(load_model(tiny_sd1, device="cpu"), PlanRequest(tiny_sd1, DetectSettings()))
     assert PlanScanner(plan, threads=1).engine.session.get_session_options().intra_op_num_threads == 1
@@ -102,6 +133,7 @@ def test_a_scan_served_by_its_plan_imports_no_torch_and_a_changed_model_or_damag
         compiled.append("memscan: compiling the scan plan" in done.stderr)
         rows.append([json.loads(line) for line in out.read_text().splitlines()])
     assert compiled == [True, False, True, True]
+    assert len(list((cache / "plans").glob("*/plan.json"))) == 1  # the plan of the old files discarded
     assert imported[1] == "[]" and imported[0] == imported[2] == imported[3] == "['diffusers', 'torch', 'transformers']"
     assert rows[0] == rows[1] == rows[2] == rows[3] and json.loads(rows[0][0]["settings"])["engine"] == "onnx"
     # The plan's scores are the torch scanner's, to rounding.
@@ -120,6 +152,7 @@ def test_a_scan_served_by_its_plan_imports_no_torch_and_a_changed_model_or_damag
         (["--noise", "reference"], "shared noise only"),
         (["--device", "cuda"], "on the CPU"),
         (["--dtype", "bf16"], "in fp32"),
+        (["--dtype", "float32"], "--dtype float32"),  # not a --dtype name: the load refuses it, plan or none
         ([], None),
         (["--engine", "onnx", "--generations", "4", "--seed", "3", "--device", "cpu"], None),
     ],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,14 +80,17 @@ def scan_on_ray(args: argparse.Namespace, **options: Any) -> ScanSummary:
 
 def plan_refusal(args: argparse.Namespace) -> str | None:
     """Why no scan plan serves these options (known before any model is loaded); None when one can."""
+    from ..model import DTYPES
     from ..plan import auto_device, settings_refusal
 
     if args.engine not in ("auto", "onnx"):
         return f"--engine {args.engine}"
     if args.detector != "wen":
         return f"--detector {args.detector}"
+    if args.dtype not in ("auto", *DTYPES):
+        return f"--dtype {args.dtype}"  # refused by the load, in its words
     device = auto_device() if args.device == "auto" else args.device
-    dtype = "float32" if args.dtype in ("auto", "fp32") else args.dtype
+    dtype = DTYPES["fp32" if args.dtype == "auto" else args.dtype]
     return settings_refusal(detect_settings(args), device, dtype)
 
 
@@ -96,7 +98,7 @@ def planned_scanner(args: argparse.Namespace) -> PlanScanner | Scanner:
     """The scanner of the options' scan plan; on the first scan of a model and settings the model is loaded and
     the plan built. A family that cannot be planned keeps the loaded model's scanner (`--engine auto`: torch)."""
     from ..checkpoint import resolve_model_path
-    from ..plan import PlanRequest, PlanScanner, ScanPlan, build_plan, family_refusal
+    from ..plan import PlanRequest, PlanScanner, ScanPlan, build_plan, discard, family_refusal, settings_refusal
     from ..threads import record_threads
 
     request = PlanRequest(resolve_model_path(args.model), detect_settings(args))
@@ -105,18 +107,30 @@ def planned_scanner(args: argparse.Namespace) -> PlanScanner | Scanner:
     if plan is not None:
         try:
             return planned(PlanScanner(plan, threads.threads), args, threads)
+        except MemoryError:
+            raise
         except Exception as exc:  # ONNX Runtime and tokenizers raise types of their own for a damaged file
             print(f"memscan: the scan plan in {plan.folder} cannot be read ({one_line(exc)[:200]}); compiling it again",
                   file=sys.stderr, flush=True)
-            shutil.rmtree(plan.folder, ignore_errors=True)
+            discard(plan.folder)
     if args.engine == "auto":
         args.engine = "torch"
     loaded = load_scanner(args)
-    if family_refusal(loaded.family) is not None:
+    model = loaded.model
+    # The load's own answers: torch may find a GPU that no /dev/nvidia* showed (ROCm, WSL), a tokenizer may be slow.
+    if settings_refusal(request.settings, model.device.type, str(model.dtype).removeprefix("torch.")) or family_refusal(
+        loaded.family
+    ):
         return loaded
     print(f"memscan: compiling the scan plan (once per model and settings) into {request.folder()} ...",
           file=sys.stderr, flush=True)
-    return planned(PlanScanner(build_plan(loaded.model, request), threads.threads), args, threads)
+    try:
+        plan = build_plan(model, request)
+    except (OSError, RuntimeError) as exc:  # a full disk, an operator the exporter cannot write: the loaded model scans
+        print(f"memscan: the scan plan could not be compiled ({one_line(exc)[:200]}); scanning with the {args.engine} "
+              "engine", file=sys.stderr, flush=True)
+        return loaded
+    return planned(PlanScanner(plan, threads.threads), args, threads)
 
 
 def planned(scanner: PlanScanner, args: argparse.Namespace, threads: ThreadPolicy) -> PlanScanner:
