@@ -101,10 +101,14 @@ def model_files_key(model: Path) -> str | None:
     return stat_key(model, [index_file, *component_files(model, components)])
 
 
-def auto_device() -> str:
-    """What `--device auto` is, known without torch where it can be: `cpu` on a machine with no NVIDIA device node
-    (`/dev/nvidia0`, ...); else `auto`, for torch to decide."""
-    return "auto" if any(Path("/dev").glob("nvidia[0-9]*")) else "cpu"
+# Device nodes of a GPU torch may use: NVIDIA's, ROCm's, WSL's GPU passthrough.
+GPU_NODES = ("nvidia[0-9]*", "kfd", "dxg")
+
+
+def auto_device(dev: Path = Path("/dev")) -> str:
+    """What `--device auto` is, known without torch where it can be: `cpu` on a machine with no GPU device node
+    (`GPU_NODES` under `dev`); else `auto`, for torch to decide."""
+    return "auto" if any(any(dev.glob(node)) for node in GPU_NODES) else "cpu"
 
 
 def settings_refusal(settings: DetectSettings, device: str, dtype: str) -> str | None:

@@ -163,6 +163,16 @@ def test_which_options_a_plan_serves(options, reason):
     assert refusal is None if reason is None else reason in refusal
 
 
+@pytest.mark.parametrize(("nodes", "device"), [([], "cpu"), (["null", "tty0"], "cpu"), (["nvidia0"], "auto"),
+                                               (["kfd"], "auto"), (["dxg"], "auto")])
+def test_device_auto_is_the_cpu_only_where_no_gpu_node_exists(tmp_path, nodes, device):
+    from scanner.plan import auto_device
+
+    for node in nodes:
+        (tmp_path / node).touch()
+    assert auto_device(tmp_path) == device
+
+
 def test_a_scan_no_plan_serves_runs_the_torch_scanner(tiny_sd1, tmp_path, cache):
     inputs = tmp_path / "p.txt"
     inputs.write_text("a red fox\nthe city at night\n")
