@@ -80,7 +80,6 @@ class Scanner:
         self.schedule = self.family.schedule(self.settings.num_inference_steps)
         self.timesteps = self.schedule.timesteps[: self.settings.end_step]
         self.score_scales = [self.schedule.score_scale(self.settings.score_space, s) for s in range(len(self.timesteps))]
-        self.cache_size = cache_size
         self.reuse_uncond = reuse_uncond
         self._cache = ScoreCache(cache_size)
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .cache import artefact_folder, build_artefact, cache_dir
-from .checkpoint import component_files, stat_key
+from .checkpoint import component_files, read_json, stat_key
 from .encode import PromptTokenizer, TokenizedPrompts, tokenize_with
 from .errors import MemscanError
 from .onnx_session import open_session
@@ -92,8 +92,8 @@ def model_files_key(model: Path) -> str | None:
     `force_zeros_for_empty_prompt`, included); None without a readable index."""
     index_file = model / "model_index.json"
     try:
-        index = json.loads(index_file.read_text())
-    except (OSError, ValueError):
+        index = read_json(index_file)
+    except (MemscanError, OSError):
         return None
     if not isinstance(index, dict):
         return None
@@ -126,6 +126,13 @@ def settings_refusal(settings: DetectSettings, device: str, dtype: str) -> str |
     except ImportError:
         return "plans need onnxruntime: pip install onnxruntime"
     return None
+
+
+def model_refusal(model: ScanModel, settings: DetectSettings) -> str | None:
+    """Why no plan can score the loaded model with `settings`: the device and dtype it loaded on, its family; None when
+    one can."""
+    dtype = str(model.dtype).removeprefix("torch.")
+    return settings_refusal(settings, model.device.type, dtype) or family_refusal(model.family)
 
 
 def family_refusal(family: Family) -> str | None:
@@ -179,8 +186,7 @@ def build_plan(model: ScanModel, request: PlanRequest) -> ScanPlan:
     from .detect import Scanner
     from .engines.onnx_export import export_named
 
-    dtype = str(model.dtype).removeprefix("torch.")
-    refusal = settings_refusal(request.settings, model.device.type, dtype) or family_refusal(model.family)
+    refusal = model_refusal(model, request.settings)
     if refusal is not None:
         raise MemscanError(f"no scan plan for {request.model}: {refusal}")
     scanner = Scanner(model, request.settings)  # the eager modules: the export traces them, uncond is theirs

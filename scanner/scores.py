@@ -107,7 +107,7 @@ ScoreRow = tuple[HostScores, int, int, bool]
 
 @dataclass
 class PendingScores:
-    """A submitted batch: each prompt's row of scores in the `HostCopy` of the batch that computed it."""
+    """A submitted batch: each prompt's row of scores in the `HostScores` of the batch that computed it."""
 
     rows: list[ScoreRow]
 

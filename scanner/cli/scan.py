@@ -98,7 +98,7 @@ def planned_scanner(args: argparse.Namespace) -> PlanScanner | Scanner:
     """The scanner of the options' scan plan; on the first scan of a model and settings the model is loaded and
     the plan built. A family that cannot be planned keeps the loaded model's scanner (`--engine auto`: torch)."""
     from ..checkpoint import resolve_model_path
-    from ..plan import PlanRequest, PlanScanner, ScanPlan, build_plan, discard, family_refusal, settings_refusal
+    from ..plan import PlanRequest, PlanScanner, ScanPlan, build_plan, discard, model_refusal
     from ..threads import record_threads
 
     request = PlanRequest(resolve_model_path(args.model), detect_settings(args))
@@ -116,16 +116,13 @@ def planned_scanner(args: argparse.Namespace) -> PlanScanner | Scanner:
     if args.engine == "auto":
         args.engine = "torch"
     loaded = load_scanner(args)
-    model = loaded.model
-    # The load's own answers: torch may find a GPU that no /dev/nvidia* showed (ROCm, WSL), a tokenizer may be slow.
-    if settings_refusal(request.settings, model.device.type, str(model.dtype).removeprefix("torch.")) or family_refusal(
-        loaded.family
-    ):
+    # The load's own answers: torch may find a GPU no device node showed, a tokenizer may be slow.
+    if model_refusal(loaded.model, request.settings) is not None:
         return loaded
     print(f"memscan: compiling the scan plan (once per model and settings) into {request.folder()} ...",
           file=sys.stderr, flush=True)
     try:
-        plan = build_plan(model, request)
+        plan = build_plan(loaded.model, request)
     except (OSError, RuntimeError) as exc:  # a full disk, an operator the exporter cannot write: the loaded model scans
         print(f"memscan: the scan plan could not be compiled ({one_line(exc)[:200]}); scanning with the {args.engine} "
               "engine", file=sys.stderr, flush=True)
