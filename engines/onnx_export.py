@@ -14,6 +14,7 @@ A text encoder module (`forward(**inputs) -> tuple`, with `output_names`: a fami
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..cache import artefact_folder, build_artefact
-from .onnx_symbolics import register_symbolics
+from .onnx_symbolics import fused_attention, register_symbolics, standard_attention
 
 OPSET = 17
 # Bump when the graph's inputs, outputs or exporter options change: old exports are then ignored.
@@ -138,13 +139,17 @@ def export_text_encoder(module: torch.nn.Module, spec: CondSpec, folder: Path) -
     return export_named(module, spec, module.output_names, folder / TEXT_ENCODER_FILE)
 
 
-def export_named(module: torch.nn.Module, spec: CondSpec, output_names: tuple[str, ...], path: Path) -> Path:
+def export_named(
+    module: torch.nn.Module, spec: CondSpec, output_names: tuple[str, ...], path: Path, fuse_attention: bool = False
+) -> Path:
     """Export `module(**inputs) -> tuple` for keyword inputs `spec` to `path`, inputs and outputs named, every one
-    batched on a dynamic dim 0 (a text encoder; a scan plan's scorer)."""
+    batched on a dynamic dim 0 (a text encoder; a scan plan's scorer); `fuse_attention`: attention as ONNX's fused
+    opset-23 `Attention` (for ONNX Runtime's CPU: other runtimes may not have it)."""
     param = next(module.parameters())
     batch = {0: "batch"}
     register_symbolics(OPSET)
-    with warnings.catch_warnings(), torch.no_grad():
+    fusing = fused_attention() if fuse_attention else contextlib.nullcontext()
+    with warnings.catch_warnings(), torch.no_grad(), fusing:
         warnings.simplefilter("ignore")  # tracer warnings, as for the denoiser
         torch.onnx.export(
             NamedInputs(module, tuple(spec)).eval(),
@@ -156,6 +161,8 @@ def export_named(module: torch.nn.Module, spec: CondSpec, output_names: tuple[st
             output_names=list(output_names),
             dynamic_axes={name: batch for name in (*spec, *output_names)},
         )
+    if fuse_attention:
+        standard_attention(path)
     return path
 
 

@@ -14,14 +14,23 @@ SD3 graphs come out node for node the same.
 - `aten::squeeze(dim)` becomes an ONNX `If` where shape inference lost the dimension's size
   (PixArt's `hidden_states.squeeze(1)` after its patch embedding), and ONNX Runtime, which
   knows the size, rejects the `If`'s squeeze branch. The traced size decides instead.
+- `aten::scaled_dot_product_attention` is torch's own symbolic (MatMul, Softmax, MatMul on
+  `[B, H, S, D]`, with the heads' transposes around it), except inside `fused_attention()`:
+  there it becomes one attention node on `[B, S, H * D]` (`memscan::Attention`, ONNX's opset-23
+  `Attention` once `standard_attention` has rewritten the file). On ONNX Runtime's CPU that node
+  keeps each head's scores in cache, and the transposes it takes cancel the callers' own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
-from torch.onnx import symbolic_helper, symbolic_opset11
+from torch.onnx import symbolic_helper, symbolic_opset11, symbolic_opset14
 
 FLOAT = 1  # ONNX TensorProto.FLOAT
 
@@ -65,7 +74,86 @@ def squeeze(g, x, dim=None):
     return symbolic_opset11.squeeze(g, x, dim)
 
 
-SYMBOLICS = {"aten::rms_norm": rms_norm, "aten::unflatten": unflatten, "aten::squeeze": squeeze}
+ATTENTION_DOMAIN = "memscan"  # the fused node's domain until `standard_attention` makes it ONNX's own
+ATTENTION_OPSET = 23  # ONNX's first opset with `Attention`
+_fused_attention = contextvars.ContextVar("fused_attention", default=False)
+
+
+@contextlib.contextmanager
+def fused_attention() -> Iterator[None]:
+    """Export attention as one fused node while inside (then run `standard_attention` on the file)."""
+    token = _fused_attention.set(True)
+    try:
+        yield
+    finally:
+        _fused_attention.reset(token)
+
+
+@symbolic_helper.parse_args("v", "v", "v", "v", "f", "b", "v", "b")
+def scaled_dot_product_attention(g, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
+    """torch's symbolic, or inside `fused_attention()` one `memscan::Attention` node on `[B, S, H * D]` rows."""
+    scale_value = None if symbolic_helper._is_none(scale) else symbolic_helper._maybe_get_const(scale, "f")
+    fusable = _fused_attention.get() and not dropout_p and not enable_gqa and not isinstance(scale_value, torch._C.Value)
+    if fusable:
+        # The traced example's sizes: heads, lengths and head sizes are the model's, not the batch's.
+        sizes = [g.original_node.inputsAt(i).type().sizes() for i in range(3)]
+        fusable = all(s is not None and len(s) == 4 for s in sizes)
+    if fusable:
+        (_, heads, length, _), (_, kv_heads, kv_length, _), (_, _, _, value_size) = sizes
+        fusable = heads == kv_heads and (not is_causal or length == kv_length)
+    if not fusable:
+        return symbolic_opset14.scaled_dot_product_attention(
+            g, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+        )
+    rows = _constant(g, [0, 0, -1])  # [B, S, H, D] -> [B, S, H * D]
+    q, k, v = (g.op("Reshape", g.op("Transpose", x, perm_i=[0, 2, 1, 3]), rows) for x in (query, key, value))
+    attributes = {"q_num_heads_i": heads, "kv_num_heads_i": heads, "is_causal_i": int(is_causal)}
+    if scale_value is not None:
+        attributes["scale_f"] = scale_value
+    masks = [] if symbolic_helper._is_none(attn_mask) else [_mask_rows(g, attn_mask, length, kv_length)]
+    out = g.op(f"{ATTENTION_DOMAIN}::Attention", q, k, v, *masks, **attributes)
+    out = g.op("Reshape", out, _constant(g, [0, 0, heads, value_size]))
+    return g.op("Transpose", out, perm_i=[0, 2, 1, 3])
+
+
+def _mask_rows(g, mask, length: int, kv_length: int):
+    """`mask` broadcast over the queries: ONNX Runtime's `Attention` takes a mask of one row per query only."""
+    sizes = g.original_node.inputsAt(3).type().sizes()
+    if sizes is None or len(sizes) < 2 or sizes[-2] == length:
+        return mask
+    return g.op("Expand", mask, _constant(g, [1] * (len(sizes) - 2) + [length, kv_length]))
+
+
+def standard_attention(path: Path) -> None:
+    """Rewrite the ONNX file at `path` (weights left where they are) to opset 23, its fused attention nodes made
+    ONNX's own `Attention`; a file without any is left alone."""
+    import onnx
+    from onnx import version_converter
+
+    model = onnx.load(str(path), load_external_data=False)
+    if not any(node.domain == ATTENTION_DOMAIN for node in model.graph.node):
+        return
+    model = version_converter.convert_version(model, ATTENTION_OPSET)
+    for node in model.graph.node:
+        if node.domain == ATTENTION_DOMAIN:
+            node.domain = ""
+    imports = [o for o in model.opset_import if o.domain != ATTENTION_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(imports)
+    # The exporter left the fused nodes' outputs, and what it computed from them, untyped; ONNX Runtime infers them.
+    kept = [info for info in model.graph.value_info if info.type.tensor_type.elem_type != onnx.TensorProto.UNDEFINED]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    onnx.save(model, str(path))
+
+
+SYMBOLICS = {
+    "aten::rms_norm": rms_norm,
+    "aten::unflatten": unflatten,
+    "aten::squeeze": squeeze,
+    "aten::scaled_dot_product_attention": scaled_dot_product_attention,
+}
 
 
 @functools.cache

@@ -154,6 +154,59 @@ def test_onnx_symbolics_export_rms_norm_and_unflatten_with_a_dynamic_batch(tmp_p
         np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], expected, rtol=1e-5, atol=1e-6)
 
 
+class _Attention(torch.nn.Module):
+    """`scaled_dot_product_attention` of projected `[B, S, C]` rows, as diffusers' and transformers' processors call it."""
+
+    def __init__(self, heads: int, width: int, mask: str, causal: bool, scale: float | None):
+        super().__init__()
+        self.heads, self.mask, self.causal, self.scale = heads, mask, causal, scale
+        self.to_q, self.to_k, self.to_v = (torch.nn.Linear(width, width) for _ in range(3))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(t.size(0), -1, self.heads, t.size(-1) // self.heads).transpose(1, 2)
+
+        keys = x if self.causal else context
+        mask = None
+        if self.mask == "bool":  # rows attend to the first key and to keys not greater than them in the first feature
+            mask = ((keys[:, None, :, 0] <= x[:, :, None, 0]) | (torch.arange(keys.size(1)) == 0)).unsqueeze(1)
+        elif self.mask == "float":
+            mask = keys[:, None, None, :, 1] * 3
+        out = torch.nn.functional.scaled_dot_product_attention(
+            split(self.to_q(x)), split(self.to_k(keys)), split(self.to_v(keys)), attn_mask=mask, is_causal=self.causal,
+            scale=self.scale,
+        )
+        return out.transpose(1, 2).reshape(x.shape)
+
+
+@pytest.mark.parametrize(("mask", "causal", "scale"), [("none", False, None), ("none", True, None), ("bool", False, None),
+                                                        ("float", False, 0.3)])
+def test_fused_attention_exports_one_attention_node_that_matches_float64(tmp_path, mask, causal, scale):
+    """Cross-attention over another length (or causal self-attention), boolean or additive masks, a given scale."""
+    import onnx
+    import onnxruntime
+
+    from scanner.engines.onnx_export import export_named
+
+    rng = random.Random()
+    heads, length = rng.choice([1, 2, 4]), rng.randint(5, 9)
+    module = _Attention(heads, heads * 4, mask, causal, scale).eval()
+    spec = {"x": ((length, heads * 4), "float32")} | ({} if causal else {"context": ((length + 3, heads * 4), "float32")})
+    path = export_named(module, spec, ("out",), tmp_path / "attention.onnx", fuse_attention=True)
+    graph = onnx.load(str(path))
+    ops = [node.op_type for node in graph.graph.node]
+    assert ops.count("Attention") == 1 and "Softmax" not in ops and graph.opset_import[0].version == 23
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for rows in (1, 3):  # not the traced batch of 2
+        inputs = {name: torch.randn(rows, *shape) for name, (shape, _) in spec.items()}
+        with torch.no_grad():
+            expected = module.double()(**{k: v.double() for k, v in inputs.items()}).numpy()
+        got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    default = export_named(module.float(), spec, ("out",), tmp_path / "plain.onnx")
+    assert "Softmax" in [node.op_type for node in onnx.load(str(default)).graph.node]  # torch's own, outside
+
+
 def test_onnx_norm_head_broadcasts_or_pairs_uncond(tiny_sd1, tmp_path):
     model = load_model(tiny_sd1, device="cpu")
     engine = create_engine("onnx", model.family.denoiser_module(), cache_dir=tmp_path, cache_key="k")
