@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,8 @@ from .checkpoint import component_files, read_json, stat_key
 from .encode import PromptTokenizer, TokenizedPrompts, tokenize_with
 from .errors import MemscanError
 from .onnx_session import open_session
-from .scores import DetectSettings, PendingScores, PromptScores, ReadyScores, ScoreCache, cached_scores
+from .scores import DetectSettings, PendingScores, PromptScores, ScoreCache, cached_scores
+from .threads import available_cpus
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -42,11 +44,17 @@ if TYPE_CHECKING:
     from .families import Family
     from .model import ScanModel
 
-PLAN_FORMAT = 1  # bump when what a plan holds changes: older plans are then rebuilt
+PLAN_FORMAT = 2  # bump when what a plan holds changes: older plans are then rebuilt
 PLAN_FILE = "plan.json"
 GRAPH_FILE = "scorer.onnx"
 OUTPUT = "scores"  # the graph's one output, `[B, generations]` fp32
 ENGINE = "onnx"  # the engine the settings record names: the plan's scores are ONNX Runtime's
+# A new plan's scores of these, against the loaded model's, decide that it is kept (fp32 rounding apart).
+CHECK_PROMPTS = ("a plan", "a photograph of a red fox in the snow, by an artist of the night")
+CHECK_RTOL = 1e-4
+# Latent elements (rows times generations times the latent's size) per run of the graph: 64 testbed
+# prompts, where a run's activations stay in a core's cache (bench/RESULTS.md, "Scan plans").
+RUN_LATENT_ELEMENTS = 2**14
 
 
 @dataclass(frozen=True)
@@ -193,9 +201,17 @@ def build_plan(model: ScanModel, request: PlanRequest) -> ScanPlan:
     family = scanner.family
 
     def build(folder: Path) -> None:
-        tokens = family.tokenize(["a plan"])
+        tokens = family.tokenize(list(CHECK_PROMPTS))
         spec = {name: (tuple(ids.shape[1:]), "int64") for name, ids in tokens.ids.items()}
-        export_named(scorer_module(scanner), spec, (OUTPUT,), folder / GRAPH_FILE)
+        expected = scanner.score(list(CHECK_PROMPTS), tokens=tokens).per_generation
+        graph = folder / GRAPH_FILE
+        # Fused attention where ONNX Runtime runs it and it agrees with the model, else torch's own ops.
+        for fused in (True, False):
+            export_named(scorer_module(scanner), spec, (OUTPUT,), graph, fuse_attention=fused)
+            if _agrees(graph, tokens, expected):
+                break
+        else:
+            raise RuntimeError(f"its exported scores disagree with the model's by more than {CHECK_RTOL:g} relative")
         tokenizers = {}
         for name, tokenizer in family.tokenizers.items():
             (folder / f"{name}.json").write_text(tokenizer.tokenizer.backend_tokenizer.to_str())
@@ -209,6 +225,7 @@ def build_plan(model: ScanModel, request: PlanRequest) -> ScanPlan:
             "family": family.name,
             "settings": scanner.settings.to_dict(),  # resolved for the family, as results record them
             "latent_shape": list(scanner.model.latent_shape),
+            "fused_attention": fused,
             "tokenizers": tokenizers,
         }
         (folder / PLAN_FILE).write_text(json.dumps(manifest, indent=2))
@@ -224,6 +241,15 @@ def build_plan(model: ScanModel, request: PlanRequest) -> ScanPlan:
     if plan is None:
         raise MemscanError(f"{request.model} changed while its scan plan was built; run the scan again")
     return plan
+
+
+def _agrees(graph: Path, tokens: TokenizedPrompts, expected: np.ndarray) -> bool:
+    """Whether ONNX Runtime runs the graph and its scores of `tokens` are the model's, `expected`."""
+    try:
+        got = PlanEngine(graph, threads=1).scores(tokens)
+    except Exception:  # ONNX Runtime's exceptions are types of their own: an operator version it lacks
+        return False
+    return bool(np.allclose(got, expected, rtol=CHECK_RTOL, atol=0))
 
 
 def _lineage(folder: Path) -> dict | None:
@@ -316,16 +342,49 @@ class PlanTokenizers:
 
 
 class PlanEngine:
-    """The plan's graph in an ONNX Runtime session on the CPU."""
+    """The plan's graph in one ONNX Runtime session on the CPU, run on `threads` threads at once, each run
+    single-threaded on a chunk of the batch of at most `chunk_rows` rows.
+
+    Runs side by side rather than one run's operators split over the cores: a model this small spends
+    a 2-thread run's time handing each operator's halves between cores, and a chunk's activations stay
+    in its core's cache (bench/RESULTS.md, "Scan plans")."""
 
     name = ENGINE
 
-    def __init__(self, path: Path, threads: int | None = None):
-        self.session = open_session(path, ["CPUExecutionProvider"], threads)
+    def __init__(self, path: Path, threads: int | None = None, chunk_rows: int = 64):
+        self.session = open_session(path, ["CPUExecutionProvider"], threads=1)
+        self.threads = threads or available_cpus()
+        self.chunk_rows = chunk_rows
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="memscan-plan")
+
+    def submit(self, tokens: TokenizedPrompts) -> ChunkedScores:
+        """Start scoring tokenized prompts: per-generation scores `[B, n]` fp32 once `numpy()` returns."""
+        rows = len(next(iter(tokens.ids.values())))
+        size = max(1, min(self.chunk_rows, -(-rows // self.threads)))  # every thread busy on a small batch
+        chunks = [{name: np.ascontiguousarray(ids[i : i + size]) for name, ids in tokens.ids.items()}
+                  for i in range(0, rows, size)]
+        return ChunkedScores([self._pool.submit(self._run, chunk) for chunk in chunks])
 
     def scores(self, tokens: TokenizedPrompts) -> np.ndarray:
         """Per-generation scores `[B, n]` fp32 of tokenized prompts."""
-        return self.session.run([OUTPUT], {name: np.ascontiguousarray(ids) for name, ids in tokens.ids.items()})[0]
+        return self.submit(tokens).numpy()
+
+    def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run([OUTPUT], feed)[0]
+
+
+class ChunkedScores:
+    """A batch's scores while its chunks run (`HostScores`): the scan writes the batch before while they do."""
+
+    def __init__(self, runs: list[Future]):
+        self._runs = runs
+        self._values: np.ndarray | None = None
+
+    def numpy(self) -> np.ndarray:
+        """The scores, once every chunk's run is done."""
+        if self._values is None:
+            self._values = np.concatenate([run.result() for run in self._runs])
+        return self._values
 
 
 class PlanScanner:
@@ -338,16 +397,17 @@ class PlanScanner:
         self.settings = DetectSettings(**manifest["settings"])
         self.model = PlanModel(manifest["fingerprint"], str(plan.model), tuple(manifest["latent_shape"]))
         self.family = PlanTokenizers(plan.tokenizers())
-        self.engine = PlanEngine(plan.folder / GRAPH_FILE, threads)
+        per_row = self.settings.generations * int(np.prod(self.model.latent_shape))
+        self.engine = PlanEngine(plan.folder / GRAPH_FILE, threads, chunk_rows=max(1, RUN_LATENT_ELEMENTS // per_row))
         self._cache = ScoreCache(cache_size)
 
     def submit(
         self, prompts: Sequence[str], indices: Sequence[int] | None = None, tokens: TokenizedPrompts | None = None
     ) -> PendingScores:
-        """The prompts' scores (each distinct prompt computed once; `indices` unused: shared noise)."""
+        """Start scoring the prompts, each distinct one computed once (`indices` unused: shared noise); `result()` waits."""
         if tokens is None:
             tokens = self.family.tokenize(prompts)
-        return cached_scores(self._cache, prompts, tokens, lambda computed: ReadyScores(self.engine.scores(computed)))
+        return cached_scores(self._cache, prompts, tokens, self.engine.submit)
 
     def score(
         self, prompts: Sequence[str], indices: Sequence[int] | None = None, tokens: TokenizedPrompts | None = None

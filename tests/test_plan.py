@@ -8,13 +8,14 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 
 from scanner.cli import build_parser, main
 from scanner.cli.scan import plan_refusal
 from scanner.detect import DetectSettings, Scanner
 from scanner.model import load_model
-from scanner.plan import PlanRequest, PlanScanner, ScanPlan, build_plan, family_refusal
+from scanner.plan import GRAPH_FILE, PlanRequest, PlanScanner, ScanPlan, build_plan, family_refusal
 
 pytest.importorskip("onnxruntime")
 
@@ -38,7 +39,9 @@ def _assert_plan_matches_scanner(path, settings: DetectSettings) -> list[bool]:
     """The plan's scores of random prompts against the torch scanner's; the prompts' truncation flags."""
     model = load_model(path, device="cpu")
     plan = build_plan(model, PlanRequest(path, settings))
-    planned, scanner = PlanScanner(plan), Scanner(model, settings)
+    ops = {node.op_type for node in onnx.load(str(plan.folder / GRAPH_FILE)).graph.node}
+    assert plan.manifest["fused_attention"] and "Attention" in ops and "Softmax" not in ops  # every attention fused
+    planned, scanner = PlanScanner(plan, threads=int(np.random.default_rng().integers(1, 4))), Scanner(model, settings)
     rng = np.random.default_rng()
     prompts = _prompts(rng, int(rng.integers(3, 12)))  # batch sizes other than the export's 2
     got, expected = planned.score(prompts), scanner.score(prompts)
@@ -99,9 +102,39 @@ def test_a_plan_names_the_model_as_the_scan_does(tmp_path, cache, monkeypatch, c
     assert flagged[0] == flagged[1] and None not in flagged[1]
 
 
-def test_plan_sessions_take_the_thread_count(tiny_sd1, cache):
+def test_plan_runs_chunks_side_by_side_on_the_thread_count(tiny_sd1, cache):
+    """Each run single-threaded; a batch split over `threads` runs at once scores as one run does."""
     plan = build_plan(load_model(tiny_sd1, device="cpu"), PlanRequest(tiny_sd1, DetectSettings()))
-    assert PlanScanner(plan, threads=1).engine.session.get_session_options().intra_op_num_threads == 1
+    prompts = _prompts(np.random.default_rng(), 13)
+    one = PlanScanner(plan, threads=1, cache_size=0)
+    expected = one.score(prompts).per_generation
+    for threads, chunk_rows in ((3, 64), (2, 4)):
+        planned = PlanScanner(plan, threads=threads, cache_size=0)
+        planned.engine.chunk_rows = chunk_rows
+        assert planned.engine.session.get_session_options().intra_op_num_threads == 1
+        np.testing.assert_allclose(planned.score(prompts).per_generation, expected, rtol=1e-6)
+
+
+def test_a_fused_graph_that_disagrees_with_the_model_is_built_again_unfused(tiny_sd1, cache, monkeypatch):
+    from scanner.engines import onnx_export
+
+    def wrong_scale(path):  # as an Attention kernel that computed something else would
+        real_standard_attention(path)
+        graph = onnx.load(str(path))
+        for node in graph.graph.node:
+            if node.op_type == "Attention":
+                node.attribute.append(onnx.helper.make_attribute("scale", 0.5))
+        onnx.save(graph, str(path))
+
+    real_standard_attention = onnx_export.standard_attention
+    monkeypatch.setattr(onnx_export, "standard_attention", wrong_scale)
+    model = load_model(tiny_sd1, device="cpu")
+    plan = build_plan(model, PlanRequest(tiny_sd1, DetectSettings()))
+    assert not plan.manifest["fused_attention"]
+    assert "Softmax" in {node.op_type for node in onnx.load(str(plan.folder / GRAPH_FILE)).graph.node}
+    prompts = _prompts(np.random.default_rng(), 5)
+    np.testing.assert_allclose(PlanScanner(plan).score(prompts).per_generation,
+                               Scanner(model, DetectSettings()).score(prompts).per_generation, rtol=1e-5, atol=1e-6)
 
 
 def _scan(argv: list[str]) -> subprocess.CompletedProcess:
