@@ -8,9 +8,9 @@
   nothing from memscan). memscan runs with a fresh cache: its first scan compiles the scan plan
   (timed and reported on its own), the rounds' scans use it. Rounds interleave the two; the
   ratio is each round's wall time over the other's, then the median. The scores of both are compared.
-- Roofline: FLOPs per prompt of the scoring loop (one text-encoder row and one conditional UNet row;
-  the unconditional row is cached), counted by `torch.utils.flop_counter`, times the scoring
-  rate `memscan scan` reports, against the fp32 matmul peak measured here on the same threads.
+- Roofline: FLOPs per prompt of the scoring loop (bench/roofline.py) times the scoring rate
+  `memscan scan` reports over its whole run (the first batch's warm-up included), against the
+  fp32 matmul peak measured here on the same threads. bench/batch_size.py gives the steady rate.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MODEL = Path(__file__).resolve().parents[1] / "scanner" / "data" / "testbed"
+from roofline import MODEL, flops_per_prompt, matmul_peak  # bench/, beside this file
 
 
 def plain_loop(model: str, prompts_file: str, out: str) -> None:
@@ -55,37 +55,6 @@ def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
     began = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return time.perf_counter() - began, done.stdout
-
-
-def flops_per_prompt() -> float:
-    """FLOPs of one prompt's text-encoder row plus its conditional UNet row at the first step (batch of 16, divided)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from scanner.detect import DetectSettings, Scanner
-    from scanner.model import load_model
-
-    scanner = Scanner(load_model(MODEL, device="cpu"), DetectSettings())
-    prompts = [f"a photo of thing {i}" for i in range(16)]
-    scanner.score(prompts[:1])  # the cached unconditional row: not part of the per-prompt cost
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        scanner.score(prompts[1:] + ["another prompt"])
-    return counter.get_total_flops() / 16
-
-
-def matmul_peak(threads: int) -> float:
-    """Best fp32 GFLOP/s of a 1024 x 1024 matmul on `threads` torch threads."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    best = 0.0
-    for _ in range(20):
-        began = time.perf_counter()
-        for _ in range(5):
-            a @ b
-        best = max(best, 5 * 2 * 1024**3 / (time.perf_counter() - began) / 1e9)
-    return best
 
 
 def main() -> None:
