@@ -1,6 +1,6 @@
 """Whole processes side by side: `memscan scan` against a plain diffusers loop, and the scoring loop against the roofline.
 
-    python bench/whole_process.py --prompts 512 --rounds 3 [--json F]
+    python bench/whole_process.py --prompts 512 --rounds 3 [--long 20000] [--json F]
 
 - Whole process: `memscan scan` of N testbed-style prompts (default environment, default options)
   against a plain diffusers script that loads the same `StableDiffusionPipeline` and scores one
@@ -9,8 +9,9 @@
   (timed and reported on its own), the rounds' scans use it. Rounds interleave the two; the
   ratio is each round's wall time over the other's, then the median. The scores of both are compared.
 - Roofline: FLOPs per prompt of the scoring loop (bench/roofline.py) times the scoring rate
-  `memscan scan` reports over its whole run (the first batch's warm-up included), against the
-  fp32 matmul peak measured here on the same threads. bench/batch_size.py gives the steady rate.
+  `memscan scan` reports over its whole run, against the fp32 matmul peak measured here on the
+  same threads: for the rounds' short scans (start-up and the first batch's warm-up included),
+  and for one long scan (`--long`, 20,000 more distinct prompts), the scan's steady loop.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--long", type=int, default=20000,
+                        help="then one scan of this many prompts, whose rate is the scan's steady scoring loop (0: none)")
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--plain", nargs=3, metavar=("MODEL", "PROMPTS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -77,8 +80,8 @@ def main() -> None:
         prompts.write_text("\n".join(sample_prompts(args.prompts)) + "\n", encoding="utf-8")
         env = {**os.environ, "MEMSCAN_CACHE": str(Path(folder) / "cache")}  # the environment otherwise as it is
 
-        def scan(out: Path) -> tuple[float, str]:
-            return timed([sys.executable, "-m", "scanner.cli", "scan", str(prompts), "--out", str(out)], env)
+        def scan(out: Path, inputs: Path = prompts) -> tuple[float, str]:
+            return timed([sys.executable, "-m", "scanner.cli", "scan", str(inputs), "--out", str(out)], env)
 
         first = scan(Path(folder) / "first.jsonl")[0]
         print(f"first memscan scan (compiles the scan plan): {first:.1f} s", file=sys.stderr, flush=True)
@@ -92,6 +95,12 @@ def main() -> None:
                 timed([sys.executable, __file__, "--plain", str(MODEL), str(prompts), str(plain_out)])[0])
             print(f"round {round_ + 1}: memscan {walls['memscan scan'][-1]:.1f} s, plain {walls['plain diffusers loop'][-1]:.1f} s, "
                   f"load {loads[-1]:.2f}", file=sys.stderr, flush=True)
+        long_rate = long_peak = None
+        if args.long:
+            many = Path(folder) / "long.txt"
+            many.write_text("\n".join(sample_prompts(args.long, offset=args.prompts)) + "\n", encoding="utf-8")
+            long_peak = matmul_peak(current_threads().threads)  # of the same minute as the long scan
+            long_rate = float(re.search(r"([\d.]+) prompts/s", scan(Path(folder) / "long.jsonl", many)[1]).group(1))
         ours = {r["prompt"]: r["score"] for r in map(json.loads, scan_out.read_text().splitlines())}
         theirs = {r["prompt"]: r["score"] for r in map(json.loads, plain_out.read_text().splitlines())}
     max_rel_diff = max(abs(ours[p] - s) / abs(s) for p, s in theirs.items())
@@ -106,6 +115,9 @@ def main() -> None:
         "max_rel_score_diff": max_rel_diff, "scoring_prompts_per_s": rates, "flops_per_prompt": flops,
         "matmul_peak_gflops": peak, "scoring_gflops": achieved, "roofline_fraction": achieved / peak,
         "load_average": loads, "runtime": threads.record(),
+        "long_scan": None if long_rate is None else {
+            "prompts": args.long, "prompts_per_s": long_rate, "matmul_peak_gflops": long_peak,
+            "roofline_fraction": long_rate * flops / 1e9 / long_peak},
     }
     print(f"{args.prompts} prompts, {args.rounds} rounds, {threads.describe()}, load {', '.join(f'{x:.2f}' for x in loads)}")
     print(f"  first memscan scan     {first:6.1f} s  (compiles the scan plan)")
@@ -114,6 +126,10 @@ def main() -> None:
     print(f"  whole process: memscan {ratio:.2f}x the plain loop (target 3x); scores within {max_rel_diff:.1e} relative")
     print(f"  scoring loop: {statistics.median(rates):.0f} prompts/s x {flops / 1e6:.1f} MFLOP = {achieved:.1f} GFLOP/s; "
           f"fp32 matmul peak {peak:.1f} GFLOP/s: {achieved / peak:.0%} of the roofline (target 50%)")
+    if long_rate is not None:
+        print(f"  scan of {args.long} prompts: {long_rate:.0f} prompts/s x {flops / 1e6:.1f} MFLOP = "
+              f"{long_rate * flops / 1e9:.1f} GFLOP/s; peak {long_peak:.1f} GFLOP/s just before: "
+              f"{long_rate * flops / 1e9 / long_peak:.0%} of the roofline (target 50%)")
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
