@@ -246,7 +246,11 @@ def build_plan(model: ScanModel, request: PlanRequest) -> ScanPlan:
 def _agrees(graph: Path, tokens: TokenizedPrompts, expected: np.ndarray) -> bool:
     """Whether ONNX Runtime runs the graph and its scores of `tokens` are the model's, `expected`."""
     try:
-        got = PlanEngine(graph, threads=1).scores(tokens)
+        engine = PlanEngine(graph, threads=1)
+        try:
+            got = engine.scores(tokens)
+        finally:
+            engine.close()
     except Exception:  # ONNX Runtime's exceptions are types of their own: an operator version it lacks
         return False
     return bool(np.allclose(got, expected, rtol=CHECK_RTOL, atol=0))
@@ -369,6 +373,10 @@ class PlanEngine:
         """Per-generation scores `[B, n]` fp32 of tokenized prompts."""
         return self.submit(tokens).numpy()
 
+    def close(self) -> None:
+        """Drop the runs not started (a scan stopped by Ctrl-C must not wait for the batches queued behind it)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run([OUTPUT], feed)[0]
 
@@ -414,3 +422,7 @@ class PlanScanner:
     ) -> PromptScores:
         """`submit(...).result()`."""
         return self.submit(prompts, indices, tokens).result()
+
+    def close(self) -> None:
+        """Stop scoring: runs not started are dropped, and the scanner takes no more batches."""
+        self.engine.close()

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import onnx
@@ -113,6 +115,32 @@ def test_plan_runs_chunks_side_by_side_on_the_thread_count(tiny_sd1, cache):
         planned.engine.chunk_rows = chunk_rows
         assert planned.engine.session.get_session_options().intra_op_num_threads == 1
         np.testing.assert_allclose(planned.score(prompts).per_generation, expected, rtol=1e-6)
+
+
+def test_closing_a_plan_scanner_drops_the_runs_not_started(tiny_sd1, cache):
+    """What a scan stopped by Ctrl-C does: the batch behind the one running is not computed before the process ends."""
+    from concurrent.futures import CancelledError
+
+    plan = build_plan(load_model(tiny_sd1, device="cpu"), PlanRequest(tiny_sd1, DetectSettings()))
+    planned = PlanScanner(plan, threads=1, cache_size=0)
+    planned.engine.chunk_rows = 1
+    started, release = [], threading.Event()
+    run = planned.engine._run
+
+    def held(feed):
+        started.append(len(feed))
+        release.wait(10)
+        return run(feed)
+
+    planned.engine._run = held
+    pending = planned.submit(_prompts(np.random.default_rng(), 4))
+    while not started:
+        time.sleep(0.01)
+    planned.close()
+    release.set()
+    with pytest.raises(CancelledError):
+        pending.result()
+    assert len(started) == 1  # the running chunk finished; the other three never started
 
 
 def test_a_fused_graph_that_disagrees_with_the_model_is_built_again_unfused(tiny_sd1, cache, monkeypatch):

@@ -191,8 +191,14 @@ def cmd_scan(args: argparse.Namespace) -> int:
             options["batch_size"] = args.batch_size or default_batch_size("cuda" if args.gpus_per_worker else "cpu")
             summary = scan_on_ray(args, choose_threshold=choose, **options)
         else:
-            summary = run_scan(scanner, args.inputs, args.out, threshold=chosen[0].value, wait=args.wait, read=bar.read,
-                               detector=detector, **options)
+            from ..plan import PlanScanner
+
+            try:
+                summary = run_scan(scanner, args.inputs, args.out, threshold=chosen[0].value, wait=args.wait,
+                                   read=bar.read, detector=detector, **options)
+            finally:  # after Ctrl-C, the plan's queued batches are not run before the process ends
+                if isinstance(scanner, PlanScanner):
+                    scanner.close()
     threshold = chosen[0]
     flagged = "n/a (no threshold)" if threshold.value is None else f"{summary.flagged} ({threshold.describe()})"
     resumed = f" ({summary.resumed} rows resumed)" if summary.resumed else ""
