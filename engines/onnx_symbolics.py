@@ -89,26 +89,20 @@ def fused_attention() -> Iterator[None]:
         _fused_attention.reset(token)
 
 
-@symbolic_helper.parse_args("v", "v", "v", "v", "f", "b", "v", "b")
-def scaled_dot_product_attention(g, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False):
-    """torch's symbolic, or inside `fused_attention()` one `memscan::Attention` node on `[B, S, H * D]` rows."""
-    scale_value = None if symbolic_helper._is_none(scale) else symbolic_helper._maybe_get_const(scale, "f")
-    fusable = _fused_attention.get() and not dropout_p and not enable_gqa and not isinstance(scale_value, torch._C.Value)
-    if fusable:
-        # The traced example's sizes: heads, lengths and head sizes are the model's, not the batch's.
-        sizes = [g.original_node.inputsAt(i).type().sizes() for i in range(3)]
-        fusable = all(s is not None and len(s) == 4 for s in sizes)
-    if fusable:
-        (_, heads, length, _), (_, kv_heads, kv_length, _), (_, _, _, value_size) = sizes
-        fusable = heads == kv_heads and (not is_causal or length == kv_length)
-    if not fusable:
+def scaled_dot_product_attention(g, query, key, value, attn_mask, dropout_p, is_causal, scale, *enable_gqa):
+    """torch's symbolic, or inside `fused_attention()` one `memscan::Attention` node on `[B, S, H * D]` rows.
+
+    The arguments are the exporter's values, passed to torch's symbolic as they came (torch before 2.5
+    has no `enable_gqa`)."""
+    fused = _fusable(g, attn_mask, dropout_p, is_causal, scale, enable_gqa) if _fused_attention.get() else None
+    if fused is None:
         return symbolic_opset14.scaled_dot_product_attention(
-            g, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+            g, query, key, value, attn_mask, dropout_p, is_causal, scale, *enable_gqa
         )
+    heads, length, kv_length, value_size, causal, scale_value = fused
     rows = _constant(g, [0, 0, -1])  # [B, S, H, D] -> [B, S, H * D]
     q, k, v = (g.op("Reshape", g.op("Transpose", x, perm_i=[0, 2, 1, 3]), rows) for x in (query, key, value))
-    attributes = {"q_num_heads_i": heads, "kv_num_heads_i": heads, "is_causal_i": int(is_causal)}
+    attributes = {"q_num_heads_i": heads, "kv_num_heads_i": heads, "is_causal_i": int(causal)}
     if scale_value is not None:
         attributes["scale_f"] = scale_value
     masks = [] if symbolic_helper._is_none(attn_mask) else [_mask_rows(g, attn_mask, length, kv_length)]
@@ -117,10 +111,36 @@ def scaled_dot_product_attention(g, query, key, value, attn_mask=None, dropout_p
     return g.op("Transpose", out, perm_i=[0, 2, 1, 3])
 
 
+def _fusable(g, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> tuple | None:
+    """(heads, query length, key length, value head size, causal, scale or None) where ONNX Runtime's fused kernel
+    computes what torch does; else None."""
+    constants = [symbolic_helper._maybe_get_const(x, kind) for x, kind in ((dropout_p, "f"), (is_causal, "b"))]
+    gqa = [symbolic_helper._maybe_get_const(x, "b") for x in enable_gqa]
+    scale_value = None if symbolic_helper._is_none(scale) else symbolic_helper._maybe_get_const(scale, "f")
+    if any(isinstance(x, torch._C.Value) for x in (*constants, *gqa, scale_value)):
+        return None  # computed in the graph: torch's symbolic handles it
+    dropout, causal = float(constants[0]), bool(constants[1])
+    if dropout or any(gqa):
+        return None
+    # The traced example's sizes: heads, lengths and head sizes are the model's, not the batch's.
+    sizes = [g.original_node.inputsAt(i).type().sizes() for i in range(3)]
+    if not all(s is not None and len(s) == 4 for s in sizes):
+        return None
+    (batch, heads, length, _), (kv_batch, kv_heads, kv_length, _), (v_batch, _, _, value_size) = sizes
+    # ONNX Runtime's kernel takes no batch broadcast, and causal attention only where both lengths agree.
+    if not (batch == kv_batch == v_batch and heads == kv_heads and (not causal or length == kv_length)):
+        return None
+    if not symbolic_helper._is_none(attn_mask):
+        mask = g.original_node.inputsAt(3).type().sizes()
+        if mask is None or len(mask) < 2 or mask[-1] != kv_length:  # nor a mask broadcast over the keys
+            return None
+    return heads, length, kv_length, value_size, causal, None if scale_value is None else float(scale_value)
+
+
 def _mask_rows(g, mask, length: int, kv_length: int):
     """`mask` broadcast over the queries: ONNX Runtime's `Attention` takes a mask of one row per query only."""
     sizes = g.original_node.inputsAt(3).type().sizes()
-    if sizes is None or len(sizes) < 2 or sizes[-2] == length:
+    if sizes[-2] == length:
         return mask
     return g.op("Expand", mask, _constant(g, [1] * (len(sizes) - 2) + [length, kv_length]))
 
