@@ -30,7 +30,7 @@ import numpy as np
 from .cache import artefact_folder, build_artefact, cache_dir
 from .checkpoint import component_files, read_json, stat_key
 from .encode import PromptTokenizer, TokenizedPrompts, tokenize_with
-from .errors import MemscanError
+from .errors import MemscanError, one_line
 from .onnx_session import open_session
 from .scores import DetectSettings, PendingScores, PromptScores, ScoreCache, cached_scores
 from .threads import available_cpus
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from .families import Family
     from .model import ScanModel
 
-PLAN_FORMAT = 2  # bump when what a plan holds changes: older plans are then rebuilt
+PLAN_FORMAT = 3  # bump when what a plan holds changes: older plans are then rebuilt
 PLAN_FILE = "plan.json"
 GRAPH_FILE = "scorer.onnx"
 OUTPUT = "scores"  # the graph's one output, `[B, generations]` fp32
@@ -55,6 +55,9 @@ CHECK_RTOL = 1e-4
 # Latent elements (rows times generations times the latent's size) per run of the graph: 64 testbed
 # prompts, where a run's activations stay in a core's cache (bench/RESULTS.md, "Scan plans").
 RUN_LATENT_ELEMENTS = 2**14
+# Runs side by side, one thread each, where a chunk holds this many rows or more: measured on the
+# testbed (64 rows) only; a model with larger latents runs one multi-threaded run at a time.
+SIDE_BY_SIDE_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -66,18 +69,17 @@ class PlanRequest:
     dtype: str = "float32"
 
     def lineage(self) -> dict:
-        """What the plans of this request share, whatever the model's files or the libraries are."""
-        return {"format": PLAN_FORMAT, "model": str(self.model.resolve()), "settings": self.settings.to_dict(),
-                "dtype": self.dtype}
+        """What the plans of this request share, whatever the model's files, the libraries or the plan format are."""
+        return {"model": str(self.model.resolve()), "settings": self.settings.to_dict(), "dtype": self.dtype}
 
     def folder(self) -> Path | None:
         """Where this request's plan is kept: keyed by the lineage, the stat key of the model's files (a changed file
-        keys a new plan) and the libraries' versions (an upgrade may change what a graph computes); None when the
+        keys a new plan), the plan format and the libraries' versions (an upgrade may change what a graph computes); None when the
         folder has no readable `model_index.json` (the model's load says why)."""
         files = model_files_key(self.model)
         if files is None:
             return None
-        key = {**self.lineage(), "files": files, "libraries": library_versions()}
+        key = {**self.lineage(), "format": PLAN_FORMAT, "files": files, "libraries": library_versions()}
         return artefact_folder(cache_dir(), "plans", self.model.name, key)
 
 
@@ -192,7 +194,6 @@ def build_plan(model: ScanModel, request: PlanRequest) -> ScanPlan:
     """Export the loaded model's first-step score for `request`'s settings as its plan (unless another process just
     did), and read it back."""
     from .detect import Scanner
-    from .engines.onnx_export import export_named
 
     refusal = model_refusal(model, request.settings)
     if refusal is not None:
@@ -205,13 +206,12 @@ def build_plan(model: ScanModel, request: PlanRequest) -> ScanPlan:
         spec = {name: (tuple(ids.shape[1:]), "int64") for name, ids in tokens.ids.items()}
         expected = scanner.score(list(CHECK_PROMPTS), tokens=tokens).per_generation
         graph = folder / GRAPH_FILE
-        # Fused attention where ONNX Runtime runs it and it agrees with the model, else torch's own ops.
-        for fused in (True, False):
-            export_named(scorer_module(scanner), spec, (OUTPUT,), graph, fuse_attention=fused)
-            if _agrees(graph, tokens, expected):
-                break
-        else:
-            raise RuntimeError(f"its exported scores disagree with the model's by more than {CHECK_RTOL:g} relative")
+        # Fused attention where it exports, ONNX Runtime runs it and it agrees with the model; else torch's own ops.
+        fused_refusal = _export_refusal(scanner, spec, graph, tokens, expected, fuse_attention=True)
+        if fused_refusal is not None:
+            unfused_refusal = _export_refusal(scanner, spec, graph, tokens, expected, fuse_attention=False)
+            if unfused_refusal is not None:
+                raise RuntimeError(f"its graph cannot serve scans: {unfused_refusal} (with fused attention: {fused_refusal})")
         tokenizers = {}
         for name, tokenizer in family.tokenizers.items():
             (folder / f"{name}.json").write_text(tokenizer.tokenizer.backend_tokenizer.to_str())
@@ -225,7 +225,8 @@ def build_plan(model: ScanModel, request: PlanRequest) -> ScanPlan:
             "family": family.name,
             "settings": scanner.settings.to_dict(),  # resolved for the family, as results record them
             "latent_shape": list(scanner.model.latent_shape),
-            "fused_attention": fused,
+            "fused_attention": fused_refusal is None and _attention_nodes(graph) > 0,
+            "unfused_because": fused_refusal,  # why the fused graph was not kept, when it was not
             "tokenizers": tokenizers,
         }
         (folder / PLAN_FILE).write_text(json.dumps(manifest, indent=2))
@@ -243,22 +244,42 @@ def build_plan(model: ScanModel, request: PlanRequest) -> ScanPlan:
     return plan
 
 
-def _agrees(graph: Path, tokens: TokenizedPrompts, expected: np.ndarray) -> bool:
-    """Whether ONNX Runtime runs the graph and its scores of `tokens` are the model's, `expected`."""
+def _export_refusal(
+    scanner: Scanner, spec: dict, graph: Path, tokens: TokenizedPrompts, expected: np.ndarray, fuse_attention: bool
+) -> str | None:
+    """Export the scanner's scorer to `graph`; why it cannot serve scans (it fails to export or to run, or its
+    scores of `tokens` are not the model's, `expected`), else None."""
+    from .engines.onnx_export import export_named
+
     try:
-        engine = PlanEngine(graph, threads=1)
+        export_named(scorer_module(scanner), spec, (OUTPUT,), graph, fuse_attention=fuse_attention)
+        engine = PlanEngine(graph, threads=1, generations=scanner.settings.generations)
         try:
             got = engine.scores(tokens)
         finally:
             engine.close()
-    except Exception:  # ONNX Runtime's exceptions are types of their own: an operator version it lacks
-        return False
-    return bool(np.allclose(got, expected, rtol=CHECK_RTOL, atol=0))
+    except MemoryError:
+        raise
+    except Exception as exc:  # the exporter's, onnx's version converter's and ONNX Runtime's types of their own
+        return f"{type(exc).__name__}: {one_line(exc)[:300]}"
+    if not np.allclose(got, expected, rtol=CHECK_RTOL, atol=0):
+        worst = float(np.max(np.abs(got - expected) / np.abs(expected)))
+        return f"its scores differ from the model's by {worst:.2g} relative (more than {CHECK_RTOL:g})"
+    return None
+
+
+def _attention_nodes(graph: Path) -> int:
+    """How many fused `Attention` nodes the graph at `graph` has (its weights not read)."""
+    import onnx
+
+    return sum(node.op_type == "Attention" for node in onnx.load(str(graph), load_external_data=False).graph.node)
 
 
 def _lineage(folder: Path) -> dict | None:
     try:
-        return json.loads((folder / PLAN_FILE).read_text()).get("lineage")
+        lineage = json.loads((folder / PLAN_FILE).read_text()).get("lineage")
+        lineage.pop("format", None)  # plans before PLAN_FORMAT 3 kept it there: an older format is discarded too
+        return lineage
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -346,25 +367,34 @@ class PlanTokenizers:
 
 
 class PlanEngine:
-    """The plan's graph in one ONNX Runtime session on the CPU, run on `threads` threads at once, each run
-    single-threaded on a chunk of the batch of at most `chunk_rows` rows.
+    """The plan's graph in one ONNX Runtime session on the CPU, run asynchronously on a batch's chunks of at most
+    `chunk_rows` rows.
 
-    Runs side by side rather than one run's operators split over the cores: a model this small spends
-    a 2-thread run's time handing each operator's halves between cores, and a chunk's activations stay
-    in its core's cache (bench/RESULTS.md, "Scan plans")."""
+    `side_by_side`: `threads` single-threaded runs at once, for small models, whose 2-thread runs
+    spend their time handing each operator's halves between cores and whose chunks' activations
+    stay in a core's cache (bench/RESULTS.md, "Scan plans"); else one run at a time on `threads`
+    threads, as for a large model's big operators (and its memory: one run's activations)."""
 
     name = ENGINE
 
-    def __init__(self, path: Path, threads: int | None = None, chunk_rows: int = 64):
-        self.session = open_session(path, ["CPUExecutionProvider"], threads=1)
-        self.threads = threads or available_cpus()
+    def __init__(
+        self, path: Path, threads: int | None = None, chunk_rows: int = 64, side_by_side: bool = True, generations: int = 1
+    ):
+        threads = threads or available_cpus()
+        self.generations = generations  # the graph's scores per row
+        self.runs = threads if side_by_side else 1  # at once
+        self.session = open_session(path, ["CPUExecutionProvider"], threads=1 if side_by_side else threads)
         self.chunk_rows = chunk_rows
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="memscan-plan")
+        self._pool = ThreadPoolExecutor(self.runs, thread_name_prefix="memscan-plan")
 
     def submit(self, tokens: TokenizedPrompts) -> ChunkedScores:
         """Start scoring tokenized prompts: per-generation scores `[B, n]` fp32 once `numpy()` returns."""
         rows = len(next(iter(tokens.ids.values())))
-        size = max(1, min(self.chunk_rows, -(-rows // self.threads)))  # every thread busy on a small batch
+        if not rows:  # the graph's reshapes cannot run a batch of 0
+            empty: Future = Future()
+            empty.set_result(np.zeros((0, self.generations), np.float32))
+            return ChunkedScores([empty])
+        size = max(1, min(self.chunk_rows, -(-rows // self.runs)))  # every run busy on a small batch
         chunks = [{name: np.ascontiguousarray(ids[i : i + size]) for name, ids in tokens.ids.items()}
                   for i in range(0, rows, size)]
         return ChunkedScores([self._pool.submit(self._run, chunk) for chunk in chunks])
@@ -374,7 +404,8 @@ class PlanEngine:
         return self.submit(tokens).numpy()
 
     def close(self) -> None:
-        """Drop the runs not started (a scan stopped by Ctrl-C must not wait for the batches queued behind it)."""
+        """Drop the runs not started (a scan stopped by Ctrl-C must not wait for the batches queued behind it);
+        submitting afterwards raises."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
@@ -392,6 +423,7 @@ class ChunkedScores:
         """The scores, once every chunk's run is done."""
         if self._values is None:
             self._values = np.concatenate([run.result() for run in self._runs])
+            self._runs = []
         return self._values
 
 
@@ -405,8 +437,9 @@ class PlanScanner:
         self.settings = DetectSettings(**manifest["settings"])
         self.model = PlanModel(manifest["fingerprint"], str(plan.model), tuple(manifest["latent_shape"]))
         self.family = PlanTokenizers(plan.tokenizers())
-        per_row = self.settings.generations * int(np.prod(self.model.latent_shape))
-        self.engine = PlanEngine(plan.folder / GRAPH_FILE, threads, chunk_rows=max(1, RUN_LATENT_ELEMENTS // per_row))
+        chunk_rows = max(1, RUN_LATENT_ELEMENTS // (self.settings.generations * int(np.prod(self.model.latent_shape))))
+        self.engine = PlanEngine(plan.folder / GRAPH_FILE, threads, chunk_rows, side_by_side=chunk_rows >= SIDE_BY_SIDE_ROWS,
+                                 generations=self.settings.generations)
         self._cache = ScoreCache(cache_size)
 
     def submit(

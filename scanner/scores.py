@@ -90,7 +90,7 @@ class HostScores(Protocol):
 
 
 class ReadyScores:
-    """Scores already on the host (a detector's, a plan's): `numpy()` returns them."""
+    """Scores already on the host (a detector's): `numpy()` returns them."""
 
     def __init__(self, values: np.ndarray):
         """`values` `[B, n]` fp32."""

@@ -86,6 +86,17 @@ def test_a_changed_model_index_keys_a_new_plan_and_the_old_one_goes(tiny_sd1, tm
     assert second.folder != first.folder and not first.folder.exists() and ScanPlan.find(request) == second
 
 
+def test_a_new_plan_format_discards_the_plans_of_older_ones(tiny_sd1, cache, monkeypatch):
+    from scanner import plan as plans
+
+    request, model = PlanRequest(tiny_sd1, DetectSettings()), load_model(tiny_sd1, device="cpu")
+    with monkeypatch.context() as older:
+        older.setattr(plans, "PLAN_FORMAT", plans.PLAN_FORMAT - 1)
+        old = build_plan(model, request)
+    new = build_plan(model, request)
+    assert new.folder != old.folder and not old.folder.exists() and [p.name for p in new.folder.parent.iterdir()] == [new.folder.name]
+
+
 def test_a_plan_names_the_model_as_the_scan_does(tmp_path, cache, monkeypatch, capsys):
     """Built with a relative --model from one folder, used with an absolute one from another: the model folder's
     own calibration is found (the bundled testbed's, made with the torch engine, applies to the plan's scores)."""
@@ -104,17 +115,53 @@ def test_a_plan_names_the_model_as_the_scan_does(tmp_path, cache, monkeypatch, c
     assert flagged[0] == flagged[1] and None not in flagged[1]
 
 
+def _held_runs(planned: PlanScanner) -> tuple[list[int], threading.Event]:
+    """Make `planned`'s runs wait for the returned event, noting each run's rows as it starts."""
+    started, release = [], threading.Event()
+    run = planned.engine._run
+
+    def held(feed):
+        started.append(len(next(iter(feed.values()))))
+        release.wait(10)
+        return run(feed)
+
+    planned.engine._run = held
+    return started, release
+
+
+def _wait_for(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
 def test_plan_runs_chunks_side_by_side_on_the_thread_count(tiny_sd1, cache):
-    """Each run single-threaded; a batch split over `threads` runs at once scores as one run does."""
+    """Single-threaded runs, `threads` of them at once, score a batch as one run does (an empty one too)."""
     plan = build_plan(load_model(tiny_sd1, device="cpu"), PlanRequest(tiny_sd1, DetectSettings()))
     prompts = _prompts(np.random.default_rng(), 13)
-    one = PlanScanner(plan, threads=1, cache_size=0)
-    expected = one.score(prompts).per_generation
+    expected = PlanScanner(plan, threads=1, cache_size=0).score(prompts).per_generation
     for threads, chunk_rows in ((3, 64), (2, 4)):
         planned = PlanScanner(plan, threads=threads, cache_size=0)
         planned.engine.chunk_rows = chunk_rows
-        assert planned.engine.session.get_session_options().intra_op_num_threads == 1
-        np.testing.assert_allclose(planned.score(prompts).per_generation, expected, rtol=1e-6)
+        started, release = _held_runs(planned)
+        pending = planned.submit(prompts)
+        assert _wait_for(lambda: len(started) == threads)  # as many runs at once as threads, none more
+        time.sleep(0.05)
+        assert len(started) == threads
+        release.set()
+        np.testing.assert_allclose(pending.result().per_generation, expected, rtol=1e-6)
+    assert planned.engine.scores(planned.family.tokenize([])).shape == (0, 1)
+
+
+def test_larger_latents_run_one_batch_at_a_time_on_every_thread(tiny_sd1, cache, monkeypatch):
+    """Where a chunk would hold fewer than SIDE_BY_SIDE_ROWS rows, side-by-side runs are not what was measured."""
+    from scanner import plan as plans
+
+    plan = build_plan(load_model(tiny_sd1, device="cpu"), PlanRequest(tiny_sd1, DetectSettings()))
+    monkeypatch.setattr(plans, "RUN_LATENT_ELEMENTS", 256 * (plans.SIDE_BY_SIDE_ROWS - 1))  # tiny SD1: 4 x 8 x 8
+    planned = PlanScanner(plan, threads=3)
+    assert planned.engine.runs == 1 and planned.engine.session.get_session_options().intra_op_num_threads == 3
 
 
 def test_closing_a_plan_scanner_drops_the_runs_not_started(tiny_sd1, cache):
@@ -124,18 +171,9 @@ def test_closing_a_plan_scanner_drops_the_runs_not_started(tiny_sd1, cache):
     plan = build_plan(load_model(tiny_sd1, device="cpu"), PlanRequest(tiny_sd1, DetectSettings()))
     planned = PlanScanner(plan, threads=1, cache_size=0)
     planned.engine.chunk_rows = 1
-    started, release = [], threading.Event()
-    run = planned.engine._run
-
-    def held(feed):
-        started.append(len(feed))
-        release.wait(10)
-        return run(feed)
-
-    planned.engine._run = held
+    started, release = _held_runs(planned)
     pending = planned.submit(_prompts(np.random.default_rng(), 4))
-    while not started:
-        time.sleep(0.01)
+    assert _wait_for(lambda: started)
     planned.close()
     release.set()
     with pytest.raises(CancelledError):
@@ -143,22 +181,30 @@ def test_closing_a_plan_scanner_drops_the_runs_not_started(tiny_sd1, cache):
     assert len(started) == 1  # the running chunk finished; the other three never started
 
 
-def test_a_fused_graph_that_disagrees_with_the_model_is_built_again_unfused(tiny_sd1, cache, monkeypatch):
+@pytest.mark.parametrize("fault", ["wrong scale", "converter fails"])
+def test_a_fused_graph_that_fails_or_disagrees_is_built_again_unfused(tiny_sd1, cache, monkeypatch, fault):
+    from onnx.shape_inference import InferenceError
+
     from scanner.engines import onnx_export
 
-    def wrong_scale(path):  # as an Attention kernel that computed something else would
+    def faulty(path):
+        if fault == "converter fails":  # onnx's own exception type, not a RuntimeError
+            raise InferenceError("[ShapeInferenceError] as an older onnx's converter raised")
         real_standard_attention(path)
         graph = onnx.load(str(path))
         for node in graph.graph.node:
-            if node.op_type == "Attention":
-                node.attribute.append(onnx.helper.make_attribute("scale", 0.5))
+            if node.op_type == "Attention":  # a valid graph that computes something else: only the check can tell
+                kept = [a for a in node.attribute if a.name != "scale"]
+                del node.attribute[:]
+                node.attribute.extend([*kept, onnx.helper.make_attribute("scale", 0.5)])
         onnx.save(graph, str(path))
 
     real_standard_attention = onnx_export.standard_attention
-    monkeypatch.setattr(onnx_export, "standard_attention", wrong_scale)
+    monkeypatch.setattr(onnx_export, "standard_attention", faulty)
     model = load_model(tiny_sd1, device="cpu")
     plan = build_plan(model, PlanRequest(tiny_sd1, DetectSettings()))
-    assert not plan.manifest["fused_attention"]
+    reason = {"wrong scale": "differ from the model's", "converter fails": "InferenceError"}[fault]
+    assert not plan.manifest["fused_attention"] and reason in plan.manifest["unfused_because"]
     assert "Softmax" in {node.op_type for node in onnx.load(str(plan.folder / GRAPH_FILE)).graph.node}
     prompts = _prompts(np.random.default_rng(), 5)
     np.testing.assert_allclose(PlanScanner(plan).score(prompts).per_generation,
