@@ -22,11 +22,16 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from roofline import flops_per_prompt, matmul_peak  # bench/, beside this file
 
+if TYPE_CHECKING:
+    from scanner.model import ScanModel
+    from scanner.plan import ScanPlan
 
-def unfused_copy(plan, model, folder: Path):
+
+def unfused_copy(plan: ScanPlan, model: ScanModel, folder: Path) -> ScanPlan:
     """A copy of `plan` in `folder` whose graph has torch's own attention ops (what the fused `Attention` replaced)."""
     from scanner.detect import DetectSettings, Scanner
     from scanner.engines.onnx_export import export_named
@@ -36,7 +41,7 @@ def unfused_copy(plan, model, folder: Path):
     scanner = Scanner(model, DetectSettings())  # the settings main's plan is built with
     spec = {name: ((saved["max_length"],), "int64") for name, saved in plan.manifest["tokenizers"].items()}
     export_named(scorer_module(scanner), spec, ("scores",), folder / "plan" / GRAPH_FILE)
-    return ScanPlan(folder / "plan", plan.manifest, plan.model)
+    return ScanPlan(folder / "plan", {**plan.manifest, "fused_attention": False}, plan.model)
 
 
 def main() -> None:

@@ -11,7 +11,8 @@
 - Roofline: FLOPs per prompt of the scoring loop (bench/roofline.py) times the scoring rate
   `memscan scan` reports over its whole run, against the fp32 matmul peak measured here on the
   same threads: for the rounds' short scans (start-up and the first batch's warm-up included),
-  and for one long scan (`--long`, 20,000 more distinct prompts), the scan's steady loop.
+  and for one long scan (`--long`, 20,000 more distinct prompts), nearly the steady loop (its
+  start-up and merge are about 6% of it).
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
     return time.perf_counter() - began, done.stdout
 
 
+def summary_rate(stdout: str) -> float:
+    """The prompts/s of `memscan scan`'s summary line."""
+    found = re.search(r"([\d.]+) prompts/s", stdout)
+    if found is None:
+        raise SystemExit(f"no prompts/s in memscan scan's output: {stdout[-500:]!r}")
+    return float(found.group(1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=512)
@@ -90,7 +99,7 @@ def main() -> None:
             scan_out, plain_out = Path(folder) / f"scan{round_}.jsonl", Path(folder) / f"plain{round_}.jsonl"
             wall, stdout = scan(scan_out)
             walls["memscan scan"].append(wall)
-            rates.append(float(re.search(r"([\d.]+) prompts/s", stdout).group(1)))
+            rates.append(summary_rate(stdout))
             walls["plain diffusers loop"].append(
                 timed([sys.executable, __file__, "--plain", str(MODEL), str(prompts), str(plain_out)])[0])
             print(f"round {round_ + 1}: memscan {walls['memscan scan'][-1]:.1f} s, plain {walls['plain diffusers loop'][-1]:.1f} s, "
@@ -100,7 +109,7 @@ def main() -> None:
             many = Path(folder) / "long.txt"
             many.write_text("\n".join(sample_prompts(args.long, offset=args.prompts)) + "\n", encoding="utf-8")
             long_peak = matmul_peak(current_threads().threads)  # of the same minute as the long scan
-            long_rate = float(re.search(r"([\d.]+) prompts/s", scan(Path(folder) / "long.jsonl", many)[1]).group(1))
+            long_rate = summary_rate(scan(Path(folder) / "long.jsonl", many)[1])
         ours = {r["prompt"]: r["score"] for r in map(json.loads, scan_out.read_text().splitlines())}
         theirs = {r["prompt"]: r["score"] for r in map(json.loads, plain_out.read_text().splitlines())}
     max_rel_diff = max(abs(ours[p] - s) / abs(s) for p, s in theirs.items())
