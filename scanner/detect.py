@@ -57,6 +57,10 @@ class HostCopy:
             self._values = self._norms.numpy()
         return self._values
 
+    def failed(self) -> bool:
+        """Never: a failing device raised when the batch was computed."""
+        return False
+
 
 
 class Scanner:

@@ -426,6 +426,10 @@ class ChunkedScores:
             self._runs = []
         return self._values
 
+    def failed(self) -> bool:
+        """Whether a chunk's run raised or was cancelled (runs still going have not failed yet)."""
+        return any(run.cancelled() or (run.done() and run.exception() is not None) for run in self._runs)
+
 
 class PlanScanner:
     """Scores prompts with a plan; what `run_scan` asks of a `Scanner` (`family.tokenize`, `submit`, `settings`,

@@ -88,6 +88,10 @@ class HostScores(Protocol):
 
     def numpy(self) -> np.ndarray: ...
 
+    def failed(self) -> bool:
+        """Whether computing them failed or was cancelled (a cache must not serve them)."""
+        ...
+
 
 class ReadyScores:
     """Scores already on the host (a detector's): `numpy()` returns them."""
@@ -99,6 +103,10 @@ class ReadyScores:
     def numpy(self) -> np.ndarray:
         """The scores."""
         return self._values
+
+    def failed(self) -> bool:
+        """Never: they are here."""
+        return False
 
 
 # One prompt's scores: (the batch computed with it, its row there, its token count, truncated).
@@ -138,9 +146,10 @@ class ScoreCache:
         """Each prompt not cached, with its first row in `prompts`; the cached ones become the most recently used."""
         todo: dict[str, int] = {}
         for row, prompt in enumerate(prompts):
-            if prompt in self._rows:
+            cached = self._rows.get(prompt)
+            if cached is not None and not cached[0].failed():
                 self._rows.move_to_end(prompt)
-            else:
+            else:  # a batch that failed (or was cancelled) is computed again
                 todo.setdefault(prompt, row)
         return todo
 

@@ -154,6 +154,23 @@ def test_plan_runs_chunks_side_by_side_on_the_thread_count(tiny_sd1, cache):
     assert planned.engine.scores(planned.family.tokenize([])).shape == (0, 1)
 
 
+def test_a_batch_that_failed_is_not_served_from_the_prompt_cache(tiny_sd1, cache):
+    plan = build_plan(load_model(tiny_sd1, device="cpu"), PlanRequest(tiny_sd1, DetectSettings()))
+    planned = PlanScanner(plan, threads=2)
+    prompts = _prompts(np.random.default_rng(), 6)
+    run = planned.engine._run
+
+    def failing(feed):
+        raise RuntimeError("a run that failed")
+
+    planned.engine._run = failing
+    with pytest.raises(RuntimeError, match="a run that failed"):
+        planned.score(prompts)
+    planned.engine._run = run
+    expected = PlanScanner(plan, threads=1, cache_size=0).score(prompts).per_generation
+    np.testing.assert_allclose(planned.score(prompts).per_generation, expected, rtol=1e-6)
+
+
 def test_larger_latents_run_one_batch_at_a_time_on_every_thread(tiny_sd1, cache, monkeypatch):
     """Where a chunk would hold fewer than SIDE_BY_SIDE_ROWS rows, side-by-side runs are not what was measured."""
     from scanner import plan as plans
