@@ -32,7 +32,7 @@ from .checkpoint import component_files, read_json, stat_key
 from .encode import PromptTokenizer, TokenizedPrompts, tokenize_with
 from .errors import MemscanError, one_line
 from .onnx_session import open_session
-from .scores import DetectSettings, PendingScores, PromptScores, ScoreCache, cached_scores
+from .scores import DetectSettings, HostScores, PendingScores, PromptScores, ReadyScores, ScoreCache, cached_scores
 from .threads import available_cpus
 
 if TYPE_CHECKING:
@@ -387,13 +387,11 @@ class PlanEngine:
         self.chunk_rows = chunk_rows
         self._pool = ThreadPoolExecutor(self.runs, thread_name_prefix="memscan-plan")
 
-    def submit(self, tokens: TokenizedPrompts) -> ChunkedScores:
+    def submit(self, tokens: TokenizedPrompts) -> HostScores:
         """Start scoring tokenized prompts: per-generation scores `[B, n]` fp32 once `numpy()` returns."""
         rows = len(next(iter(tokens.ids.values())))
         if not rows:  # the graph's reshapes cannot run a batch of 0
-            empty: Future = Future()
-            empty.set_result(np.zeros((0, self.generations), np.float32))
-            return ChunkedScores([empty])
+            return ReadyScores(np.zeros((0, self.generations), np.float32))
         size = max(1, min(self.chunk_rows, -(-rows // self.runs)))  # every run busy on a small batch
         chunks = [{name: np.ascontiguousarray(ids[i : i + size]) for name, ids in tokens.ids.items()}
                   for i in range(0, rows, size)]

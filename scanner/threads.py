@@ -61,7 +61,7 @@ def choose_threads(requested: int | None = None) -> ThreadPolicy:
     return ThreadPolicy(threads, source, os.getloadavg()[0], cpus)
 
 
-_applied: ThreadPolicy | None = None  # the process's thread count (torch's, or a scan plan's session's), recorded once chosen
+_applied: ThreadPolicy | None = None  # the process's thread count (torch's, or a scan plan's runs'), recorded once chosen
 
 
 def record_threads(requested: int | None = None) -> ThreadPolicy:

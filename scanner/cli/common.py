@@ -155,8 +155,8 @@ def add_model_options(parser: argparse.ArgumentParser, engine_help: str | None =
     group.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
     group.add_argument(
         "--threads", type=int,
-        help="CPU threads of torch or of a scan plan's session (default: $OMP_NUM_THREADS, else every CPU this process "
-        "may use; idle threads sleep)",
+        help="CPU threads of torch, or a scan plan's runs side by side (default: $OMP_NUM_THREADS, else every CPU "
+        "this process may use; idle threads sleep)",
     )
     if engine_help is None:
         parser.set_defaults(engine="torch")
